@@ -1,0 +1,178 @@
+"""The CLIP embedder: one open_clip model, its preprocessing and tokenizer behind a small interface.
+
+Everything that needs a vector goes through `Embedder`, so the store, tools and tests never touch
+torch directly. Calls are synchronous and CPU-bound: async callers run them in an executor
+(`Library` does), so the event loop never waits on a forward pass.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import threading
+from pathlib import Path
+from typing import Protocol, Sequence, runtime_checkable
+
+import numpy as np
+from PIL import Image
+
+from store.settings import TINY_MODEL, ClipSettings
+
+log = logging.getLogger(__name__)
+
+Vector = np.ndarray  # float32, shape (dim,) or (n, dim), rows L2-normalised
+
+
+class ModelUnavailable(RuntimeError):
+    """The configured CLIP weights could not be loaded; the message tells the user what to set."""
+
+
+@runtime_checkable
+class Embedder(Protocol):
+    """What the rest of Shoebox needs from a CLIP model."""
+
+    model_id: str
+    dim: int
+
+    def embed_images(self, images: Sequence[Image.Image]) -> np.ndarray: ...
+
+    def embed_texts(self, texts: Sequence[str]) -> np.ndarray: ...
+
+
+def _normalise(features: np.ndarray) -> np.ndarray:
+    features = np.asarray(features, dtype=np.float32)
+    norms = np.linalg.norm(features, axis=1, keepdims=True)
+    return features / np.maximum(norms, 1e-12)
+
+
+def _file_digest(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()[:12]
+
+
+def describe_model(settings: ClipSettings) -> str:
+    """A stable id for the weights in use, so vectors from different weights are never mixed."""
+    if settings.checkpoint is not None:
+        return f"{settings.model}/file-{_file_digest(settings.checkpoint)}"
+    if settings.model == TINY_MODEL and not settings.pretrained:
+        from store import tinyclip
+
+        return f"{settings.model}/{_file_digest(tinyclip.WEIGHTS_PATH)}"
+    return f"{settings.model}/{settings.pretrained or 'random-init'}"
+
+
+def _unavailable_message(settings: ClipSettings, error: BaseException) -> str:
+    what = (
+        f"checkpoint {settings.checkpoint}"
+        if settings.checkpoint
+        else f"pretrained weights '{settings.pretrained}'"
+    )
+    return (
+        f"Could not load the CLIP model '{settings.model}' ({what}): {error}. "
+        "Shoebox downloads pretrained weights from the model hub on first use; if this machine is "
+        "offline, download them elsewhere and set SHOEBOX_CLIP_CHECKPOINT=/path/to/weights (with "
+        "SHOEBOX_CLIP_MODEL naming the matching architecture), or set SHOEBOX_CLIP_MODEL=shoebox-tiny "
+        "to use the small model shipped with Shoebox (it only knows coloured shapes)."
+    )
+
+
+class ClipEmbedder:
+    """open_clip model + transforms on the CPU. Thread-safe: one forward pass at a time."""
+
+    def __init__(self, settings: ClipSettings) -> None:
+        import open_clip
+        import torch
+
+        self._torch = torch
+        self.settings = settings
+        if settings.threads:
+            torch.set_num_threads(settings.threads)
+        weights: str | None = settings.pretrained
+        if settings.checkpoint is not None:
+            if not settings.checkpoint.is_file():
+                raise ModelUnavailable(
+                    _unavailable_message(settings, FileNotFoundError("no such file"))
+                )
+            weights = str(settings.checkpoint)
+        if settings.model == TINY_MODEL:
+            from store import tinyclip
+
+            tinyclip.register()
+            if weights is None:
+                weights = str(tinyclip.WEIGHTS_PATH)
+        if settings.model not in open_clip.list_models():
+            raise ModelUnavailable(
+                f"Unknown CLIP model '{settings.model}'. Set SHOEBOX_CLIP_MODEL to one of open_clip's "
+                "models (for example ViT-B-32) or to shoebox-tiny."
+            )
+        try:
+            model, _, preprocess = open_clip.create_model_and_transforms(
+                settings.model, pretrained=weights, device="cpu"
+            )
+            tokenizer = open_clip.get_tokenizer(settings.model)
+        except Exception as error:  # hub errors come in many types; all mean the same to a user
+            raise ModelUnavailable(_unavailable_message(settings, error)) from error
+        model.eval()
+        self._dtype = torch.bfloat16 if settings.precision == "bf16" else torch.float32
+        if self._dtype != torch.float32:
+            model = model.to(self._dtype)
+        self._model = model
+        self._preprocess = preprocess
+        self._tokenizer = tokenizer
+        self._lock = threading.Lock()
+        self.model_id = describe_model(settings)
+        self.dim = int(self._probe_dim())
+        log.info("Loaded CLIP %s (%d-d, %s)", self.model_id, self.dim, settings.precision)
+
+    def _probe_dim(self) -> int:
+        return self.embed_texts(["a photo"]).shape[1]
+
+    @property
+    def image_size(self) -> int:
+        size = getattr(self._model.visual, "image_size", 224)
+        return int(size[0] if isinstance(size, (tuple, list)) else size)
+
+    def preprocess(self, image: Image.Image) -> "object":
+        """Resize/crop/normalise one RGB image into the model's input tensor (thread-safe)."""
+        return self._preprocess(image)
+
+    def embed_tensors(self, batch: "object") -> np.ndarray:
+        """Run the image tower on an already preprocessed (n, 3, H, W) tensor."""
+        torch = self._torch
+        with self._lock, torch.inference_mode():
+            features = self._model.encode_image(batch.to(self._dtype))
+        return _normalise(features.float().numpy())
+
+    def embed_images(self, images: Sequence[Image.Image]) -> np.ndarray:
+        if not images:
+            return np.zeros((0, getattr(self, "dim", 0)), dtype=np.float32)
+        torch = self._torch
+        chunks = []
+        size = self.settings.batch_size
+        for start in range(0, len(images), size):
+            batch = torch.stack([self._preprocess(im) for im in images[start : start + size]])
+            chunks.append(self.embed_tensors(batch))
+        return np.concatenate(chunks, axis=0)
+
+    def embed_texts(self, texts: Sequence[str]) -> np.ndarray:
+        if not texts:
+            return np.zeros((0, getattr(self, "dim", 0)), dtype=np.float32)
+        torch = self._torch
+        tokens = self._tokenizer(list(texts))
+        # The text tower is causal: the end-of-text feature never looks at the padding after it,
+        # so trimming trailing all-zero columns gives the same vector for less work.
+        used = int((tokens != 0).any(dim=0).nonzero().max().item()) + 1
+        tokens = tokens[:, :used]
+        with self._lock, torch.inference_mode():
+            features = self._model.encode_text(tokens)
+        return _normalise(features.float().numpy())
+
+
+def load_embedder(settings: ClipSettings | None = None) -> ClipEmbedder:
+    """Load the configured model, raising `ModelUnavailable` with advice when it cannot be had."""
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    return ClipEmbedder(settings or ClipSettings.from_env())
