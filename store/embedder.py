@@ -163,10 +163,6 @@ class ClipEmbedder:
             return np.zeros((0, getattr(self, "dim", 0)), dtype=np.float32)
         torch = self._torch
         tokens = self._tokenizer(list(texts))
-        # The text tower is causal: the end-of-text feature never looks at the padding after it,
-        # so trimming trailing all-zero columns gives the same vector for less work.
-        used = int((tokens != 0).any(dim=0).nonzero().max().item()) + 1
-        tokens = tokens[:, :used]
         with self._lock, torch.inference_mode():
             features = self._model.encode_text(tokens)
         return _normalise(features.float().numpy())

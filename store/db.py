@@ -1,0 +1,635 @@
+"""The SQLite catalog: the source of truth for every image, its sources, descriptions and vector.
+
+One row per distinct image (deduplicated by sha256), one row per place it was seen (a file path or
+a Discord attachment). The FAISS index is derived from these rows and can always be rebuilt, so
+every write here happens in one transaction and bumps `generation`, which tells the vector index
+whether it is behind.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import AsyncIterator, Iterable, Sequence
+
+import aiosqlite
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+SCHEMA_VERSION = 1
+
+# Each entry upgrades the schema from version i to i + 1. Append; never edit a released step.
+MIGRATIONS: list[str] = [
+    """
+    CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+    CREATE TABLE images (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        sha256 TEXT NOT NULL UNIQUE,
+        size_bytes INTEGER NOT NULL,
+        width INTEGER NOT NULL,
+        height INTEGER NOT NULL,
+        format TEXT NOT NULL,
+        thumb TEXT NOT NULL,
+        description TEXT,
+        description_source TEXT,
+        caption_attempts INTEGER NOT NULL DEFAULT 0,
+        model_id TEXT NOT NULL,
+        vector BLOB NOT NULL,
+        created_at TEXT NOT NULL
+    );
+    CREATE TABLE sources (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        image_id INTEGER NOT NULL REFERENCES images(id) ON DELETE CASCADE,
+        kind TEXT NOT NULL CHECK (kind IN ('file', 'discord')),
+        path TEXT,
+        guild_id INTEGER,
+        channel_id INTEGER,
+        message_id INTEGER,
+        attachment_id INTEGER,
+        author_id INTEGER,
+        author_name TEXT,
+        channel_name TEXT,
+        filename TEXT NOT NULL,
+        posted_text TEXT NOT NULL DEFAULT '',
+        posted_at TEXT NOT NULL,
+        added_at TEXT NOT NULL,
+        UNIQUE (kind, path),
+        UNIQUE (kind, attachment_id)
+    );
+    CREATE INDEX sources_image ON sources (image_id);
+    CREATE INDEX sources_channel ON sources (channel_id);
+    CREATE INDEX sources_guild ON sources (guild_id);
+    CREATE INDEX sources_message ON sources (message_id);
+    CREATE INDEX sources_posted ON sources (posted_at);
+    CREATE VIRTUAL TABLE images_fts USING fts5 (body, tokenize = 'unicode61 remove_diacritics 2');
+    CREATE TABLE failures (
+        source_key TEXT PRIMARY KEY,
+        reason TEXT NOT NULL,
+        at TEXT NOT NULL
+    );
+    CREATE TABLE staged_vectors (
+        image_id INTEGER PRIMARY KEY REFERENCES images(id) ON DELETE CASCADE,
+        model_id TEXT NOT NULL,
+        vector BLOB NOT NULL
+    );
+    """,
+]
+assert len(MIGRATIONS) == SCHEMA_VERSION
+
+
+def utc_now() -> str:
+    return to_iso(datetime.now(timezone.utc))
+
+
+def to_iso(moment: datetime) -> str:
+    """UTC, second precision, fixed width: stored times sort correctly as plain text."""
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=timezone.utc)
+    return moment.astimezone(timezone.utc).isoformat(timespec="seconds")
+
+
+def vector_to_blob(vector: np.ndarray) -> bytes:
+    return np.ascontiguousarray(vector, dtype=np.float32).tobytes()
+
+
+def blob_to_vector(blob: bytes) -> np.ndarray:
+    return np.frombuffer(blob, dtype=np.float32)
+
+
+@dataclass(frozen=True)
+class SourceRecord:
+    """Where an image was seen. File sources carry `path`; Discord sources carry the ids."""
+
+    kind: str
+    filename: str
+    posted_at: str
+    path: str | None = None
+    guild_id: int | None = None
+    channel_id: int | None = None
+    message_id: int | None = None
+    attachment_id: int | None = None
+    author_id: int | None = None
+    author_name: str | None = None
+    channel_name: str | None = None
+    posted_text: str = ""
+    id: int | None = None
+    image_id: int | None = None
+
+    @property
+    def key(self) -> str:
+        """A stable name for this source, used to record failures and find re-posts."""
+        if self.kind == "file":
+            return f"file:{self.path}"
+        return f"discord:{self.attachment_id}"
+
+
+@dataclass(frozen=True)
+class ImageRecord:
+    id: int
+    sha256: str
+    size_bytes: int
+    width: int
+    height: int
+    format: str
+    thumb: str
+    description: str | None
+    description_source: str | None
+    model_id: str
+    created_at: str
+
+
+@dataclass(frozen=True)
+class NewImage:
+    """Everything needed to insert a freshly embedded image in one go."""
+
+    sha256: str
+    size_bytes: int
+    width: int
+    height: int
+    format: str
+    thumb: str
+    model_id: str
+    vector: np.ndarray
+    source: SourceRecord
+    description: str | None = None
+    description_source: str | None = None
+
+
+_SOURCE_COLUMNS = (
+    "kind, filename, posted_at, path, guild_id, channel_id, message_id, attachment_id, "
+    "author_id, author_name, channel_name, posted_text, id, image_id"
+)
+_IMAGE_COLUMNS = (
+    "id, sha256, size_bytes, width, height, format, thumb, description, description_source, "
+    "model_id, created_at"
+)
+
+
+def _source_from_row(row: Sequence[object]) -> SourceRecord:
+    return SourceRecord(*row)  # type: ignore[arg-type]
+
+
+def _image_from_row(row: Sequence[object]) -> ImageRecord:
+    return ImageRecord(*row)  # type: ignore[arg-type]
+
+
+@dataclass(frozen=True)
+class SourceFilter:
+    """Which sources a query may see: the asker's scope plus the filters they asked for.
+
+    `channel_ids=None` means every Discord channel; `include_files` says whether local-file
+    sources are visible (the terminal sees them; a Discord member never does).
+    """
+
+    channel_ids: frozenset[int] | None = None
+    guild_ids: frozenset[int] | None = None
+    include_files: bool = True
+    include_discord: bool = True
+    author: str | None = None
+    channel: str | None = None
+    after: str | None = None
+    before: str | None = None
+
+    @property
+    def unrestricted(self) -> bool:
+        return (
+            self.channel_ids is None
+            and self.guild_ids is None
+            and self.include_files
+            and self.include_discord
+            and not (self.author or self.channel or self.after or self.before)
+        )
+
+    def where(self, alias: str = "s") -> tuple[str, list[object]]:
+        """A SQL condition over `sources` (aliased) and its parameters."""
+        clauses: list[str] = []
+        params: list[object] = []
+        kinds = []
+        if self.include_files:
+            kinds.append(f"{alias}.kind = 'file'")
+        if self.include_discord:
+            discord = [f"{alias}.kind = 'discord'"]
+            if self.channel_ids is not None:
+                ids = sorted(self.channel_ids)
+                if ids:
+                    discord.append(f"{alias}.channel_id IN ({','.join('?' * len(ids))})")
+                    params.extend(ids)
+                else:
+                    discord.append("0")
+            if self.guild_ids is not None:
+                ids = sorted(self.guild_ids)
+                if ids:
+                    discord.append(f"{alias}.guild_id IN ({','.join('?' * len(ids))})")
+                    params.extend(ids)
+                else:
+                    discord.append("0")
+            kinds.append("(" + " AND ".join(discord) + ")")
+        clauses.append("(" + (" OR ".join(kinds) if kinds else "0") + ")")
+        if self.author:
+            name = self.author.lstrip("@")
+            if name.isdigit():
+                clauses.append(f"{alias}.author_id = ?")
+                params.append(int(name))
+            else:
+                clauses.append(f"lower({alias}.author_name) = lower(?)")
+                params.append(name)
+        if self.channel:
+            name = self.channel.lstrip("#")
+            if name.isdigit():
+                clauses.append(f"{alias}.channel_id = ?")
+                params.append(int(name))
+            else:
+                clauses.append(f"lower({alias}.channel_name) = lower(?)")
+                params.append(name)
+        if self.after:
+            clauses.append(f"{alias}.posted_at >= ?")
+            params.append(self.after)
+        if self.before:
+            clauses.append(f"{alias}.posted_at < ?")
+            params.append(self.before)
+        return " AND ".join(clauses), params
+
+
+_STOPWORDS = frozenset(
+    "a an and are as at be by for from has have in is it of on or that the this to was with "
+    "photo photos picture pictures image images pic pics".split()
+)
+
+
+def fts_query(text: str) -> str | None:
+    """Turn free text into a safe FTS5 query: quoted words, OR-ed, stopwords dropped."""
+    words = []
+    for raw in text.lower().replace('"', " ").split():
+        word = "".join(ch for ch in raw if ch.isalnum() or ch in "-_'")
+        word = word.strip("-_'")
+        if word and word not in _STOPWORDS and word not in words:
+            words.append(word)
+    if not words:
+        return None
+    return " OR ".join(f'"{word}"' for word in words[:16])
+
+
+class Catalog:
+    """Async access to the SQLite catalog.
+
+    Two connections: one serialised writer (an asyncio lock around each transaction, so concurrent
+    tasks never interleave statements inside one transaction) and one reader (WAL lets it read while
+    the writer writes). `busy_timeout` covers other processes using the same file.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._writer: aiosqlite.Connection | None = None
+        self._reader: aiosqlite.Connection | None = None
+        self._write_lock = asyncio.Lock()
+
+    async def open(self) -> "Catalog":
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._writer = await self._connect()
+        await self._migrate()
+        self._reader = await self._connect()
+        return self
+
+    async def _connect(self) -> aiosqlite.Connection:
+        conn = await aiosqlite.connect(self.path, isolation_level=None)
+        await conn.execute("PRAGMA busy_timeout = 30000")
+        await conn.execute("PRAGMA journal_mode = WAL")
+        await conn.execute("PRAGMA synchronous = NORMAL")
+        await conn.execute("PRAGMA foreign_keys = ON")
+        return conn
+
+    async def close(self) -> None:
+        for conn in (self._reader, self._writer):
+            if conn is not None:
+                await conn.close()
+        self._reader = self._writer = None
+
+    @property
+    def reader(self) -> aiosqlite.Connection:
+        assert self._reader is not None, "catalog is not open"
+        return self._reader
+
+    async def _migrate(self) -> None:
+        assert self._writer is not None
+        async with self._writer.execute("PRAGMA user_version") as cur:
+            row = await cur.fetchone()
+        version = int(row[0]) if row else 0
+        if version > SCHEMA_VERSION:
+            raise RuntimeError(
+                f"{self.path} was written by a newer Shoebox (schema {version}, this one knows "
+                f"{SCHEMA_VERSION}); upgrade Shoebox to open it."
+            )
+        for step in range(version, SCHEMA_VERSION):
+            log.info("Migrating %s to schema %d", self.path, step + 1)
+            script = MIGRATIONS[step] + f"\nPRAGMA user_version = {step + 1};"
+            await self._writer.executescript("BEGIN IMMEDIATE;\n" + script + "\nCOMMIT;")
+
+    @asynccontextmanager
+    async def transaction(self) -> AsyncIterator[aiosqlite.Connection]:
+        """One write transaction; rolls back on any error so a half-write never lands."""
+        assert self._writer is not None, "catalog is not open"
+        async with self._write_lock:
+            await self._writer.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._writer
+            except BaseException:
+                await self._writer.execute("ROLLBACK")
+                raise
+            else:
+                await self._writer.execute("COMMIT")
+
+    # ---- meta -------------------------------------------------------------------------------
+
+    async def get_meta(self, key: str) -> str | None:
+        async with self.reader.execute("SELECT value FROM meta WHERE key = ?", (key,)) as cur:
+            row = await cur.fetchone()
+        return None if row is None else str(row[0])
+
+    @staticmethod
+    async def set_meta(conn: aiosqlite.Connection, key: str, value: str) -> None:
+        await conn.execute(
+            "INSERT INTO meta (key, value) VALUES (?, ?) "
+            "ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+            (key, value),
+        )
+
+    @staticmethod
+    async def bump_generation(conn: aiosqlite.Connection) -> None:
+        await conn.execute(
+            "INSERT INTO meta (key, value) VALUES ('generation', '1') "
+            "ON CONFLICT (key) DO UPDATE SET value = CAST(value AS INTEGER) + 1"
+        )
+
+    async def generation(self) -> int:
+        value = await self.get_meta("generation")
+        return int(value) if value else 0
+
+    # ---- reads ------------------------------------------------------------------------------
+
+    async def image_id_for_sha(self, sha256: str) -> int | None:
+        async with self.reader.execute("SELECT id FROM images WHERE sha256 = ?", (sha256,)) as cur:
+            row = await cur.fetchone()
+        return None if row is None else int(row[0])
+
+    async def source_for_key(self, source: SourceRecord) -> SourceRecord | None:
+        if source.kind == "file":
+            sql, arg = "kind = 'file' AND path = ?", source.path
+        else:
+            sql, arg = "kind = 'discord' AND attachment_id = ?", source.attachment_id
+        async with self.reader.execute(
+            f"SELECT {_SOURCE_COLUMNS} FROM sources WHERE {sql}", (arg,)
+        ) as cur:
+            row = await cur.fetchone()
+        return None if row is None else _source_from_row(row)
+
+    async def get_image(self, image_id: int) -> ImageRecord | None:
+        async with self.reader.execute(
+            f"SELECT {_IMAGE_COLUMNS} FROM images WHERE id = ?", (image_id,)
+        ) as cur:
+            row = await cur.fetchone()
+        return None if row is None else _image_from_row(row)
+
+    async def get_images(self, image_ids: Iterable[int]) -> dict[int, ImageRecord]:
+        ids = list(dict.fromkeys(int(i) for i in image_ids))
+        if not ids:
+            return {}
+        marks = ",".join("?" * len(ids))
+        async with self.reader.execute(
+            f"SELECT {_IMAGE_COLUMNS} FROM images WHERE id IN ({marks})", ids
+        ) as cur:
+            rows = await cur.fetchall()
+        return {int(row[0]): _image_from_row(row) for row in rows}
+
+    async def sources_of(
+        self, image_ids: Iterable[int], flt: SourceFilter | None = None
+    ) -> dict[int, list[SourceRecord]]:
+        """Visible sources of each image, oldest post first."""
+        ids = list(dict.fromkeys(int(i) for i in image_ids))
+        if not ids:
+            return {}
+        where, params = (flt or SourceFilter()).where("s")
+        marks = ",".join("?" * len(ids))
+        sql = (
+            f"SELECT {', '.join('s.' + c.strip() for c in _SOURCE_COLUMNS.split(','))} "
+            f"FROM sources s WHERE s.image_id IN ({marks}) AND {where} "
+            "ORDER BY s.posted_at, s.id"
+        )
+        result: dict[int, list[SourceRecord]] = {}
+        async with self.reader.execute(sql, [*ids, *params]) as cur:
+            async for row in cur:
+                record = _source_from_row(row)
+                result.setdefault(int(record.image_id or 0), []).append(record)
+        return result
+
+    async def visible_image_ids(self, flt: SourceFilter) -> np.ndarray:
+        """Ids of images with at least one source the filter lets through (int64, sorted)."""
+        where, params = flt.where("s")
+        sql = f"SELECT DISTINCT s.image_id FROM sources s WHERE {where} ORDER BY s.image_id"
+        async with self.reader.execute(sql, params) as cur:
+            rows = await cur.fetchall()
+        return np.fromiter((row[0] for row in rows), dtype=np.int64, count=len(rows))
+
+    async def all_image_ids(self) -> np.ndarray:
+        async with self.reader.execute("SELECT id FROM images ORDER BY id") as cur:
+            rows = await cur.fetchall()
+        return np.fromiter((row[0] for row in rows), dtype=np.int64, count=len(rows))
+
+    async def vectors_for(self, image_ids: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
+        """(ids, vectors) for the given images that exist, in chunks to bound SQL parameters."""
+        found_ids: list[int] = []
+        vectors: list[np.ndarray] = []
+        for start in range(0, len(image_ids), 500):
+            chunk = [int(i) for i in image_ids[start : start + 500]]
+            marks = ",".join("?" * len(chunk))
+            async with self.reader.execute(
+                f"SELECT id, vector FROM images WHERE id IN ({marks})", chunk
+            ) as cur:
+                async for row in cur:
+                    found_ids.append(int(row[0]))
+                    vectors.append(blob_to_vector(row[1]))
+        if not vectors:
+            return np.zeros(0, dtype=np.int64), np.zeros((0, 0), dtype=np.float32)
+        return np.asarray(found_ids, dtype=np.int64), np.stack(vectors)
+
+    async def iter_vectors(self, batch: int = 10_000) -> AsyncIterator[tuple[np.ndarray, np.ndarray]]:
+        """Every (ids, vectors) in id order, a batch at a time, for rebuilding the vector index."""
+        last = -1
+        while True:
+            async with self.reader.execute(
+                "SELECT id, vector FROM images WHERE id > ? ORDER BY id LIMIT ?", (last, batch)
+            ) as cur:
+                rows = await cur.fetchall()
+            if not rows:
+                return
+            last = int(rows[-1][0])
+            ids = np.fromiter((r[0] for r in rows), dtype=np.int64, count=len(rows))
+            yield ids, np.stack([blob_to_vector(r[1]) for r in rows])
+
+    async def text_matches(self, query: str, limit: int, flt: SourceFilter) -> list[int]:
+        """Image ids whose description or posted text matches, best first (bm25)."""
+        match = fts_query(query)
+        if match is None:
+            return []
+        where, params = flt.where("s")
+        sql = (
+            "SELECT f.rowid FROM images_fts f WHERE images_fts MATCH ? AND EXISTS "
+            f"(SELECT 1 FROM sources s WHERE s.image_id = f.rowid AND {where}) "
+            "ORDER BY bm25(images_fts) LIMIT ?"
+        )
+        async with self.reader.execute(sql, [match, *params, limit]) as cur:
+            rows = await cur.fetchall()
+        return [int(row[0]) for row in rows]
+
+    async def counts(self) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for name, sql in (
+            ("images", "SELECT COUNT(*) FROM images"),
+            ("sources", "SELECT COUNT(*) FROM sources"),
+            ("described", "SELECT COUNT(*) FROM images WHERE description IS NOT NULL"),
+            ("failures", "SELECT COUNT(*) FROM failures"),
+        ):
+            async with self.reader.execute(sql) as cur:
+                row = await cur.fetchone()
+            out[name] = int(row[0]) if row else 0
+        return out
+
+    async def recent_failures(self, limit: int = 10) -> list[tuple[str, str, str]]:
+        async with self.reader.execute(
+            "SELECT source_key, reason, at FROM failures ORDER BY at DESC LIMIT ?", (limit,)
+        ) as cur:
+            rows = await cur.fetchall()
+        return [(str(a), str(b), str(c)) for a, b, c in rows]
+
+    async def models_in_use(self) -> dict[str, int]:
+        async with self.reader.execute(
+            "SELECT model_id, COUNT(*) FROM images GROUP BY model_id"
+        ) as cur:
+            rows = await cur.fetchall()
+        return {str(m): int(n) for m, n in rows}
+
+    async def uncaptioned(self, limit: int, max_attempts: int) -> list[ImageRecord]:
+        async with self.reader.execute(
+            f"SELECT {_IMAGE_COLUMNS} FROM images WHERE description IS NULL "
+            "AND caption_attempts < ? ORDER BY id LIMIT ?",
+            (max_attempts, limit),
+        ) as cur:
+            rows = await cur.fetchall()
+        return [_image_from_row(r) for r in rows]
+
+    async def all_thumbs(self) -> set[str]:
+        async with self.reader.execute("SELECT thumb FROM images") as cur:
+            rows = await cur.fetchall()
+        return {str(r[0]) for r in rows}
+
+    async def sources_for_messages(self, message_ids: Iterable[int]) -> list[SourceRecord]:
+        ids = [int(i) for i in message_ids]
+        out: list[SourceRecord] = []
+        for start in range(0, len(ids), 500):
+            chunk = ids[start : start + 500]
+            marks = ",".join("?" * len(chunk))
+            async with self.reader.execute(
+                f"SELECT {_SOURCE_COLUMNS} FROM sources WHERE kind = 'discord' "
+                f"AND message_id IN ({marks})",
+                chunk,
+            ) as cur:
+                out.extend(_source_from_row(r) for r in await cur.fetchall())
+        return out
+
+    async def find_sources(self, column: str, value: int) -> list[SourceRecord]:
+        if column not in {"channel_id", "guild_id", "image_id", "author_id"}:
+            raise ValueError(f"cannot look sources up by {column}")
+        async with self.reader.execute(
+            f"SELECT {_SOURCE_COLUMNS} FROM sources WHERE {column} = ?", (value,)
+        ) as cur:
+            return [_source_from_row(r) for r in await cur.fetchall()]
+
+    # ---- writes (each takes the open transaction's connection) -------------------------------
+
+    @staticmethod
+    async def insert_source(conn: aiosqlite.Connection, image_id: int, src: SourceRecord) -> int:
+        cur = await conn.execute(
+            "INSERT INTO sources (image_id, kind, path, guild_id, channel_id, message_id, "
+            "attachment_id, author_id, author_name, channel_name, filename, posted_text, posted_at, "
+            "added_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (
+                image_id,
+                src.kind,
+                src.path,
+                src.guild_id,
+                src.channel_id,
+                src.message_id,
+                src.attachment_id,
+                src.author_id,
+                src.author_name,
+                src.channel_name,
+                src.filename,
+                src.posted_text,
+                src.posted_at,
+                utc_now(),
+            ),
+        )
+        return int(cur.lastrowid or 0)
+
+    @staticmethod
+    async def insert_image(conn: aiosqlite.Connection, new: NewImage) -> int:
+        cur = await conn.execute(
+            "INSERT INTO images (sha256, size_bytes, width, height, format, thumb, description, "
+            "description_source, model_id, vector, created_at) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (
+                new.sha256,
+                new.size_bytes,
+                new.width,
+                new.height,
+                new.format,
+                new.thumb,
+                new.description,
+                new.description_source,
+                new.model_id,
+                vector_to_blob(new.vector),
+                utc_now(),
+            ),
+        )
+        return int(cur.lastrowid or 0)
+
+    @staticmethod
+    async def refresh_fts(conn: aiosqlite.Connection, image_id: int) -> None:
+        """Rewrite the image's searchable text: its description plus every posted text."""
+        async with conn.execute(
+            "SELECT description FROM images WHERE id = ?", (image_id,)
+        ) as cur:
+            row = await cur.fetchone()
+        await conn.execute("DELETE FROM images_fts WHERE rowid = ?", (image_id,))
+        if row is None:
+            return
+        async with conn.execute(
+            "SELECT posted_text FROM sources WHERE image_id = ?", (image_id,)
+        ) as cur:
+            texts = [str(r[0]) for r in await cur.fetchall() if r[0]]
+        body = "\n".join(part for part in [row[0] or "", *texts] if part)
+        if body:
+            await conn.execute(
+                "INSERT INTO images_fts (rowid, body) VALUES (?, ?)", (image_id, body)
+            )
+
+    @staticmethod
+    async def delete_image(conn: aiosqlite.Connection, image_id: int) -> None:
+        await conn.execute("DELETE FROM images_fts WHERE rowid = ?", (image_id,))
+        await conn.execute("DELETE FROM images WHERE id = ?", (image_id,))
+
+    @staticmethod
+    async def record_failure(conn: aiosqlite.Connection, key: str, reason: str) -> None:
+        await conn.execute(
+            "INSERT INTO failures (source_key, reason, at) VALUES (?, ?, ?) "
+            "ON CONFLICT (source_key) DO UPDATE SET reason = excluded.reason, at = excluded.at",
+            (key, reason, utc_now()),
+        )
+
+    @staticmethod
+    async def clear_failure(conn: aiosqlite.Connection, key: str) -> None:
+        await conn.execute("DELETE FROM failures WHERE source_key = ?", (key,))

@@ -1,0 +1,703 @@
+"""The library: Shoebox's one entry point to its images — indexing, searching, forgetting, repair.
+
+It ties the catalog (SQLite, the truth), the vector index (FAISS, derived), the stored copies and
+the embedder together and owns the rules that keep them consistent:
+
+* a new image is decoded, copied and embedded first; only then is it committed in one SQLite
+  transaction, and only after the commit does it enter the in-memory FAISS index;
+* a deletion commits in SQLite first, then leaves FAISS;
+* on open (and before each search) FAISS is caught up with SQLite by comparing ids, so a crash
+  anywhere costs re-work at most.
+
+CPU work (decoding, the model, FAISS) runs in executors so an asyncio caller never stalls.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable, Sequence
+
+import aiosqlite
+import numpy as np
+from PIL import Image
+
+from store.db import Catalog, ImageRecord, NewImage, SourceFilter, SourceRecord
+from store.embedder import Embedder
+from store.ingest import DecodedImage, RejectedImage, decode_image, make_thumbnail, read_limited
+from store.settings import Settings
+from store.thumbs import ThumbStore
+from store.vectors import VectorIndex
+
+log = logging.getLogger(__name__)
+
+DB_FILE = "shoebox.sqlite3"
+FUSION_RANK_CONSTANT = 60  # reciprocal-rank fusion: 1 / (c + rank); 60 is the customary value
+Progress = Callable[[int, int], None]
+
+
+class ModelMismatch(RuntimeError):
+    """The catalog was embedded with another model than the one loaded."""
+
+
+@dataclass
+class IncomingImage:
+    """One image to index: where it came from, and its bytes unless they are read from `path`."""
+
+    source: SourceRecord
+    data: bytes | None = None
+
+
+@dataclass
+class IndexOutcome:
+    source: SourceRecord
+    status: str  # "indexed" | "duplicate" | "unchanged" | "failed"
+    image_id: int | None = None
+    reason: str | None = None
+
+
+@dataclass
+class _Prepared:
+    incoming: IncomingImage
+    sha256: str = ""
+    size: int = 0
+    decoded: DecodedImage | None = None
+    thumb: tuple[bytes, str] | None = None
+    tensor: object | None = None
+    outcome: IndexOutcome | None = None
+
+
+@dataclass
+class VerifyReport:
+    problems: list[str] = field(default_factory=list)
+    repaired: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+    def as_dict(self) -> dict[str, object]:
+        return {"ok": self.ok, "problems": self.problems, "repaired": self.repaired}
+
+
+def sha256_of(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+class Library:
+    def __init__(self, settings: Settings, embedder: Embedder) -> None:
+        self.settings = settings
+        self.embedder = embedder
+        self.data_dir = settings.data_dir
+        self.catalog = Catalog(self.data_dir / DB_FILE)
+        self.thumbs = ThumbStore(self.data_dir)
+        self.vectors = VectorIndex(embedder.dim, embedder.model_id)
+        self._cpu = ThreadPoolExecutor(max_workers=2, thread_name_prefix="shoebox-decode")
+        self._model = ThreadPoolExecutor(max_workers=1, thread_name_prefix="shoebox-model")
+        self._sync_lock = asyncio.Lock()
+        self._dirty_since_save = 0
+
+    # ---- life cycle -------------------------------------------------------------------------
+
+    @classmethod
+    async def open(
+        cls, settings: Settings, embedder: Embedder, *, allow_other_model: bool = False
+    ) -> "Library":
+        library = cls(settings, embedder)
+        await library._open(allow_other_model)
+        return library
+
+    async def _open(self, allow_other_model: bool) -> None:
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        await self.catalog.open()
+        stored_model = await self.catalog.get_meta("model_id")
+        if stored_model is None:
+            async with self.catalog.transaction() as conn:
+                await self.catalog.set_meta(conn, "model_id", self.embedder.model_id)
+                await self.catalog.set_meta(conn, "dim", str(self.embedder.dim))
+        elif stored_model != self.embedder.model_id:
+            if not allow_other_model:
+                await self.catalog.close()
+                raise ModelMismatch(
+                    f"This library was indexed with the CLIP model '{stored_model}', but "
+                    f"'{self.embedder.model_id}' is loaded. Run `shoebox reindex` to re-embed every "
+                    "image with the new model, or set SHOEBOX_CLIP_MODEL / SHOEBOX_CLIP_PRETRAINED "
+                    "back to the old one."
+                )
+            return  # reindex mode: the stored vectors are foreign to this model, don't load them
+        loaded = await asyncio.get_running_loop().run_in_executor(
+            self._cpu, VectorIndex.load, self.data_dir, self.embedder.dim, self.embedder.model_id
+        )
+        if loaded is not None:
+            self.vectors = loaded
+        await self.sync_vectors()
+        await self.save_vectors()
+
+    async def close(self) -> None:
+        try:
+            if self._dirty_since_save:
+                await self.save_vectors()
+        finally:
+            await self.catalog.close()
+            self._cpu.shutdown(wait=True)
+            self._model.shutdown(wait=True)
+
+    async def __aenter__(self) -> "Library":
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def save_vectors(self) -> None:
+        await asyncio.get_running_loop().run_in_executor(self._cpu, self.vectors.save, self.data_dir)
+        self._dirty_since_save = 0
+
+    async def sync_vectors(self) -> bool:
+        """Bring FAISS up to date with SQLite; returns whether anything changed.
+
+        Cheap when nothing changed (one SELECT of the generation counter), so it runs before every
+        search: that is also how a long-running bot sees images another process indexed.
+        """
+        generation = await self.catalog.generation()
+        if generation == self.vectors.generation:
+            return False
+        async with self._sync_lock:
+            generation = await self.catalog.generation()
+            if generation == self.vectors.generation:
+                return False
+            db_ids = await self.catalog.all_image_ids()
+            index_ids = self.vectors.ids()
+            extra = np.setdiff1d(index_ids, db_ids, assume_unique=True)
+            missing = np.setdiff1d(db_ids, index_ids, assume_unique=True)
+            if len(extra):
+                self.vectors.remove(extra)
+            if len(missing):
+                log.info("Catching the vector index up: %d to add", len(missing))
+                for start in range(0, len(missing), 10_000):
+                    ids, vecs = await self.catalog.vectors_for(missing[start : start + 10_000])
+                    self.vectors.add(ids, vecs)
+            self.vectors.generation = generation
+            changed = bool(len(extra) or len(missing))
+            if changed:
+                self._dirty_since_save += 1
+            return changed
+
+    # ---- executors --------------------------------------------------------------------------
+
+    async def embed_texts(self, texts: Sequence[str]) -> np.ndarray:
+        return await asyncio.get_running_loop().run_in_executor(
+            self._model, self.embedder.embed_texts, list(texts)
+        )
+
+    async def embed_images(self, images: Sequence[Image.Image]) -> np.ndarray:
+        return await asyncio.get_running_loop().run_in_executor(
+            self._model, self.embedder.embed_images, list(images)
+        )
+
+    async def decode(self, data: bytes, *, min_side: int = 0) -> DecodedImage:
+        """Decode untrusted bytes off the event loop (raises RejectedImage)."""
+        return await asyncio.get_running_loop().run_in_executor(
+            self._cpu, lambda: decode_image(data, self.settings.ingest, min_side=min_side)
+        )
+
+    # ---- indexing ---------------------------------------------------------------------------
+
+    async def index(
+        self,
+        items: Sequence[IncomingImage],
+        progress: Progress | None = None,
+        batch_size: int | None = None,
+    ) -> list[IndexOutcome]:
+        """Index images, a batch at a time, decoding the next batch while the model runs.
+
+        Each batch commits in one transaction, so an interruption keeps whole batches only. One bad
+        file never stops the others: it gets an outcome with a reason.
+        """
+        size = batch_size or max(8, getattr(getattr(self.embedder, "settings", None), "batch_size", 16))
+        batches = [list(items[i : i + size]) for i in range(0, len(items), size)]
+        outcomes: list[IndexOutcome] = []
+        done = 0
+        next_prepared: asyncio.Task[list[_Prepared]] | None = None
+        if batches:
+            next_prepared = asyncio.ensure_future(self._prepare(batches[0]))
+        for number in range(len(batches)):
+            assert next_prepared is not None
+            prepared = await next_prepared
+            if number + 1 < len(batches):
+                next_prepared = asyncio.ensure_future(self._prepare(batches[number + 1]))
+            outcomes.extend(await self._embed_and_commit(prepared))
+            done += len(prepared)
+            if progress:
+                progress(done, len(items))
+            if self._dirty_since_save >= 64:
+                await self.save_vectors()
+        if self._dirty_since_save:
+            await self.save_vectors()
+        return outcomes
+
+    async def _prepare(self, batch: list[IncomingImage]) -> list[_Prepared]:
+        loop = asyncio.get_running_loop()
+        prepared = await asyncio.gather(
+            *(loop.run_in_executor(self._cpu, self._prepare_one, item) for item in batch)
+        )
+        # Already-known sources need no model time; settle them now.
+        for item in prepared:
+            if item.outcome is None:
+                existing = await self.catalog.source_for_key(item.incoming.source)
+                if existing is not None and existing.image_id is not None:
+                    record = await self.catalog.get_image(existing.image_id)
+                    if record is not None and record.sha256 == item.sha256:
+                        item.outcome = IndexOutcome(existing, "unchanged", record.id)
+        return list(prepared)
+
+    def _prepare_one(self, item: IncomingImage) -> _Prepared:
+        """Read, hash, decode and preprocess one image (runs in a worker thread)."""
+        out = _Prepared(item)
+        limits = self.settings.ingest
+        try:
+            data = item.data
+            if data is None:
+                if item.source.path is None:
+                    raise RejectedImage("no bytes and no path to read them from")
+                data = read_limited(Path(item.source.path), limits.max_file_bytes)
+            elif len(data) > limits.max_file_bytes:
+                raise RejectedImage(
+                    f"file is {len(data) / 1e6:.1f} MB, over the "
+                    f"{limits.max_file_bytes / 1e6:.0f} MB limit"
+                )
+            out.size = len(data)
+            out.sha256 = sha256_of(data)
+            decoded = decode_image(data, limits, min_side=limits.thumb_max_side)
+            small = _downscale(decoded.image, limits.thumb_max_side)
+            out.decoded = DecodedImage(small, decoded.width, decoded.height, decoded.format)
+            out.thumb = make_thumbnail(small, limits.thumb_max_side)
+            preprocess = getattr(self.embedder, "preprocess", None)
+            if preprocess is not None:
+                out.tensor = preprocess(small)
+        except RejectedImage as error:
+            out.outcome = IndexOutcome(item.source, "failed", reason=str(error))
+        except MemoryError:
+            out.outcome = IndexOutcome(item.source, "failed", reason="image too large to decode")
+        return out
+
+    async def _embed_and_commit(self, prepared: list[_Prepared]) -> list[IndexOutcome]:
+        todo = [p for p in prepared if p.outcome is None]
+        vectors = await self._embed_prepared(todo) if todo else np.zeros((0, self.embedder.dim))
+        new_vectors: list[tuple[int, np.ndarray]] = []
+        async with self.catalog.transaction() as conn:
+            for item in prepared:
+                if item.outcome is not None and item.outcome.status == "failed":
+                    await self.catalog.record_failure(conn, item.incoming.source.key, item.outcome.reason or "")
+            for item, vector in zip(todo, vectors):
+                item.outcome = await self._commit_one(conn, item, vector, new_vectors)
+            if new_vectors or any(p.outcome and p.outcome.status != "unchanged" for p in todo):
+                await self.catalog.bump_generation(conn)
+        await self._after_commit(new_vectors)
+        return [p.outcome for p in prepared if p.outcome is not None]
+
+    async def _embed_prepared(self, todo: list[_Prepared]) -> np.ndarray:
+        if all(p.tensor is not None for p in todo) and hasattr(self.embedder, "embed_tensors"):
+            import torch
+
+            batch = torch.stack([p.tensor for p in todo])  # type: ignore[misc]
+            return await asyncio.get_running_loop().run_in_executor(
+                self._model, self.embedder.embed_tensors, batch
+            )
+        return await self.embed_images([p.decoded.image for p in todo])  # type: ignore[union-attr]
+
+    async def _commit_one(
+        self, conn: aiosqlite.Connection, item: _Prepared, vector: np.ndarray, new_vectors: list[tuple[int, np.ndarray]]
+    ) -> IndexOutcome:
+        source = item.incoming.source
+        catalog = self.catalog
+        # A file whose content changed under the same path: drop the old source first.
+        old = await catalog.source_for_key(source)
+        if old is not None:
+            await self._delete_sources(conn, [old])
+        async with conn.execute("SELECT id FROM images WHERE sha256 = ?", (item.sha256,)) as cur:
+            row = await cur.fetchone()
+        if row is not None:
+            image_id = int(row[0])
+            await catalog.insert_source(conn, image_id, source)
+            await catalog.refresh_fts(conn, image_id)
+            await catalog.clear_failure(conn, source.key)
+            return IndexOutcome(source, "duplicate", image_id)
+        assert item.decoded is not None and item.thumb is not None
+        thumb_bytes, extension = item.thumb
+        relative = await asyncio.get_running_loop().run_in_executor(
+            self._cpu, self.thumbs.write, item.sha256, extension, thumb_bytes
+        )
+        new = NewImage(
+            sha256=item.sha256,
+            size_bytes=item.size,
+            width=item.decoded.width,
+            height=item.decoded.height,
+            format=item.decoded.format,
+            thumb=relative,
+            model_id=self.embedder.model_id,
+            vector=vector,
+            source=source,
+        )
+        image_id = await catalog.insert_image(conn, new)
+        await catalog.insert_source(conn, image_id, source)
+        await catalog.refresh_fts(conn, image_id)
+        await catalog.clear_failure(conn, source.key)
+        new_vectors.append((image_id, vector))
+        return IndexOutcome(source, "indexed", image_id)
+
+    async def _after_commit(self, new_vectors: list[tuple[int, np.ndarray]], removed: Iterable[int] = ()) -> None:
+        """Mirror a committed change into FAISS, or leave it for `sync_vectors` if we fell behind."""
+        removed_ids = np.fromiter(removed, dtype=np.int64)
+        generation = await self.catalog.generation()
+        if generation == self.vectors.generation + 1:
+            if len(removed_ids):
+                self.vectors.remove(removed_ids)
+            if new_vectors:
+                self.vectors.add(
+                    np.array([i for i, _ in new_vectors], dtype=np.int64),
+                    np.stack([v for _, v in new_vectors]),
+                )
+            self.vectors.generation = generation
+            self._dirty_since_save += 1
+        else:
+            await self.sync_vectors()
+
+    async def index_paths(
+        self, paths: Iterable[Path], progress: Progress | None = None
+    ) -> list[IndexOutcome]:
+        """Index files and folders (recursively); each file becomes a `file` source."""
+        items = [IncomingImage(file_source(path)) for path in expand_paths(paths)]
+        return await self.index(items, progress)
+
+    # ---- forgetting -------------------------------------------------------------------------
+
+    async def _delete_sources(self, conn: aiosqlite.Connection, sources: Sequence[SourceRecord]) -> list[int]:
+        """Delete sources inside an open transaction; images left without a source go too."""
+        gone: list[int] = []
+        touched = {s.image_id for s in sources if s.image_id is not None}
+        for src in sources:
+            await conn.execute("DELETE FROM sources WHERE id = ?", (src.id,))
+        for image_id in touched:
+            async with conn.execute(
+                "SELECT COUNT(*) FROM sources WHERE image_id = ?", (image_id,)
+            ) as cur:
+                row = await cur.fetchone()
+            if row and int(row[0]) == 0:
+                await self.catalog.delete_image(conn, int(image_id))
+                gone.append(int(image_id))
+            else:
+                await self.catalog.refresh_fts(conn, int(image_id))
+        return gone
+
+    async def remove_sources(self, sources: Sequence[SourceRecord]) -> list[int]:
+        """Forget these sources; returns the ids of images that are now gone from search."""
+        if not sources:
+            return []
+        thumbs: dict[int, str] = {
+            i: r.thumb for i, r in (await self.catalog.get_images(
+                s.image_id for s in sources if s.image_id is not None
+            )).items()
+        }
+        async with self.catalog.transaction() as conn:
+            gone = await self._delete_sources(conn, sources)
+            await self.catalog.bump_generation(conn)
+        await self._after_commit([], gone)
+        for image_id in gone:
+            if image_id in thumbs:
+                self.thumbs.delete(thumbs[image_id])
+        if gone:
+            await self.save_vectors()
+        return gone
+
+    async def forget_image(self, image_id: int) -> bool:
+        sources = await self.catalog.find_sources("image_id", image_id)
+        if not sources:
+            return False
+        return bool(await self.remove_sources(sources))
+
+    async def forget_messages(self, message_ids: Iterable[int]) -> list[int]:
+        return await self.remove_sources(await self.catalog.sources_for_messages(message_ids))
+
+    async def forget_where(self, column: str, value: int) -> list[int]:
+        return await self.remove_sources(await self.catalog.find_sources(column, value))
+
+    # ---- search -----------------------------------------------------------------------------
+
+    async def _allowed(self, flt: SourceFilter) -> np.ndarray | None:
+        return None if flt.unrestricted else await self.catalog.visible_image_ids(flt)
+
+    async def search_vector(
+        self, vector: np.ndarray, k: int, flt: SourceFilter, exclude: Iterable[int] = ()
+    ) -> list[tuple[int, float]]:
+        """Top-k (image id, cosine) among images the filter lets through."""
+        await self.sync_vectors()
+        allowed = await self._allowed(flt)
+        excluded = set(exclude)
+        if excluded and allowed is not None:
+            allowed = np.setdiff1d(allowed, np.fromiter(excluded, dtype=np.int64))
+        hits = await asyncio.get_running_loop().run_in_executor(
+            self._cpu, self.vectors.search, vector, k + len(excluded), allowed
+        )
+        return [(i, s) for i, s in hits if i not in excluded][:k]
+
+    async def search_text(self, query: str, k: int, flt: SourceFilter) -> list[tuple[int, float]]:
+        """CLIP ranking fused with full-text matches on descriptions and posted text.
+
+        Reciprocal-rank fusion lets a name CLIP cannot see ("grandpa") lift a photo whose posted
+        text says it, while the score reported stays the CLIP cosine people can compare.
+        """
+        vector = (await self.embed_texts([query]))[0]
+        pool = max(k * 4, 50)
+        clip_hits = await self.search_vector(vector, pool, flt)
+        text_ids = await self.catalog.text_matches(query, pool, flt)
+        fused: dict[int, float] = {}
+        for rank, (image_id, _) in enumerate(clip_hits):
+            fused[image_id] = fused.get(image_id, 0.0) + 1.0 / (FUSION_RANK_CONSTANT + rank + 1)
+        for rank, image_id in enumerate(text_ids):
+            fused[image_id] = fused.get(image_id, 0.0) + 1.0 / (FUSION_RANK_CONSTANT + rank + 1)
+        cosine = dict(clip_hits)
+        order = sorted(fused, key=lambda i: (-fused[i], -cosine.get(i, -1.0)))[:k]
+        return [(i, cosine[i] if i in cosine else self._cosine(vector, i)) for i in order]
+
+    def _cosine(self, query: np.ndarray, image_id: int) -> float:
+        stored = self.vectors.vector(image_id)
+        return float(np.dot(query, stored)) if stored is not None else 0.0
+
+    async def vector_of(self, image_id: int) -> np.ndarray | None:
+        await self.sync_vectors()
+        return self.vectors.vector(image_id)
+
+    # ---- descriptions -----------------------------------------------------------------------
+
+    async def set_description(self, image_id: int, text: str, origin: str) -> bool:
+        async with self.catalog.transaction() as conn:
+            cur = await conn.execute(
+                "UPDATE images SET description = ?, description_source = ? WHERE id = ?",
+                (text, origin, image_id),
+            )
+            if not cur.rowcount:
+                return False
+            await self.catalog.refresh_fts(conn, image_id)
+        return True
+
+    async def note_caption_attempt(self, image_id: int) -> None:
+        async with self.catalog.transaction() as conn:
+            await conn.execute(
+                "UPDATE images SET caption_attempts = caption_attempts + 1 WHERE id = ?", (image_id,)
+            )
+
+    def thumb_path(self, record: ImageRecord) -> Path:
+        return self.thumbs.absolute(record.thumb)
+
+    # ---- status and repair ------------------------------------------------------------------
+
+    async def stats(self) -> dict[str, object]:
+        counts = await self.catalog.counts()
+        return {
+            "images": counts["images"],
+            "sources": counts["sources"],
+            "described": counts["described"],
+            "failures": counts["failures"],
+            "model": self.embedder.model_id,
+            "dim": self.embedder.dim,
+            "vector_index": {"count": self.vectors.count, "generation": self.vectors.generation},
+            "data_dir": str(self.data_dir.resolve()),
+        }
+
+    async def verify(self, repair: bool = True) -> VerifyReport:
+        """Check that SQLite, FAISS and the stored copies agree; repair what can be repaired."""
+        report = VerifyReport()
+        catalog = self.catalog
+        async with catalog.reader.execute("PRAGMA integrity_check") as cur:
+            row = await cur.fetchone()
+        if not row or row[0] != "ok":
+            report.problems.append(f"SQLite integrity check failed: {row[0] if row else '?'}")
+            return report
+        async with catalog.reader.execute(
+            "SELECT id, thumb FROM images i WHERE NOT EXISTS "
+            "(SELECT 1 FROM sources s WHERE s.image_id = i.id)"
+        ) as cur:
+            orphans = [(int(r[0]), str(r[1])) for r in await cur.fetchall()]
+        if orphans:
+            self._note(report, repair, f"{len(orphans)} image(s) with no source left")
+            if repair:
+                async with catalog.transaction() as conn:
+                    for image_id, _ in orphans:
+                        await catalog.delete_image(conn, image_id)
+                    await catalog.bump_generation(conn)
+                for _, thumb in orphans:
+                    self.thumbs.delete(thumb)
+        models = await catalog.models_in_use()
+        foreign = {m: n for m, n in models.items() if m != self.embedder.model_id}
+        if foreign:
+            report.problems.append(
+                f"vectors from other models: {foreign}; run `shoebox reindex` to re-embed them"
+            )
+        async with catalog.reader.execute(
+            "SELECT COUNT(*) FROM images WHERE length(vector) != ?", (self.embedder.dim * 4,)
+        ) as cur:
+            row = await cur.fetchone()
+        if row and int(row[0]):
+            report.problems.append(f"{row[0]} vector(s) of the wrong size")
+        db_ids = await catalog.all_image_ids()
+        index_ids = np.sort(self.vectors.ids())
+        if not np.array_equal(db_ids, index_ids):
+            missing = len(np.setdiff1d(db_ids, index_ids))
+            extra = len(np.setdiff1d(index_ids, db_ids))
+            self._note(report, repair, f"vector index out of step ({missing} missing, {extra} extra)")
+            if repair:
+                self.vectors.generation = -1
+                await self.sync_vectors()
+                await self.save_vectors()
+        async with catalog.reader.execute(
+            "SELECT COUNT(*) FROM images_fts f WHERE NOT EXISTS (SELECT 1 FROM images i WHERE i.id = f.rowid)"
+        ) as cur:
+            row = await cur.fetchone()
+        if row and int(row[0]):
+            self._note(report, repair, f"{row[0]} stale full-text row(s)")
+            if repair:
+                async with catalog.transaction() as conn:
+                    await conn.execute(
+                        "DELETE FROM images_fts WHERE rowid NOT IN (SELECT id FROM images)"
+                    )
+        known = await catalog.all_thumbs()
+        on_disk = self.thumbs.all_relative()
+        absent = known - on_disk
+        if absent:
+            report.problems.append(
+                f"{len(absent)} stored copy/copies missing from {self.thumbs.root} "
+                "(search still works; posting those images will not)"
+            )
+        stray = on_disk - known
+        if stray:
+            self._note(report, repair, f"{len(stray)} stored file(s) no image refers to")
+            if repair:
+                self.thumbs.sweep(known)
+        return report
+
+    @staticmethod
+    def _note(report: VerifyReport, repair: bool, problem: str) -> None:
+        (report.repaired if repair else report.problems).append(problem)
+
+    # ---- re-embedding -------------------------------------------------------------------------
+
+    async def reindex(self, new_embedder: Embedder, progress: Progress | None = None) -> int:
+        """Re-embed every image with another model; the old vectors serve until all are done.
+
+        New vectors are staged in their own table (so an interrupted run resumes where it stopped)
+        and swapped in with one transaction at the end.
+        """
+        catalog = self.catalog
+        target = new_embedder.model_id
+        async with catalog.transaction() as conn:
+            await conn.execute("DELETE FROM staged_vectors WHERE model_id != ?", (target,))
+        async with catalog.reader.execute(
+            "SELECT i.id, i.thumb FROM images i WHERE NOT EXISTS "
+            "(SELECT 1 FROM staged_vectors v WHERE v.image_id = i.id) ORDER BY i.id"
+        ) as cur:
+            todo = [(int(r[0]), str(r[1])) for r in await cur.fetchall()]
+        total_images = (await catalog.counts())["images"]
+        done = total_images - len(todo)
+        loop = asyncio.get_running_loop()
+        size = 32
+        for start in range(0, len(todo), size):
+            chunk = todo[start : start + size]
+            images = await loop.run_in_executor(self._cpu, self._load_thumbs, [t for _, t in chunk])
+            ok = [(i, im) for (i, _), im in zip(chunk, images) if im is not None]
+            vectors = await loop.run_in_executor(
+                self._model, new_embedder.embed_images, [im for _, im in ok]
+            ) if ok else []
+            async with catalog.transaction() as conn:
+                for (image_id, _), vector in zip(ok, vectors):
+                    await conn.execute(
+                        "INSERT OR REPLACE INTO staged_vectors (image_id, model_id, vector) VALUES (?, ?, ?)",
+                        (image_id, target, np.asarray(vector, dtype=np.float32).tobytes()),
+                    )
+            done += len(chunk)
+            if progress:
+                progress(done, total_images)
+        async with catalog.transaction() as conn:
+            await conn.execute(
+                "UPDATE images SET vector = (SELECT v.vector FROM staged_vectors v WHERE v.image_id = images.id), "
+                "model_id = ? WHERE id IN (SELECT image_id FROM staged_vectors WHERE model_id = ?)",
+                (target, target),
+            )
+            await conn.execute("DELETE FROM staged_vectors")
+            await catalog.set_meta(conn, "model_id", target)
+            await catalog.set_meta(conn, "dim", str(new_embedder.dim))
+            await catalog.bump_generation(conn)
+        self.embedder = new_embedder
+        self.vectors = VectorIndex(new_embedder.dim, target)
+        self.vectors.generation = -1
+        await self.sync_vectors()
+        await self.save_vectors()
+        return total_images
+
+    def _load_thumbs(self, relatives: list[str]) -> list[Image.Image | None]:
+        out: list[Image.Image | None] = []
+        for relative in relatives:
+            try:
+                with Image.open(self.thumbs.absolute(relative)) as im:
+                    out.append(im.convert("RGB"))
+            except OSError as error:
+                log.warning("Cannot re-embed %s: %s", relative, error)
+                out.append(None)
+        return out
+
+
+def _downscale(image: Image.Image, max_side: int) -> Image.Image:
+    if max(image.size) <= max_side:
+        return image
+    scale = max_side / max(image.size)
+    size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
+    return image.resize(size, Image.Resampling.LANCZOS)
+
+
+def expand_paths(paths: Iterable[Path]) -> list[Path]:
+    """Files as given, folders walked recursively (sorted; hidden files and folders skipped).
+
+    Every file is tried and judged by its content, never by its name, so a mislabelled photo is
+    found and a stray document gets a clear "not an image" instead of silently vanishing.
+    """
+    found: list[Path] = []
+    for path in paths:
+        path = Path(path)
+        if path.is_dir():
+            for child in sorted(path.rglob("*")):
+                if any(part.startswith(".") for part in child.relative_to(path).parts):
+                    continue
+                if child.is_file():
+                    found.append(child)
+        else:
+            found.append(path)
+    return found
+
+
+def file_source(path: Path) -> SourceRecord:
+    from datetime import datetime, timezone
+
+    from store.db import to_iso
+
+    resolved = path.expanduser().resolve()
+    try:
+        mtime = datetime.fromtimestamp(resolved.stat().st_mtime, tz=timezone.utc)
+    except OSError:
+        mtime = datetime.now(timezone.utc)
+    return SourceRecord(
+        kind="file", filename=resolved.name, posted_at=to_iso(mtime), path=str(resolved)
+    )
+
+
+__all__ = [
+    "IncomingImage",
+    "IndexOutcome",
+    "Library",
+    "ModelMismatch",
+    "VerifyReport",
+    "expand_paths",
+    "file_source",
+]
