@@ -100,6 +100,7 @@ class Library:
         self._model = ThreadPoolExecutor(max_workers=1, thread_name_prefix="shoebox-model")
         self._sync_lock = asyncio.Lock()
         self._dirty_since_save = 0
+        self._closed = False
 
     # ---- life cycle -------------------------------------------------------------------------
 
@@ -138,6 +139,10 @@ class Library:
         await self.save_vectors()
 
     async def close(self) -> None:
+        """Save the vector index and release everything; safe to call twice."""
+        if self._closed:
+            return
+        self._closed = True
         try:
             if self._dirty_since_save:
                 await self.save_vectors()

@@ -1,0 +1,82 @@
+"""Shared fixtures: the shipped small CLIP, a real library on disk, and image makers.
+
+Tests run offline on `shoebox-tiny`, the model this repository trains and ships, through the same
+open_clip loading code the product uses. `SHOEBOX_TEST_CHECKPOINT` may point at other weights of
+the same architecture (used while retraining the shipped ones).
+"""
+
+from __future__ import annotations
+
+import io
+import os
+from pathlib import Path
+from typing import AsyncIterator, Callable
+
+import pytest
+from PIL import Image
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+
+from store.embedder import ClipEmbedder, load_embedder  # noqa: E402
+from store.library import Library  # noqa: E402
+from store.settings import ClipSettings, IngestSettings, Settings  # noqa: E402
+
+
+def tiny_clip_settings() -> ClipSettings:
+    checkpoint = os.environ.get("SHOEBOX_TEST_CHECKPOINT")
+    return ClipSettings(
+        model="shoebox-tiny",
+        pretrained=None,
+        checkpoint=Path(checkpoint) if checkpoint else None,
+        batch_size=16,
+    )
+
+
+@pytest.fixture(scope="session")
+def embedder() -> ClipEmbedder:
+    return load_embedder(tiny_clip_settings())
+
+
+@pytest.fixture
+def settings(tmp_path: Path) -> Settings:
+    return Settings(
+        data_dir=tmp_path / "data",
+        clip=tiny_clip_settings(),
+        ingest=IngestSettings(max_file_bytes=5 * 1024 * 1024, max_pixels=40_000_000),
+    )
+
+
+@pytest.fixture
+async def library(settings: Settings, embedder: ClipEmbedder) -> AsyncIterator[Library]:
+    lib = await Library.open(settings, embedder)
+    try:
+        yield lib
+    finally:
+        await lib.close()
+
+
+@pytest.fixture
+def cli_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Point the CLI at the small model, whatever the developer's own environment says."""
+    for name in list(os.environ):
+        if name.startswith("SHOEBOX_") or name.startswith("ANTHROPIC_"):
+            monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("SHOEBOX_CLIP_MODEL", "shoebox-tiny")
+    checkpoint = os.environ.get("SHOEBOX_TEST_CHECKPOINT")
+    if checkpoint:
+        monkeypatch.setenv("SHOEBOX_CLIP_CHECKPOINT", checkpoint)
+
+
+def jpeg_bytes(colour: tuple[int, int, int], size: tuple[int, int] = (96, 64), mark: int = 0) -> bytes:
+    """A small JPEG of one colour; `mark` draws a few distinguishing pixels so bytes differ."""
+    image = Image.new("RGB", size, colour)
+    for i in range(mark):
+        image.putpixel((i % size[0], (i * 7) % size[1]), (255 - colour[0], 255 - colour[1], 255 - colour[2]))
+    buffer = io.BytesIO()
+    image.save(buffer, "JPEG", quality=90)
+    return buffer.getvalue()
+
+
+@pytest.fixture
+def make_jpeg() -> Callable[..., bytes]:
+    return jpeg_bytes

@@ -1,0 +1,235 @@
+"""The library's contract: index, dedupe, scope, forget, catch-up and repair, on real files."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from store.db import SourceRecord
+from store.library import IncomingImage, Library, ModelMismatch
+from store.vectors import HEADER_FILE, INDEX_FILE
+from tests.conftest import jpeg_bytes
+from tools.search import Filters, Scope, ToolError, find_similar, get_description, search_images
+
+
+def discord_source(
+    attachment: int,
+    channel: int,
+    *,
+    guild: int = 1,
+    author: str = "ana",
+    author_id: int = 100,
+    text: str = "",
+    posted_at: str = "2024-06-01T12:00:00+00:00",
+    channel_name: str | None = None,
+) -> SourceRecord:
+    return SourceRecord(
+        kind="discord",
+        filename=f"photo{attachment}.jpg",
+        posted_at=posted_at,
+        guild_id=guild,
+        channel_id=channel,
+        message_id=attachment * 10,
+        attachment_id=attachment,
+        author_id=author_id,
+        author_name=author,
+        channel_name=channel_name or f"chan{channel}",
+        posted_text=text,
+    )
+
+
+async def test_index_search_similar_describe_forget_verify(library: Library, tmp_path: Path) -> None:
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    colours = [(200, 30, 30), (30, 200, 30), (30, 30, 200), (220, 220, 40), (120, 40, 160)]
+    for i, colour in enumerate(colours):
+        (folder / f"p{i}.jpg").write_bytes(jpeg_bytes(colour))
+    outcomes = await library.index_paths([folder])
+    assert [o.status for o in outcomes] == ["indexed"] * 5
+    ids = [o.image_id for o in outcomes]
+    assert (await library.stats())["images"] == 5
+
+    results = await search_images(library, "a photo", k=3)
+    assert len(results) == 3
+    assert all(-1.0 <= r["score"] <= 1.0 for r in results)
+    assert {r["id"] for r in results} <= set(ids)
+    assert all(r["path"].startswith(str(folder.resolve())) for r in results)
+
+    similar = await find_similar(library, folder / "p0.jpg", k=1)
+    assert similar[0]["id"] == ids[0] and similar[0]["score"] > 0.99
+    by_id = await find_similar(library, ids[0], k=4)
+    assert ids[0] not in [r["id"] for r in by_id] and len(by_id) == 4
+
+    info = await get_description(library, ids[2])
+    assert info["id"] == ids[2] and info["width"] == 96 and Path(info["stored_copy"]).is_file()
+
+    assert await library.forget_image(ids[2])
+    assert ids[2] not in [r["id"] for r in await search_images(library, "a photo", k=5)]
+    with pytest.raises(ToolError):
+        await get_description(library, ids[2])
+    assert not Path(info["stored_copy"]).exists()
+    report = await library.verify()
+    assert report.ok and not report.repaired
+
+
+async def test_identical_bytes_are_stored_once_and_forgotten_per_source(library: Library) -> None:
+    data = jpeg_bytes((10, 120, 200))
+    first = await library.index([IncomingImage(discord_source(1, channel=11), data)])
+    second = await library.index([IncomingImage(discord_source(2, channel=12), data)])
+    again = await library.index([IncomingImage(discord_source(1, channel=11), data)])
+    assert [o.status for o in first + second + again] == ["indexed", "duplicate", "unchanged"]
+    assert first[0].image_id == second[0].image_id
+    counts = await library.catalog.counts()
+    assert counts["images"] == 1 and counts["sources"] == 2
+
+    # Forgetting one post keeps the image findable through the other, and only there.
+    await library.forget_messages([10])
+    in_11 = await find_similar(library, data, k=5, scope=Scope.channels({11}))
+    in_12 = await find_similar(library, data, k=5, scope=Scope.channels({12}))
+    assert in_11 == [] and [r["id"] for r in in_12] == [first[0].image_id]
+    await library.forget_messages([20])
+    assert (await library.catalog.counts())["images"] == 0
+    assert library.vectors.count == 0
+
+
+async def test_scope_returns_k_in_scope_results_even_when_others_rank_higher(library: Library) -> None:
+    # 40 near-copies of the query live in channel 2; the only 6 images in channel 1 look different.
+    query = jpeg_bytes((250, 250, 250))
+    items = [IncomingImage(discord_source(100 + i, channel=2), jpeg_bytes((250, 250, 250), mark=i + 1)) for i in range(40)]
+    items += [IncomingImage(discord_source(200 + i, channel=1), jpeg_bytes((20 * i, 90, 180 - 20 * i))) for i in range(6)]
+    outcomes = await library.index(items)
+    assert all(o.status == "indexed" for o in outcomes)
+    in_channel_1 = {o.image_id for o in outcomes[40:]}
+
+    results = await find_similar(library, query, k=5, scope=Scope.channels({1}))
+    assert len(results) == 5
+    assert {r["id"] for r in results} <= in_channel_1
+    assert all(r["source"]["channel_id"] == "1" for r in results)
+    everything = await find_similar(library, query, k=5)
+    assert not {r["id"] for r in everything} & in_channel_1  # the scope really changed the answer
+    assert await find_similar(library, query, k=5, scope=Scope.channels(set())) == []
+    with pytest.raises(ToolError):  # an image outside the scope looks exactly like a missing one
+        await get_description(library, outcomes[0].image_id or 0, scope=Scope.channels({1}))
+
+
+async def test_filters_author_channel_dates_and_sort(library: Library) -> None:
+    items = [
+        IncomingImage(discord_source(1, 5, author="Ana", posted_at="2023-07-10T10:00:00+00:00", channel_name="summer"), jpeg_bytes((200, 0, 0))),
+        IncomingImage(discord_source(2, 5, author="Ben", author_id=200, posted_at="2023-08-10T10:00:00+00:00", channel_name="summer"), jpeg_bytes((0, 200, 0))),
+        IncomingImage(discord_source(3, 6, author="Ana", posted_at="2024-01-05T10:00:00+00:00", channel_name="winter"), jpeg_bytes((0, 0, 200))),
+    ]
+    ids = [o.image_id for o in await library.index(items)]
+    by_ana = await search_images(library, "a photo", k=5, filters=Filters(author="ana"))
+    assert sorted(r["id"] for r in by_ana) == sorted([ids[0], ids[2]])
+    in_winter = await search_images(library, "a photo", k=5, filters=Filters(channel="#winter"))
+    assert [r["id"] for r in in_winter] == [ids[2]]
+    summer_2023 = await search_images(library, "a photo", k=5, filters=Filters(after="2023-07-01", before="2023-07-31"))
+    assert [r["id"] for r in summer_2023] == [ids[0]]
+    newest = await search_images(library, "a photo", k=5, filters=Filters(sort="newest"))
+    assert [r["id"] for r in newest] == [ids[2], ids[1], ids[0]]
+    with pytest.raises(ToolError):
+        await search_images(library, "a photo", filters=Filters(after="last summer"))
+    with pytest.raises(ToolError):
+        await search_images(library, "a photo", k=0)
+    with pytest.raises(ToolError):
+        await search_images(library, "   ")
+
+
+async def test_posted_text_and_descriptions_are_searchable(library: Library) -> None:
+    items = [IncomingImage(discord_source(i, 1), jpeg_bytes((30 * i, 100, 100))) for i in range(1, 8)]
+    items.append(IncomingImage(discord_source(50, 1, text="Grandpa Joe at his 90th birthday"), jpeg_bytes((5, 5, 5))))
+    outcomes = await library.index(items)
+    grandpa = outcomes[-1].image_id
+    top = await search_images(library, "grandpa", k=1)
+    assert top[0]["id"] == grandpa and "Grandpa" in top[0]["posted_text"]
+    await library.set_description(outcomes[0].image_id or 0, "a whiteboard covered in sticky notes", "import")
+    top = await search_images(library, "whiteboard from the offsite", k=1)
+    assert top[0]["id"] == outcomes[0].image_id
+
+
+async def test_vector_index_is_rebuilt_or_caught_up_on_open(settings, embedder, library: Library) -> None:
+    outcomes = await library.index([IncomingImage(discord_source(i, 1), jpeg_bytes((20 * i, 50, 50))) for i in range(1, 6)])
+    await library.close()
+    data_dir = settings.data_dir
+
+    (data_dir / INDEX_FILE).unlink()  # lost index file
+    reopened = await Library.open(settings, embedder)
+    assert reopened.vectors.count == 5
+    # An index saved before the last writes (a crash between commit and save) is caught up.
+    stale_header = json.loads((data_dir / HEADER_FILE).read_text())
+    await reopened.index([IncomingImage(discord_source(9, 1), jpeg_bytes((1, 2, 3)))])
+    await reopened.forget_messages([10])
+    reopened.vectors.generation = stale_header["generation"]
+    reopened.vectors.remove(np.array([o.image_id for o in outcomes[1:3]], dtype=np.int64))
+    reopened.vectors.save(data_dir)
+    await reopened.catalog.close()
+    again = await Library.open(settings, embedder)
+    try:
+        assert sorted(again.vectors.ids().tolist()) == sorted((await again.catalog.all_image_ids()).tolist())
+        assert again.vectors.count == 5
+        assert (await again.verify(repair=False)).ok
+    finally:
+        await again.close()
+
+
+async def test_verify_repairs_a_tampered_index_and_stray_files(library: Library, settings) -> None:
+    outcomes = await library.index([IncomingImage(discord_source(i, 1), jpeg_bytes((40 * i, 10, 10))) for i in range(1, 4)])
+    library.vectors.remove(np.array([outcomes[0].image_id], dtype=np.int64))
+    stray = settings.data_dir / "thumbs" / "ab" / "stray.jpg.123.tmp"
+    stray.parent.mkdir(parents=True, exist_ok=True)
+    stray.write_bytes(b"half a file")
+    check = await library.verify(repair=False)
+    assert not check.ok and any("out of step" in p for p in check.problems)
+    repaired = await library.verify(repair=True)
+    assert repaired.ok and len(repaired.repaired) == 2 and not stray.exists()
+    assert library.vectors.count == 3
+
+
+async def test_rejected_files_are_recorded_and_leave_nothing_behind(library: Library, tmp_path: Path, settings) -> None:
+    folder = tmp_path / "mixed"
+    folder.mkdir()
+    (folder / "good.jpg").write_bytes(jpeg_bytes((1, 200, 3)))
+    (folder / "page.jpg").write_text("<!doctype html><html><body>not a photo</body></html>")
+    (folder / "empty.png").write_bytes(b"")
+    (folder / "cut.jpg").write_bytes(jpeg_bytes((9, 9, 200), size=(400, 300))[:300])
+    (folder / "huge.png").write_bytes(b"\x89PNG" + b"\0" * (6 * 1024 * 1024))
+    outcomes = {Path(o.source.path or "").name: o for o in await library.index_paths([folder])}
+    assert outcomes["good.jpg"].status == "indexed"
+    for name in ("page.jpg", "empty.png", "cut.jpg", "huge.png"):
+        assert outcomes[name].status == "failed" and outcomes[name].reason, name
+    assert "limit" in (outcomes["huge.png"].reason or "")
+    assert len(library.thumbs.all_relative()) == 1
+    failures = await library.catalog.recent_failures(10)
+    assert len(failures) == 4
+
+
+async def test_another_model_is_refused_until_reindexed(settings, embedder, library: Library, tmp_path: Path) -> None:
+    import open_clip
+    import torch
+
+    await library.index([IncomingImage(discord_source(i, 1), jpeg_bytes((50 * i, 0, 0))) for i in range(1, 4)])
+    await library.close()
+    model, _, _ = open_clip.create_model_and_transforms("shoebox-tiny", pretrained=None)
+    other_weights = tmp_path / "other.pt"
+    torch.save(model.state_dict(), other_weights)
+    from dataclasses import replace
+
+    from store.embedder import load_embedder
+
+    other = load_embedder(replace(settings.clip, checkpoint=other_weights))
+    assert other.model_id != embedder.model_id
+    with pytest.raises(ModelMismatch, match="reindex"):
+        await Library.open(settings, other)
+    lib = await Library.open(settings, other, allow_other_model=True)
+    try:
+        assert await lib.reindex(other) == 3
+        assert await lib.catalog.get_meta("model_id") == other.model_id
+        assert (await lib.verify(repair=False)).ok
+    finally:
+        await lib.close()
+    reopened = await Library.open(settings, other)
+    assert reopened.vectors.count == 3
+    await reopened.close()
