@@ -58,11 +58,11 @@ async def library(settings: Settings, embedder: ClipEmbedder) -> AsyncIterator[L
 @pytest.fixture
 def cli_env(monkeypatch: pytest.MonkeyPatch) -> None:
     """Point the CLI at the small model, whatever the developer's own environment says."""
+    checkpoint = os.environ.get("SHOEBOX_TEST_CHECKPOINT")
     for name in list(os.environ):
         if name.startswith("SHOEBOX_") or name.startswith("ANTHROPIC_"):
             monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("SHOEBOX_CLIP_MODEL", "shoebox-tiny")
-    checkpoint = os.environ.get("SHOEBOX_TEST_CHECKPOINT")
     if checkpoint:
         monkeypatch.setenv("SHOEBOX_CLIP_CHECKPOINT", checkpoint)
 

@@ -1,0 +1,148 @@
+"""The `shoebox` command line, run as a user runs it: JSON out, exit codes, crash and restart."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from bot.cli import main
+from tests.conftest import jpeg_bytes
+
+pytestmark = pytest.mark.usefixtures("cli_env")
+
+
+def run_cli(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, object]:
+    code = main(list(args))
+    out = capsys.readouterr().out
+    return code, (json.loads(out) if "--json" in args and out.strip() else out)
+
+
+def make_folder(root: Path, good: int, broken: int) -> Path:
+    rng = np.random.default_rng(7)
+    folder = root / "photos"
+    (folder / "nested").mkdir(parents=True)
+    for i in range(good):
+        pixels = rng.integers(0, 256, size=(24, 32, 3), dtype=np.uint8)
+        Image.fromarray(pixels).resize((96, 72)).save(folder / ("nested" if i % 3 == 0 else "") / f"img{i:03d}.jpg", quality=85)
+    broken_files = {
+        "notes.jpg": b"just some text, not a picture",
+        "page.png": b"<html><body>hello</body></html>",
+        "empty.gif": b"",
+        "truncated.jpg": jpeg_bytes((1, 2, 3), size=(300, 200))[:200],
+        "archive.webp": b"PK\x03\x04" + b"\0" * 64,
+    }
+    for i, (name, data) in enumerate(list(broken_files.items())[:broken]):
+        (folder / name).write_bytes(data)
+    return folder
+
+
+def test_index_twice_then_every_command_as_json(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    data = str(tmp_path / "data")
+    folder = make_folder(tmp_path, good=20, broken=5)
+    code, summary = run_cli(capsys, "--data", data, "index", str(folder), "--json")
+    assert code == 0
+    assert summary["indexed"] == 20 and summary["duplicates"] == 0
+    assert len(summary["failed"]) == 5 and all(f["error"] and f["path"] for f in summary["failed"])
+    code, again = run_cli(capsys, "--data", data, "index", str(folder), "--json")
+    assert again["indexed"] == 0 and again["unchanged"] == 20 and len(again["failed"]) == 5
+
+    code, results = run_cli(capsys, "--data", data, "search", "a", "colourful", "photo", "--k", "3", "--json")
+    assert code == 0 and len(results) == 3
+    assert set(results[0]) >= {"id", "score", "source", "path", "description"}
+    first = results[0]["id"]
+    code, similar = run_cli(capsys, "--data", data, "similar", str(first), "--k", "2", "--json")
+    assert code == 0 and len(similar) == 2 and first not in [r["id"] for r in similar]
+    code, similar_file = run_cli(capsys, "--data", data, "similar", results[0]["path"], "--k", "1", "--json")
+    assert similar_file[0]["id"] == first and similar_file[0]["score"] > 0.99
+    code, info = run_cli(capsys, "--data", data, "describe", str(first), "--json")
+    assert code == 0 and info["id"] == first and info["path"] == results[0]["path"]
+    code, stats = run_cli(capsys, "--data", data, "stats", "--json")
+    assert stats["images"] == 20 and stats["model"].startswith("shoebox-tiny/")
+    code, forgot = run_cli(capsys, "--data", data, "forget", str(first), "--json")
+    assert code == 0 and forgot == {"forgotten": first}
+    code, stats = run_cli(capsys, "--data", data, "stats", "--json")
+    assert stats["images"] == 19
+    code, report = run_cli(capsys, "--data", data, "verify", "--json")
+    assert code == 0 and report["ok"] is True
+
+
+def test_user_errors_exit_1_and_usage_errors_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    data = str(tmp_path / "data")
+    assert main(["--data", data, "index", str(tmp_path / "missing")]) == 1
+    assert "no such file or folder" in capsys.readouterr().err
+    assert main(["--data", data, "describe", "12345"]) == 1
+    assert "no image with id 12345" in capsys.readouterr().err
+    assert main(["--data", data, "search", "x", "--k", "1000"]) == 1
+    with pytest.raises(SystemExit) as usage:
+        main(["--data", data, "search"])
+    assert usage.value.code == 2
+    with pytest.raises(SystemExit) as usage:
+        main(["frobnicate"])
+    assert usage.value.code == 2
+
+
+def test_unreachable_model_gives_advice_not_a_traceback(tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SHOEBOX_CLIP_MODEL", "ViT-B-32")
+    monkeypatch.delenv("SHOEBOX_CLIP_CHECKPOINT", raising=False)
+    monkeypatch.setenv("SHOEBOX_CLIP_CHECKPOINT", str(tmp_path / "nowhere.bin"))
+    assert main(["--data", str(tmp_path / "d"), "stats"]) == 1
+    err = capsys.readouterr().err
+    assert "SHOEBOX_CLIP_CHECKPOINT" in err and "Traceback" not in err
+
+
+def test_import_descriptions_feeds_text_search(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    data = str(tmp_path / "data")
+    folder = make_folder(tmp_path, good=6, broken=0)
+    run_cli(capsys, "--data", data, "index", str(folder), "--json")
+    lines = [
+        json.dumps({"path": str(folder / "img001.jpg"), "description": "Aunt May's pottery workshop"}),
+        "not json",
+        json.dumps({"path": str(folder / "unknown.jpg"), "description": "x"}),
+    ]
+    (tmp_path / "desc.jsonl").write_text("\n".join(lines))
+    code, summary = run_cli(capsys, "--data", data, "import-descriptions", str(tmp_path / "desc.jsonl"), "--json")
+    assert summary["updated"] == 1 and summary["bad_lines"] == [2] and len(summary["unknown_paths"]) == 1
+    code, results = run_cli(capsys, "--data", data, "search", "pottery", "--k", "1", "--json")
+    assert results[0]["path"].endswith("img001.jpg") and "pottery" in results[0]["description"]
+
+
+def _rows(db: Path) -> int:
+    try:
+        with sqlite3.connect(db, timeout=30) as conn:
+            return int(conn.execute("SELECT COUNT(*) FROM images").fetchone()[0])
+    except sqlite3.OperationalError:
+        return 0
+
+
+def test_kill_minus_9_mid_index_then_resume_is_exact_and_consistent(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    data = tmp_path / "data"
+    folder = make_folder(tmp_path, good=240, broken=0)
+    command = [sys.executable, "-m", "bot.cli", "--data", str(data), "index", str(folder)]
+    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=os.environ.copy())
+    deadline = time.monotonic() + 120
+    while _rows(data / "shoebox.sqlite3") < 40 and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert proc.poll() is None, "the indexer finished before it could be interrupted"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+    interrupted_at = _rows(data / "shoebox.sqlite3")
+    assert 0 < interrupted_at < 240
+
+    code, summary = run_cli(capsys, "--data", str(data), "index", str(folder), "--json")
+    assert code == 0 and summary["failed"] == []
+    assert summary["indexed"] + summary["unchanged"] == 240
+    assert _rows(data / "shoebox.sqlite3") == 240
+    code, report = run_cli(capsys, "--data", str(data), "verify", "--check-only", "--json")
+    assert report == {"ok": True, "problems": [], "repaired": []}
+    code, stats = run_cli(capsys, "--data", str(data), "stats", "--json")
+    assert stats["images"] == 240 and stats["vector_index"]["count"] == 240
