@@ -450,10 +450,11 @@ def _wrong_extension(seed: int) -> Iterable[Entry]:
 
 
 def _zip_of(files: dict[str, bytes]) -> bytes:
+    """A ZIP archive with fixed timestamps, so the corpus is byte-for-byte reproducible."""
     buffer = io.BytesIO()
     with zipfile.ZipFile(buffer, "w") as archive:
         for name, payload in files.items():
-            archive.writestr(name, payload)
+            archive.writestr(zipfile.ZipInfo(name, date_time=(2020, 1, 1, 0, 0, 0)), payload)
     return buffer.getvalue()
 
 

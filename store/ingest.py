@@ -244,9 +244,12 @@ def _trim_number(value: float) -> str:
     return text[:-2] if text.endswith(".0") else text
 
 
-def _size_in_words(size: int, unit: int, unit_name: str) -> str:
-    """A file size rounded *up* to one decimal, so it never prints as equal to the limit."""
-    return f"{math.ceil(size * 10 / unit) / 10:.1f} {unit_name}"
+def _size_in_words(size: int, max_bytes: int, unit: int, unit_name: str) -> str:
+    """A file size to one decimal, rounded up only when rounding would make it look like the limit."""
+    shown = round(size / unit, 1)
+    if shown <= max_bytes / unit:
+        shown = math.ceil(size * 10 / unit) / 10
+    return f"{shown:.1f} {unit_name}"
 
 
 def too_large_reason(size: int, max_bytes: int) -> str:
@@ -257,7 +260,7 @@ def too_large_reason(size: int, max_bytes: int) -> str:
         unit, name = _KB, "KB"
     else:
         return f"file is {size} bytes, over the {max_bytes}-byte limit"
-    return f"file is {_size_in_words(size, unit, name)}, over the {_trim_number(max_bytes / unit)} {name} limit"
+    return f"file is {_size_in_words(size, max_bytes, unit, name)}, over the {_trim_number(max_bytes / unit)} {name} limit"
 
 
 def _check_file_size(size: int, max_bytes: int) -> None:
@@ -327,9 +330,15 @@ def read_limited(path: Path, max_bytes: int) -> bytes:
 # --------------------------------------------------------------------------------------------
 
 
+def _pixel_limit_words(max_pixels: int) -> str:
+    """Words for a pixel limit: "64-megapixel limit", or "5000-pixel limit" for tiny limits."""
+    if max_pixels >= 1_000_000:
+        return f"{_trim_number(max_pixels / 1_000_000)}-megapixel limit"
+    return f"{max_pixels}-pixel limit"
+
+
 def _pixel_limit_reason(width: int, height: int, max_pixels: int) -> str:
-    megapixels = _trim_number(max_pixels / 1_000_000)
-    return f"image is {width}x{height} pixels, over the {megapixels}-megapixel limit"
+    return f"image is {width}x{height} pixels, over the {_pixel_limit_words(max_pixels)}"
 
 
 def _effective_pixel_limit(max_pixels: int) -> int:
@@ -421,8 +430,8 @@ def _pillow_errors(max_pixels: int) -> Iterator[None]:
     except (RejectedImage, MemoryError):
         raise
     except Image.DecompressionBombError as error:
-        limit = _trim_number(_effective_pixel_limit(max_pixels) / 1_000_000)
-        raise RejectedImage(f"image is over the {limit}-megapixel limit") from error
+        limit = _pixel_limit_words(_effective_pixel_limit(max_pixels))
+        raise RejectedImage(f"image is over the {limit}") from error
     except Exception as error:
         log.debug("Pillow rejected an image: %r", error)
         raise RejectedImage(CORRUPT_REASON) from error
