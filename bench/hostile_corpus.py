@@ -599,6 +599,7 @@ def _exif(seed: int) -> Iterable[Entry]:
     exif[0x0112] = 6
     yield "orientation_6.png", _encode(image, "PNG", exif=exif.tobytes()), INDEXED, "PNG eXIf orientation 6"
     yield "orientation_6.webp", _encode(image, "WEBP", lossless=True, exif=exif.tobytes()), INDEXED, "WebP EXIF"
+    yield "orientation_6.tif", _encode(image, "TIFF", tiffinfo={0x0112: 6}), INDEXED, "TIFF orientation tag"
     yield "orientation_6_big.jpg", _exif_jpeg(_photo(1600, 1200, seed), 6), INDEXED, "big rotated JPEG (draft path)"
 
 

@@ -416,6 +416,13 @@ def test_png_exif_orientation_is_applied() -> None:
     assert corner_colours(decoded) == list(ORIENTED[6][1])
 
 
+def test_tiff_orientation_is_applied_once() -> None:
+    """Pillow rotates TIFFs itself while loading; the decoder must not rotate them a second time."""
+    decoded = decode_image(encode(quadrants(40, 20), "TIFF", tiffinfo={0x0112: 6}), LIMITS)
+    assert (decoded.width, decoded.height) == (20, 40)
+    assert corner_colours(decoded) == list(ORIENTED[6][1])
+
+
 @pytest.mark.parametrize("raw", [b"Exif\x00\x00" + bytes(range(256)) * 2, b"Exif\x00\x00II*\x00\x08\x00\x00\x00\xff\xff"])
 def test_broken_exif_keeps_the_picture_unrotated(raw: bytes) -> None:
     decoded = decode_image(corpus_mod._exif_jpeg(quadrants(40, 20), None, raw), LIMITS)
@@ -700,6 +707,15 @@ def test_corpus_is_reproducible_from_its_seed(corpus, tmp_path: Path) -> None:  
     assert [(f.kind, f.path.name, f.expect) for f in again] == [(f.kind, f.path.name, f.expect) for f in files]
     for first, second in zip(files, again, strict=True):
         assert first.path.read_bytes() == second.path.read_bytes(), first.path.name
+
+
+def test_corpus_command_line_prints_the_summary(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert corpus_mod.main([str(tmp_path / "out"), "--seed", "7"]) == 0
+    printed = capsys.readouterr().out
+    assert printed.startswith("kind")
+    assert "2 MB file limit" in printed
+    assert any(line.startswith("total") for line in printed.splitlines())
+    assert (tmp_path / "out" / "bomb").is_dir()
 
 
 def test_corpus_summary_table_counts_every_file(corpus) -> None:  # type: ignore[no-untyped-def]
