@@ -1,0 +1,153 @@
+"""Text-search latency through the real store at 10k (and, on request, 100k and 1M) images.
+
+Each size gets a real data folder: synthetic, clustered unit vectors (real photo collections are
+clustered; i.i.d. random vectors are not like them) written as catalog rows with Discord sources,
+then opened the normal way (which builds the FAISS index from SQLite) and queried with
+`tools.search.search_images` — one text forward pass of the model, FAISS, the full-text match, the
+SQLite lookups of the results. Latency is per query, end to end, p50/p99 over many queries.
+
+    python bench/bench_search.py [--sizes 10000,100000,1000000] [--queries 100] [--model ViT-B-32]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import resource
+import sqlite3
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from bench.common import percentiles  # noqa: E402
+from store.db import Catalog  # noqa: E402
+from store.embedder import ClipEmbedder  # noqa: E402
+from store.library import DB_FILE, Library  # noqa: E402
+from store.settings import ClipSettings, IngestSettings, Settings  # noqa: E402
+from tools.search import Scope, search_images  # noqa: E402
+
+QUERIES = [
+    "a dog on a beach", "birthday cake with candles", "a whiteboard full of notes", "snowy mountains",
+    "two people hugging", "a red car", "a cat sleeping on a sofa", "city at night", "a plate of pasta",
+    "a group photo in an office",
+]
+
+
+def clustered_vectors(count: int, dim: int, rng: np.random.Generator, clusters: int = 1000) -> np.ndarray:
+    centres = rng.normal(size=(clusters, dim)).astype(np.float32)
+    centres /= np.linalg.norm(centres, axis=1, keepdims=True)
+    labels = rng.integers(0, clusters, size=count)
+    vectors = centres[labels] + rng.normal(scale=0.6 / np.sqrt(dim), size=(count, dim)).astype(np.float32) * 4
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    return vectors.astype(np.float32)
+
+
+async def create_catalog(path: Path, model_id: str, dim: int) -> None:
+    catalog = Catalog(path)
+    await catalog.open()
+    async with catalog.transaction() as conn:
+        await catalog.set_meta(conn, "model_id", model_id)
+        await catalog.set_meta(conn, "dim", str(dim))
+    await catalog.close()
+
+
+def fill_catalog(path: Path, vectors: np.ndarray, model_id: str, channels: int = 50) -> None:
+    """Bulk rows the way indexing would leave them (one image, one Discord source each)."""
+    conn = sqlite3.connect(path)
+    conn.execute("PRAGMA synchronous = OFF")
+    now = "2024-01-01T00:00:00+00:00"
+    with conn:
+        for start in range(0, len(vectors), 20_000):
+            chunk = vectors[start : start + 20_000]
+            ids = range(start + 1, start + 1 + len(chunk))
+            conn.executemany(
+                "INSERT INTO images (id, sha256, size_bytes, width, height, format, thumb, model_id, vector, created_at) "
+                "VALUES (?, ?, 100000, 1024, 768, 'JPEG', ?, ?, ?, ?)",
+                ((i, f"{i:064x}", f"thumbs/00/{i}.jpg", model_id, v.tobytes(), now) for i, v in zip(ids, chunk)),
+            )
+            conn.executemany(
+                "INSERT INTO sources (image_id, kind, guild_id, channel_id, message_id, attachment_id, author_id, "
+                "author_name, channel_name, filename, posted_text, posted_at, added_at) "
+                "VALUES (?, 'discord', 1, ?, ?, ?, 7, 'someone', 'general', 'p.jpg', '', ?, ?)",
+                ((i, 1000 + i % channels, i, i, now, now) for i in ids),
+            )
+        conn.execute("INSERT OR REPLACE INTO meta (key, value) VALUES ('generation', '1')")
+    conn.close()
+
+
+async def measure(size: int, embedder: ClipEmbedder, queries: int, root: Path) -> dict[str, object]:
+    settings = Settings(data_dir=root / f"n{size}", clip=embedder.settings, ingest=IngestSettings())
+    settings.data_dir.mkdir(parents=True)
+    rng = np.random.default_rng(size)
+    await create_catalog(settings.data_dir / DB_FILE, embedder.model_id, embedder.dim)
+    fill_catalog(settings.data_dir / DB_FILE, clustered_vectors(size, embedder.dim, rng), embedder.model_id)
+    started = time.perf_counter()
+    library = await Library.open(settings, embedder)
+    open_seconds = time.perf_counter() - started
+    try:
+        scoped = Scope.channels({1000 + c for c in range(5)})  # a member who can read 5 of 50 channels
+        for query in QUERIES[:3]:
+            await search_images(library, query, k=10)  # warm-up
+        everything_ms, scoped_ms = [], []
+        for i in range(queries):
+            query = QUERIES[i % len(QUERIES)] + ("" if i < len(QUERIES) else f" {i}")
+            t0 = time.perf_counter()
+            results = await search_images(library, query, k=10)
+            everything_ms.append((time.perf_counter() - t0) * 1000)
+            assert len(results) == 10
+            t0 = time.perf_counter()
+            results = await search_images(library, query, k=10, scope=scoped)
+            scoped_ms.append((time.perf_counter() - t0) * 1000)
+            assert len(results) == 10
+    finally:
+        await library.close()
+    return {
+        "images": size,
+        "open_seconds": round(open_seconds, 2),
+        "search_ms": percentiles(everything_ms),
+        "scoped_search_ms": percentiles(scoped_ms),
+    }
+
+
+def text_forward_ms(embedder: ClipEmbedder, repeats: int = 30) -> dict[str, float]:
+    embedder.embed_texts(["warm up"])
+    samples = []
+    for i in range(repeats):
+        t0 = time.perf_counter()
+        embedder.embed_texts([QUERIES[i % len(QUERIES)]])
+        samples.append((time.perf_counter() - t0) * 1000)
+    return percentiles(samples)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--sizes", default="10000")
+    parser.add_argument("--queries", type=int, default=100)
+    parser.add_argument("--model", default="ViT-B-32")
+    parser.add_argument("--pretrained", default=None)
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    embedder = ClipEmbedder(ClipSettings(model=args.model, pretrained=args.pretrained))
+    report: dict[str, object] = {
+        "model": embedder.model_id,
+        "dim": embedder.dim,
+        "threads": torch.get_num_threads(),
+        "text_forward_ms": text_forward_ms(embedder),
+        "sizes": [],
+    }
+    with tempfile.TemporaryDirectory() as tmp:
+        for size in (int(s) for s in args.sizes.split(",")):
+            report["sizes"].append(asyncio.run(measure(size, embedder, args.queries, Path(tmp))))  # type: ignore[union-attr]
+    report["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+    print(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    main()
