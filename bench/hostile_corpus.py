@@ -299,7 +299,8 @@ def _bombs(seed: int) -> Iterable[Entry]:
     yield "png_complete_10000x10000_1bit.png", complete, REJECTED, "complete, valid 100-megapixel PNG in KBs"
     gif = _encode(_solid((200, 0, 0), (1, 1)), "GIF")
     for width, height in ((65_535, 65_535), (20_000, 20_000), (65_535, 1_000)):
-        yield f"gif_screen_{width}x{height}.gif", _patch(gif, 6, struct.pack("<HH", width, height)), REJECTED, "GIF screen"
+        screen = _patch(gif, 6, struct.pack("<HH", width, height))
+        yield f"gif_screen_{width}x{height}.gif", screen, REJECTED, "GIF logical screen"
     descriptor = _gif_image_descriptor(gif)
     extent = _patch(gif, descriptor + 1, struct.pack("<HHHH", 60_000, 60_000, 5_000, 5_000))
     yield "gif_frame_extent_65000x65000.gif", extent, REJECTED, "GIF frame placed far outside the screen"
@@ -362,7 +363,8 @@ def _corrupt(seed: int) -> Iterable[Entry]:
     dqt, _ = _jpeg_segment(jpeg, 0xDB)
     yield "jpeg_dqt_length_zero.jpg", _patch(jpeg, dqt + 2, b"\x00\x00"), REJECTED, "bogus marker length"
     yield "jpeg_soi_eoi.jpg", b"\xff\xd8\xff\xd9", REJECTED, "no frame at all"
-    yield "jpeg_headers_then_garbage.jpg", jpeg[:sof] + bytes(range(256)) * 4, REJECTED, "frame header replaced by noise"
+    noise_after_sof = jpeg[:sof] + bytes(range(256)) * 4
+    yield "jpeg_headers_then_garbage.jpg", noise_after_sof, REJECTED, "frame header replaced by noise"
 
     png = _encode(photo, "PNG")
     flipped_ihdr = bytearray(png)
@@ -526,10 +528,12 @@ def _animated(seed: int) -> Iterable[Entry]:
     yield "animated.png", _encode(frames[0], "PNG", **common), INDEXED, "3-frame APNG"
     rgba_frames = [_solid(colour + (128,), (32, 24), "RGBA") for colour in colours]
     rgba_common = dict(common, append_images=rgba_frames[1:])
-    yield "animated_alpha.webp", _encode(rgba_frames[0], "WEBP", lossless=True, **rgba_common), INDEXED, "translucent"
+    translucent_webp = _encode(rgba_frames[0], "WEBP", lossless=True, **rgba_common)
+    yield "animated_alpha.webp", translucent_webp, INDEXED, "translucent"
     yield "animated_alpha.png", _encode(rgba_frames[0], "PNG", **rgba_common), INDEXED, "translucent APNG"
     many = [_solid((i * 8 % 256, 0, 0), (16, 16)) for i in range(40)]
-    yield "animated_40_frames.gif", _encode(many[0], "GIF", save_all=True, append_images=many[1:]), INDEXED, "40 frames"
+    long_gif = _encode(many[0], "GIF", save_all=True, append_images=many[1:])
+    yield "animated_40_frames.gif", long_gif, INDEXED, "40 frames"
 
 
 def _png16(width: int, height: int, colour_type: int, channels: int) -> bytes:
@@ -589,18 +593,21 @@ def _exif(seed: int) -> Iterable[Entry]:
     """Camera photos stored sideways with an orientation tag, and broken EXIF blocks."""
     image = _quadrants(40, 20)
     for orientation in range(1, 9):
-        yield f"orientation_{orientation}.jpg", _exif_jpeg(image, orientation), INDEXED, f"EXIF orientation {orientation}"
+        rotated = _exif_jpeg(image, orientation)
+        yield f"orientation_{orientation}.jpg", rotated, INDEXED, f"EXIF orientation {orientation}"
     yield "orientation_9.jpg", _exif_jpeg(image, 9), INDEXED, "orientation value out of range"
     yield "orientation_0.jpg", _exif_jpeg(image, 0), INDEXED, "orientation value 0"
     noise = random.Random(seed).randbytes(200)
     yield "exif_garbage.jpg", _exif_jpeg(image, None, b"Exif\x00\x00" + noise), INDEXED, "EXIF block is noise"
-    yield "exif_truncated_ifd.jpg", _exif_jpeg(image, None, b"Exif\x00\x00II*\x00\x08\x00\x00\x00\xff\xff"), INDEXED, "IFD cut"
+    cut_ifd = b"Exif\x00\x00II*\x00\x08\x00\x00\x00\xff\xff"
+    yield "exif_truncated_ifd.jpg", _exif_jpeg(image, None, cut_ifd), INDEXED, "IFD cut short"
     exif = Image.Exif()
     exif[0x0112] = 6
     yield "orientation_6.png", _encode(image, "PNG", exif=exif.tobytes()), INDEXED, "PNG eXIf orientation 6"
     yield "orientation_6.webp", _encode(image, "WEBP", lossless=True, exif=exif.tobytes()), INDEXED, "WebP EXIF"
     yield "orientation_6.tif", _encode(image, "TIFF", tiffinfo={0x0112: 6}), INDEXED, "TIFF orientation tag"
-    yield "orientation_6_big.jpg", _exif_jpeg(_photo(1600, 1200, seed), 6), INDEXED, "big rotated JPEG (draft path)"
+    big = _exif_jpeg(_photo(1600, 1200, seed), 6)
+    yield "orientation_6_big.jpg", big, INDEXED, "big rotated JPEG (draft path)"
 
 
 def _extreme_aspect(seed: int) -> Iterable[Entry]:

@@ -260,7 +260,8 @@ def too_large_reason(size: int, max_bytes: int) -> str:
         unit, name = _KB, "KB"
     else:
         return f"file is {size} bytes, over the {max_bytes}-byte limit"
-    return f"file is {_size_in_words(size, max_bytes, unit, name)}, over the {_trim_number(max_bytes / unit)} {name} limit"
+    shown = _size_in_words(size, max_bytes, unit, name)
+    return f"file is {shown}, over the {_trim_number(max_bytes / unit)} {name} limit"
 
 
 def _check_file_size(size: int, max_bytes: int) -> None:
@@ -544,7 +545,9 @@ def _swapped_axes(before: tuple[int, int], after: tuple[int, int]) -> bool:
     return before != after and before == (after[1], after[0])
 
 
-def _decode_opened(image: Image.Image, format_name: str, limits: IngestSettings, min_side: int) -> DecodedImage:
+def _decode_opened(
+    image: Image.Image, format_name: str, limits: IngestSettings, min_side: int
+) -> DecodedImage:
     """Steps after Image.open: size check, optional draft, decode, orientation, colour."""
     width, height = image.size
     _check_dimensions(width, height, limits.max_pixels)

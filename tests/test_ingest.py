@@ -15,8 +15,10 @@ import sys
 import time
 import warnings
 import zipfile
+from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
+from typing import Any
 
 import numpy as np
 import pytest
@@ -191,7 +193,9 @@ def test_read_limited_never_reads_past_the_limit_when_stat_lies(
     ],
     ids=["empty", "missing", "folder", "fifo", "device"],
 )
-def test_read_limited_rejects_what_is_not_a_readable_file(tmp_path: Path, make, reason: str) -> None:  # type: ignore[no-untyped-def]
+def test_read_limited_rejects_what_is_not_a_readable_file(
+    tmp_path: Path, make: Callable[[Path], object], reason: str
+) -> None:
     path = tmp_path / "photo.jpg"
     make(path)
     started = time.perf_counter()
@@ -393,7 +397,8 @@ ORIENTED = {
 def corner_colours(decoded: DecodedImage) -> list[tuple[int, int, int]]:
     width, height = decoded.image.size
     inset = 3
-    points = [(inset, inset), (width - 1 - inset, inset), (inset, height - 1 - inset), (width - 1 - inset, height - 1 - inset)]
+    left, top, right, bottom = inset, inset, width - 1 - inset, height - 1 - inset
+    points = [(left, top), (right, top), (left, bottom), (right, bottom)]
     return [pixel(decoded, point) for point in points]
 
 
@@ -423,7 +428,9 @@ def test_tiff_orientation_is_applied_once() -> None:
     assert corner_colours(decoded) == list(ORIENTED[6][1])
 
 
-@pytest.mark.parametrize("raw", [b"Exif\x00\x00" + bytes(range(256)) * 2, b"Exif\x00\x00II*\x00\x08\x00\x00\x00\xff\xff"])
+@pytest.mark.parametrize(
+    "raw", [b"Exif\x00\x00" + bytes(range(256)) * 2, b"Exif\x00\x00II*\x00\x08\x00\x00\x00\xff\xff"]
+)
 def test_broken_exif_keeps_the_picture_unrotated(raw: bytes) -> None:
     decoded = decode_image(corpus_mod._exif_jpeg(quadrants(40, 20), None, raw), LIMITS)
     assert decoded.image.size == (40, 20)
@@ -491,7 +498,9 @@ def test_gif_transparency_composites_onto_white() -> None:
         ("RGBA", (10, 20, 30, 255), (10, 20, 30)),
     ],
 )
-def test_alpha_is_composited_onto_white(mode: str, colour: tuple[int, ...], expected: tuple[int, int, int]) -> None:
+def test_alpha_is_composited_onto_white(
+    mode: str, colour: tuple[int, ...], expected: tuple[int, int, int]
+) -> None:
     decoded = decode_image(encode(Image.new(mode, (8, 8), colour), "PNG"), LIMITS)
     assert decoded.image.mode == "RGB"
     assert close_to(pixel(decoded, (4, 4)), expected, 1)
@@ -572,7 +581,9 @@ def test_animation_gives_the_first_frame(fmt: str, params: dict[str, object]) ->
     assert close_to(pixel(decoded, (12, 8)), (220, 20, 20), 8)
 
 
-@pytest.mark.parametrize(("size", "fmt"), [((1, 10_000), "PNG"), ((10_000, 1), "PNG"), ((1, 10_000), "JPEG"), ((10_000, 1), "GIF")])
+@pytest.mark.parametrize(
+    ("size", "fmt"), [((1, 10_000), "PNG"), ((10_000, 1), "PNG"), ((1, 10_000), "JPEG"), ((10_000, 1), "GIF")]
+)
 def test_extreme_aspect_ratios_decode(size: tuple[int, int], fmt: str) -> None:
     image = Image.new("RGB", size, (51, 102, 153))  # in the web palette, so GIF keeps it exactly
     decoded = decode_image(encode(image.convert("P") if fmt == "GIF" else image, fmt), LIMITS, min_side=768)
@@ -650,8 +661,11 @@ REQUIRED_KINDS = {
 }
 
 
+Corpus = tuple[Path, list[Any]]  # (folder, CorpusFile list) from bench/hostile_corpus.py
+
+
 @pytest.fixture(scope="module")
-def corpus(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list]:  # type: ignore[type-arg]
+def corpus(tmp_path_factory: pytest.TempPathFactory) -> Corpus:
     out = tmp_path_factory.mktemp("hostile")
     return out, corpus_mod.generate_corpus(out, seed=0)
 
@@ -666,7 +680,7 @@ def _outcome(path: Path, limits: IngestSettings) -> tuple[str, str]:
     return "indexed", ""
 
 
-def test_corpus_is_big_varied_and_stays_inside_its_folder(corpus) -> None:  # type: ignore[no-untyped-def]
+def test_corpus_is_big_varied_and_stays_inside_its_folder(corpus: Corpus) -> None:
     out, files = corpus
     assert len(files) >= 200
     assert REQUIRED_KINDS <= {item.kind for item in files}
@@ -680,7 +694,7 @@ def test_corpus_is_big_varied_and_stays_inside_its_folder(corpus) -> None:  # ty
     assert max(len(name.encode()) for name in names) >= 250
 
 
-def test_every_corpus_file_gets_its_expected_outcome(corpus) -> None:  # type: ignore[no-untyped-def]
+def test_every_corpus_file_gets_its_expected_outcome(corpus: Corpus) -> None:
     _, files = corpus
     limits = IngestSettings(
         max_file_bytes=corpus_mod.CORPUS_MAX_FILE_BYTES, max_pixels=corpus_mod.CORPUS_MAX_PIXELS
@@ -701,7 +715,7 @@ def test_every_corpus_file_gets_its_expected_outcome(corpus) -> None:  # type: i
     assert wrong == []
 
 
-def test_corpus_is_reproducible_from_its_seed(corpus, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+def test_corpus_is_reproducible_from_its_seed(corpus: Corpus, tmp_path: Path) -> None:
     out, files = corpus
     again = corpus_mod.generate_corpus(tmp_path, seed=0)
     assert [(f.kind, f.path.name, f.expect) for f in again] == [(f.kind, f.path.name, f.expect) for f in files]
@@ -718,7 +732,7 @@ def test_corpus_command_line_prints_the_summary(tmp_path: Path, capsys: pytest.C
     assert (tmp_path / "out" / "bomb").is_dir()
 
 
-def test_corpus_summary_table_counts_every_file(corpus) -> None:  # type: ignore[no-untyped-def]
+def test_corpus_summary_table_counts_every_file(corpus: Corpus) -> None:
     _, files = corpus
     table = corpus_mod.summary_table(files)
     last = table.splitlines()[-1].split()
