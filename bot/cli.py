@@ -136,6 +136,9 @@ async def cmd_index(args: argparse.Namespace) -> int:
         started = time.monotonic()
         outcomes = await library.index(items, ProgressBar("Indexing", None if not args.json else False))
         elapsed = time.monotonic() - started
+        from bot.captions import caption_after_index  # does nothing unless SHOEBOX_CAPTIONS=on
+
+        captions = await caption_after_index(library, sum(o.status == "indexed" for o in outcomes))
     summary = {
         "indexed": sum(o.status == "indexed" for o in outcomes),
         "duplicates": sum(o.status == "duplicate" for o in outcomes),
@@ -145,6 +148,8 @@ async def cmd_index(args: argparse.Namespace) -> int:
         ],
         "seconds": round(elapsed, 2),
     }
+    if captions is not None:
+        summary["captioned"], summary["captions_note"] = captions
     if args.json:
         print_json(summary)
     else:
@@ -155,6 +160,8 @@ async def cmd_index(args: argparse.Namespace) -> int:
         )
         for failure in summary["failed"]:
             print(f"  failed: {failure['path']}: {failure['error']}")
+        if captions is not None:
+            print(f"Captioned {captions[0]} image(s) with Claude." + (f" {captions[1]}" if captions[1] else ""))
     return 0
 
 

@@ -1,0 +1,276 @@
+"""A scripted stand-in for the Anthropic Messages API, served over real HTTP on 127.0.0.1.
+
+The real `anthropic` client talks to it through `base_url`, so everything between Shoebox and the
+wire — request bodies, headers, status codes, retry-after, malformed replies — is exercised as it
+would be against the service. A script is a list of steps, answered in order, one per request;
+every request body is recorded so a test can assert on the exact tools, `tool_result` blocks and
+image blocks that were sent.
+
+Everything is bounded: a request past the end of the script gets a non-retryable 400 (and is
+recorded as such), a delayed reply waits at most `MAX_DELAY` seconds, and the server thread stops
+with the fixture.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import threading
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any, Iterator, Sequence
+
+import pytest
+
+MAX_DELAY = 5.0
+_ids = itertools.count(1)
+
+
+# ---- script steps -----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Reply:
+    """A 200 with a JSON body (usually a Messages API `message`)."""
+
+    body: dict[str, Any]
+    delay: float = 0.0
+
+
+@dataclass(frozen=True)
+class Status:
+    """An error status with the API's error body shape and optional headers (e.g. retry-after)."""
+
+    code: int
+    headers: dict[str, str] = field(default_factory=dict)
+    error_type: str = "api_error"
+    message: str = "scripted error"
+
+
+@dataclass(frozen=True)
+class Raw:
+    """Bytes sent as they are, for replies that are not what the client expects."""
+
+    body: bytes
+    code: int = 200
+    content_type: str = "application/json"
+
+
+Step = Reply | Status | Raw
+
+
+def text(value: str) -> dict[str, Any]:
+    return {"type": "text", "text": value}
+
+
+def tool_use(name: str, arguments: dict[str, Any], block_id: str | None = None) -> dict[str, Any]:
+    return {
+        "type": "tool_use",
+        "id": block_id or f"toolu_{next(_ids):04d}",
+        "name": name,
+        "input": arguments,
+    }
+
+
+def message(*content: dict[str, Any], stop_reason: str | None = None, delay: float = 0.0) -> Reply:
+    """A Messages API response; `stop_reason` defaults to tool_use when a tool is called."""
+    if stop_reason is None:
+        stop_reason = "tool_use" if any(b["type"] == "tool_use" for b in content) else "end_turn"
+    return Reply(
+        {
+            "id": f"msg_{next(_ids):04d}",
+            "type": "message",
+            "role": "assistant",
+            "model": "claude-fake",
+            "content": list(content),
+            "stop_reason": stop_reason,
+            "stop_sequence": None,
+            "usage": {"input_tokens": 10, "output_tokens": 10},
+        },
+        delay=delay,
+    )
+
+
+def answer(value: str) -> Reply:
+    return message(text(value))
+
+
+def overloaded(retry_after: str | None = None) -> Status:
+    headers = {"retry-after": retry_after} if retry_after is not None else {}
+    return Status(529, headers, "overloaded_error", "Overloaded")
+
+
+def rate_limited(retry_after: str = "1") -> Status:
+    return Status(429, {"retry-after": retry_after}, "rate_limit_error", "Rate limited")
+
+
+# ---- the server -------------------------------------------------------------------------------
+
+
+@dataclass
+class Recorded:
+    path: str
+    headers: dict[str, str]
+    body: dict[str, Any] | None
+    answered_with: str
+
+
+class FakeAnthropic:
+    """The server: `script(...)` the replies, point a client at `base_url`, read `requests`."""
+
+    def __init__(self) -> None:
+        self._steps: list[Step] = []
+        self._lock = threading.Lock()
+        self.requests: list[Recorded] = []
+        self.exhausted = False
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler_class())
+        self._server.daemon_threads = True
+        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+
+    @property
+    def base_url(self) -> str:
+        host, port = self._server.server_address[:2]
+        return f"http://{host}:{port}"
+
+    def start(self) -> "FakeAnthropic":
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+        self._thread.join(timeout=5)
+
+    def script(self, steps: Sequence[Step]) -> None:
+        with self._lock:
+            self._steps = list(steps)
+            self.requests.clear()
+            self.exhausted = False
+
+    @property
+    def bodies(self) -> list[dict[str, Any]]:
+        """The parsed JSON bodies of the Messages API calls, in order."""
+        return [r.body for r in self.requests if r.body is not None]
+
+    @property
+    def remaining(self) -> int:
+        with self._lock:
+            return len(self._steps)
+
+    def _next(self) -> Step | None:
+        with self._lock:
+            if not self._steps:
+                self.exhausted = True
+                return None
+            return self._steps.pop(0)
+
+    def _handler_class(self) -> type[BaseHTTPRequestHandler]:
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - stdlib name
+                return  # keep test output clean
+
+            def do_POST(self) -> None:  # noqa: N802 - stdlib name
+                length = int(self.headers.get("content-length") or 0)
+                raw = self.rfile.read(length) if length else b""
+                try:
+                    body = json.loads(raw) if raw else None
+                except ValueError:
+                    body = None
+                step = server._next()
+                server.requests.append(
+                    Recorded(self.path, {k.lower(): v for k, v in self.headers.items()}, body, _name(step))
+                )
+                if step is None:
+                    self._send(
+                        400,
+                        _error_body("invalid_request_error", "fake server: no scripted response left"),
+                        {"x-should-retry": "false"},
+                    )
+                elif isinstance(step, Reply):
+                    if step.delay:
+                        threading.Event().wait(min(step.delay, MAX_DELAY))
+                    self._send(200, json.dumps(step.body).encode(), {})
+                elif isinstance(step, Status):
+                    self._send(step.code, _error_body(step.error_type, step.message), step.headers)
+                else:
+                    self._send(step.code, step.body, {}, step.content_type)
+
+            def _send(
+                self, code: int, payload: bytes, headers: dict[str, str], content_type: str = "application/json"
+            ) -> None:
+                try:
+                    self.send_response(code)
+                    self.send_header("content-type", content_type)
+                    self.send_header("content-length", str(len(payload)))
+                    self.send_header("request-id", f"req_fake_{len(server.requests)}")
+                    for name, value in headers.items():
+                        self.send_header(name, value)
+                    self.end_headers()
+                    self.wfile.write(payload)
+                except (BrokenPipeError, ConnectionResetError):
+                    pass  # the client gave up (a timeout test); nothing to answer
+
+        return Handler
+
+
+def _name(step: Step | None) -> str:
+    if step is None:
+        return "exhausted"
+    if isinstance(step, Reply):
+        return "reply"
+    if isinstance(step, Status):
+        return f"status {step.code}"
+    return "raw"
+
+
+def _error_body(error_type: str, text: str) -> bytes:
+    return json.dumps({"type": "error", "error": {"type": error_type, "message": text}}).encode()
+
+
+# ---- helpers for assertions --------------------------------------------------------------------
+
+
+def tool_results(body: dict[str, Any]) -> list[dict[str, Any]]:
+    """The `tool_result` blocks of the last user message of a recorded request."""
+    last = body["messages"][-1]
+    assert last["role"] == "user"
+    content = last["content"]
+    if isinstance(content, str):
+        return []
+    return [block for block in content if block.get("type") == "tool_result"]
+
+
+def result_text(result: dict[str, Any]) -> str:
+    content = result.get("content")
+    if isinstance(content, str):
+        return content
+    return "\n".join(b["text"] for b in content or [] if b.get("type") == "text")
+
+
+def image_blocks(blocks: Any) -> list[dict[str, Any]]:
+    """Every image block in a content list, looking inside tool results too."""
+    found: list[dict[str, Any]] = []
+    if not isinstance(blocks, list):
+        return found
+    for block in blocks:
+        if block.get("type") == "image":
+            found.append(block)
+        elif block.get("type") == "tool_result":
+            found.extend(image_blocks(block.get("content")))
+    return found
+
+
+# ---- fixture ----------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def fake_anthropic() -> Iterator[FakeAnthropic]:
+    server = FakeAnthropic().start()
+    try:
+        yield server
+    finally:
+        server.stop()
