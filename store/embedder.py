@@ -124,6 +124,11 @@ class ClipEmbedder:
         self._preprocess = preprocess
         self._tokenizer = tokenizer
         self._lock = threading.Lock()
+        self._trim_ok = False
+        try:
+            self._trim_ok = self._trim_is_exact()
+        except Exception as error:  # a model shape we do not know: just use the full pass
+            log.debug("Text padding shortcut disabled: %s", error)
         self.model_id = describe_model(settings)
         self.dim = int(self._probe_dim())
         log.info("Loaded CLIP %s (%d-d, %s)", self.model_id, self.dim, settings.precision)
@@ -164,8 +169,52 @@ class ClipEmbedder:
         torch = self._torch
         tokens = self._tokenizer(list(texts))
         with self._lock, torch.inference_mode():
-            features = self._model.encode_text(tokens)
+            features = self._encode_text(tokens)
         return _normalise(features.float().numpy())
+
+    def _encode_text(self, tokens: "object") -> "object":
+        """The text tower, skipping the padding after the longest query when that is exact.
+
+        Queries are a few tokens long but the tower pads them to its full context (77 for most
+        models). With a causal mask and end-of-text pooling, positions after the end-of-text token
+        never influence it, so running only the used prefix gives the same vector for a fraction
+        of the work. `_trim_is_exact` checks this once at load time; otherwise the full pass runs.
+        """
+        model = self._model
+        used = int((tokens != 0).nonzero()[:, 1].max().item()) + 1 if bool((tokens != 0).any()) else 1
+        if not getattr(self, "_trim_ok", False) or used >= tokens.shape[1]:
+            return model.encode_text(tokens)
+        from open_clip.transformer import text_global_pool
+
+        tokens = tokens[:, :used]
+        cast = model.transformer.get_cast_dtype()
+        x = model.token_embedding(tokens).to(cast) + model.positional_embedding[:used].to(cast)
+        x = model.transformer(x, attn_mask=model.attn_mask[:used, :used])
+        x = model.ln_final(x)
+        x = text_global_pool(x, tokens, model.text_pool_type, eos_token_id=getattr(model, "text_eos_id", None))
+        projection = model.text_projection
+        if projection is not None:
+            x = projection(x) if isinstance(projection, self._torch.nn.Linear) else x @ projection
+        return x
+
+    def _trim_is_exact(self) -> bool:
+        import open_clip
+
+        model = self._model
+        if type(model) is not open_clip.CLIP or getattr(model, "attn_mask", None) is None:
+            return False
+        if getattr(model, "text_pool_type", None) not in ("argmax", "eos"):
+            return False
+        probe = self._tokenizer(["a photo of a dog on the beach", "red"])
+        with self._torch.inference_mode():
+            full = model.encode_text(probe).float().numpy()
+            self._trim_ok = True
+            try:
+                trimmed = self._encode_text(probe).float().numpy()
+            finally:
+                self._trim_ok = False
+        cosine = np.sum(_normalise(full) * _normalise(trimmed), axis=1)
+        return bool(np.all(cosine > 0.9999))
 
 
 def load_embedder(settings: ClipSettings | None = None) -> ClipEmbedder:
