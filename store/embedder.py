@@ -66,6 +66,11 @@ def describe_model(settings: ClipSettings) -> str:
 
 
 def _unavailable_message(settings: ClipSettings, error: BaseException) -> str:
+    if settings.model == TINY_MODEL and not settings.checkpoint and not settings.pretrained:
+        return (
+            f"The weights of the bundled '{TINY_MODEL}' model are missing from this installation "
+            f"({error}). Reinstall Shoebox, or retrain them with `python -m store.tinyclip.train`."
+        )
     what = (
         f"checkpoint {settings.checkpoint}"
         if settings.checkpoint
