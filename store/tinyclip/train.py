@@ -1,0 +1,284 @@
+"""Train shoebox-tiny from scratch on generated scenes, on the CPU, with open_clip's own pieces.
+
+    python -m store.tinyclip.train [--steps N --batch B --seed S --out PATH]
+
+The model comes from `open_clip.create_model_and_transforms("shoebox-tiny", pretrained=None)`,
+images go through that call's training transform, the objective is open_clip's `ClipLoss`, and the
+result is saved as fp16 safetensors that `open_clip` loads as a checkpoint: nothing here is a
+private re-implementation of CLIP, so the product can load the weights like any other model's.
+
+Scenes are rendered on the fly (never the same picture twice) from `default_rng([seed, index])`,
+so a run is reproducible from its seed. Batches mix one-object and two-object scenes, and some
+two-object scenes come with a "twin" in the same batch that swaps their colours (a red circle and
+a blue star / a blue circle and a red star), which forces the model to bind each colour to its
+shape instead of learning a bag of words.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import random
+import sys
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from store import tinyclip
+from store.tinyclip.evaluate import TorchEmbedder, evaluate, format_figures
+from store.tinyclip.scenes import SceneObject, SceneSpec, caption, random_spec, render_scene
+
+# Pictures are rendered at a random side and resized to the model's 64 px by the transform, so
+# the model sees both crisp small renders and downscaled large ones (as real uploads would be).
+RENDER_SIDES: tuple[int, ...] = (64, 80, 96, 112, 128, 160)
+SINGLE_FRACTION = 0.4
+TWIN_FRACTION = 0.2
+
+
+def _swapped(spec: SceneSpec) -> SceneSpec | None:
+    """The same layout with the two colours exchanged, or None when that changes nothing."""
+    a, b = spec.objects
+    if a.colour == b.colour or a.shape == b.shape:
+        return None
+    return SceneSpec(
+        [
+            SceneObject(b.colour, a.shape, a.size, a.position),
+            SceneObject(a.colour, b.shape, b.size, b.position),
+        ]
+    )
+
+
+class SceneStream(Dataset):
+    """Item `index` is a transformed picture and a caption, fixed by (seed, index).
+
+    Items are laid out batch by batch. The first half of each batch is freshly drawn scenes; the
+    second half shows the previous batch's fresh scenes again, with a new crop and a new phrasing
+    of the caption. Rendering is half of the CPU cost of a step, so this buys twice the steps for
+    the same time while every picture is still seen in two different ways.
+
+    Fresh scenes come in pairs (slots 2k, 2k+1) that sometimes share a layout with swapped
+    colours; such twins always meet in the same batch."""
+
+    def __init__(self, seed: int, batch: int, steps: int, transform: Any) -> None:
+        if batch % 2:
+            raise ValueError("the batch size must be even")
+        self.seed = seed
+        self.batch = batch
+        self.length = batch * steps
+        self.transform = transform
+        self._cache: dict[tuple[int, int, int], Any] = {}
+
+    def __len__(self) -> int:
+        return self.length
+
+    def scene_key(self, index: int) -> tuple[int, int, int]:
+        """(kind, step, slot) of the scene shown by item `index`: kind 0 is a step's fresh half,
+        kind 1 fills the second half of the very first batch, which has nothing to repeat."""
+        step, slot = divmod(index, self.batch)
+        half = self.batch // 2
+        if slot < half:
+            return (0, step, slot)
+        if step == 0:
+            return (1, 0, slot - half)
+        return (0, step - 1, slot - half)
+
+    def spec_for(self, key: tuple[int, int, int]) -> SceneSpec:
+        """The scene behind a scene key (separate from rendering so it can be inspected)."""
+        kind, step, slot = key
+        pair_rng = np.random.default_rng([self.seed, kind, step, slot - slot % 2, 1])
+        if pair_rng.random() < TWIN_FRACTION:
+            spec = random_spec(pair_rng, 2)
+            twin = _swapped(spec)
+            if twin is not None:
+                return spec if slot % 2 == 0 else twin
+        rng = np.random.default_rng([self.seed, kind, step, slot, 2])
+        return random_spec(rng, 1 if rng.random() < SINGLE_FRACTION else 2)
+
+    def _picture(self, key: tuple[int, int, int], spec: SceneSpec) -> Any:
+        image = self._cache.get(key)
+        if image is None:
+            rng = np.random.default_rng([self.seed, *key, 3])
+            side = RENDER_SIDES[int(rng.integers(len(RENDER_SIDES)))]
+            image = render_scene(spec, rng, size=side)
+            self._cache[key] = image
+            if len(self._cache) > 2 * self.batch:  # only the previous step's scenes recur
+                for stale in [k for k in self._cache if k[0] == 1 or k[1] < key[1] - 1]:
+                    del self._cache[stale]
+        return image
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, str]:
+        key = self.scene_key(index)
+        spec = self.spec_for(key)
+        image = self._picture(key, spec)
+        return self.transform(image), caption(spec, np.random.default_rng([self.seed, index, 4]))
+
+
+def _parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """Weight decay on matrices only (as open_clip's own training does): gains, biases,
+    embeddings and the temperature are left alone."""
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        exempt = param.ndim < 2 or "embedding" in name or "logit_scale" in name
+        (no_decay if exempt else decay).append(param)
+    return [
+        {"params": decay, "weight_decay": weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+
+
+def _learning_rate(step: int, total: int, peak: float, warmup: int) -> float:
+    """Linear warm-up, then cosine decay to zero: the usual CLIP schedule."""
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return peak * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def save_weights(model: torch.nn.Module, path: Path, metadata: dict[str, str]) -> int:
+    """Write the state dict as fp16 safetensors (half the size, no measurable loss for
+    retrieval); open_clip casts it back to the model's dtype on load. Returns the file size."""
+    from safetensors.torch import save_file
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.detach().to(torch.float16).contiguous() for k, v in model.state_dict().items()}
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    save_file(tensors, str(tmp), metadata=metadata)
+    tmp.replace(path)
+    return path.stat().st_size
+
+
+def seed_everything(seed: int) -> None:
+    """Seed every random source a run touches, so the same seed trains the same model."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def train(
+    steps: int,
+    batch: int,
+    seed: int,
+    out: Path,
+    lr: float = 8e-4,
+    warmup: int = 60,
+    weight_decay: float = 0.1,
+    workers: int = 1,
+    threads: int = 2,
+    eval_n: int = 500,
+    log_every: int = 10,
+) -> dict[str, float]:
+    """Train, report the held-out figures, save the weights; returns the figures."""
+    import open_clip
+    from open_clip.loss import ClipLoss
+
+    seed_everything(seed)
+    torch.set_num_threads(threads)
+    tinyclip.register()
+    model, train_transform, eval_transform = open_clip.create_model_and_transforms(
+        tinyclip.MODEL_NAME, pretrained=None, device="cpu"
+    )
+    tokenizer = open_clip.get_tokenizer(tinyclip.MODEL_NAME)
+    n_params = sum(p.numel() for p in model.parameters())
+    print(f"shoebox-tiny: {n_params / 1e6:.2f}M parameters; {steps} steps x batch {batch}, seed {seed}")
+
+    dataset = SceneStream(seed, batch, steps, train_transform)
+
+    def collate(items: Sequence[tuple[torch.Tensor, str]]) -> tuple[torch.Tensor, torch.Tensor]:
+        images = torch.stack([image for image, _ in items])
+        return images, tokenizer([text for _, text in items])
+
+    loader = DataLoader(
+        dataset,
+        batch_size=batch,
+        shuffle=False,
+        num_workers=workers,
+        collate_fn=collate,
+        prefetch_factor=4 if workers else None,
+        persistent_workers=workers > 0,
+        generator=torch.Generator().manual_seed(seed),
+    )
+    optimizer = torch.optim.AdamW(
+        _parameter_groups(model, weight_decay), lr=lr, betas=(0.9, 0.98), eps=1e-6
+    )
+    loss_fn = ClipLoss()
+    model.train()
+    started = time.monotonic()
+    running = 0.0
+    for step, (images, texts) in enumerate(loader):
+        for group in optimizer.param_groups:
+            group["lr"] = _learning_rate(step, steps, lr, warmup)
+        image_features, text_features, logit_scale = model(images, texts)
+        loss = loss_fn(image_features, text_features, logit_scale)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        with torch.no_grad():  # open_clip's training clamps the temperature the same way
+            model.logit_scale.clamp_(0, math.log(100))
+        running += loss.item()
+        done = step + 1
+        if done % log_every == 0 or done == steps:
+            elapsed = time.monotonic() - started
+            print(
+                f"step {done:5d}/{steps}  loss {running / ((done - 1) % log_every + 1):.4f}  "
+                f"lr {optimizer.param_groups[0]['lr']:.2e}  scale {model.logit_scale.exp().item():6.2f}  "
+                f"elapsed {elapsed / 60:5.1f} min  ({elapsed / done:.2f} s/step, "
+                f"eta {(steps - done) * elapsed / done / 60:.1f} min)",
+                flush=True,
+            )
+            running = 0.0
+    train_seconds = time.monotonic() - started
+    print(f"trained {steps} steps in {train_seconds / 60:.1f} min", flush=True)
+
+    model.eval()
+    embedder = TorchEmbedder(model, eval_transform, tokenizer, model_id=f"{tinyclip.MODEL_NAME}/in-memory")
+    figures = evaluate(embedder, n=eval_n)
+    print("held-out:", format_figures(figures), flush=True)
+    size = save_weights(
+        model,
+        out,
+        {
+            "model": tinyclip.MODEL_NAME,
+            "steps": str(steps),
+            "batch": str(batch),
+            "seed": str(seed),
+            "train_minutes": f"{train_seconds / 60:.1f}",
+        },
+    )
+    print(f"saved {out} ({size / 1e6:.1f} MB)", flush=True)
+    return figures
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Train shoebox-tiny on generated scenes (CPU).")
+    parser.add_argument("--steps", type=int, default=1000)
+    parser.add_argument("--batch", type=int, default=192)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", type=Path, default=tinyclip.WEIGHTS_PATH)
+    parser.add_argument("--lr", type=float, default=8e-4)
+    parser.add_argument("--warmup", type=int, default=60)
+    parser.add_argument("--workers", type=int, default=1, help="scene-rendering processes")
+    parser.add_argument("--threads", type=int, default=2, help="torch threads for the model")
+    parser.add_argument("--eval-n", type=int, default=500)
+    args = parser.parse_args(argv)
+    train(
+        steps=args.steps,
+        batch=args.batch,
+        seed=args.seed,
+        out=args.out,
+        lr=args.lr,
+        warmup=min(args.warmup, max(1, args.steps // 10)),
+        workers=args.workers,
+        threads=args.threads,
+        eval_n=args.eval_n,
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
