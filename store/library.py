@@ -158,7 +158,11 @@ class Library:
         await self.close()
 
     async def save_vectors(self) -> None:
-        await asyncio.get_running_loop().run_in_executor(self._cpu, self.vectors.save, self.data_dir)
+        """Persist FAISS (after re-clustering it if the collection outgrew its layout)."""
+        loop = asyncio.get_running_loop()
+        if self.vectors.wants_relayout():
+            await loop.run_in_executor(self._cpu, self.vectors.relayout)
+        await loop.run_in_executor(self._cpu, self.vectors.save, self.data_dir)
         self._dirty_since_save = 0
 
     async def sync_vectors(self) -> bool:

@@ -3,15 +3,28 @@
 It is saved beside the database with a small JSON header naming the model and the catalog
 generation it reflects. On open, a missing, foreign or stale file is rebuilt or caught up from
 SQLite, so a crash between the two writes can only ever cost a little re-work, never a wrong answer.
+
+Two layouts, chosen by size (figures from `bench/bench_search.py`, 512-d, 2 cores):
+
+* up to `APPROXIMATE_FROM` vectors, an exact flat inner-product index — a full scan is only a few
+  milliseconds there, and exact is the best recall there is;
+* past it, an inverted-file index (IVF, flat lists) — a scan of 1M vectors costs ~170 ms, while
+  probing a few dozen of ~4·√n clusters costs a few ms with recall@10 ≥ 0.95 on real (clustered)
+  data. Vectors stay uncompressed (2 KB each at 512-d), so memory stays under 3 KB per image.
+
+Scopes are applied inside the search. A narrow scope (up to `EXACT_SUBSET` visible images) is
+searched exactly over just those vectors; a wide one uses the IVF with an id selector and probes
+more clusters until it has k results, so a scope never comes back short.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import threading
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import faiss
@@ -21,6 +34,10 @@ log = logging.getLogger(__name__)
 
 INDEX_FILE = "vectors.faiss"
 HEADER_FILE = "vectors.json"
+APPROXIMATE_FROM = 50_000
+EXACT_SUBSET = 20_000
+DEFAULT_NPROBE = 32
+RETRAIN_GROWTH = 8  # rebuild the clusters once the index is this many times its training size
 
 
 @dataclass(frozen=True)
@@ -29,9 +46,8 @@ class IndexHeader:
     dim: int
     generation: int
     count: int
-
-    def to_json(self) -> str:
-        return json.dumps(self.__dict__, sort_keys=True)
+    layout: str = "flat"
+    trained_on: int = 0
 
 
 def _atomic_write(path: Path, data: bytes) -> None:
@@ -43,19 +59,46 @@ def _atomic_write(path: Path, data: bytes) -> None:
     os.replace(tmp, path)
 
 
-class VectorIndex:
-    """Exact inner-product search over L2-normalised vectors keyed by image id.
+def _as_ids(ids: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(ids, dtype=np.int64)
 
-    Inner product of unit vectors is cosine similarity, which is the score people see. Thread-safe:
-    FAISS searches run in executor threads while the event loop adds vectors.
+
+def _flat(dim: int) -> faiss.Index:
+    return faiss.IndexIDMap2(faiss.IndexFlatIP(dim))
+
+
+def _train_ivf(vectors: np.ndarray, dim: int) -> faiss.IndexIVFFlat:
+    """Cluster a sample of the vectors into ~4·√n lists (enough points per list to train well)."""
+    count = len(vectors)
+    nlist = max(16, min(int(4 * math.sqrt(count)), count // 39))
+    quantizer = faiss.IndexFlatIP(dim)
+    index = faiss.IndexIVFFlat(quantizer, dim, nlist, faiss.METRIC_INNER_PRODUCT)
+    rng = np.random.default_rng(0)
+    sample = vectors[rng.choice(count, size=min(count, nlist * 64), replace=False)]
+    index.train(np.ascontiguousarray(sample, dtype=np.float32))
+    index.set_direct_map_type(faiss.DirectMap.Hashtable)
+    return index
+
+
+class VectorIndex:
+    """Inner-product search over L2-normalised vectors keyed by image id.
+
+    Inner product of unit vectors is cosine similarity, the score people see. Thread-safe: FAISS
+    searches run in executor threads while the event loop adds vectors.
     """
 
     def __init__(self, dim: int, model_id: str) -> None:
         self.dim = dim
         self.model_id = model_id
         self.generation = 0
-        self._index = faiss.IndexIDMap2(faiss.IndexFlatIP(dim))
+        self.nprobe = DEFAULT_NPROBE
+        self._index: faiss.Index = _flat(dim)
+        self._trained_on = 0
         self._lock = threading.RLock()
+
+    @property
+    def layout(self) -> str:
+        return "ivf" if isinstance(self._index, faiss.IndexIVF) else "flat"
 
     @property
     def count(self) -> int:
@@ -63,20 +106,28 @@ class VectorIndex:
 
     def ids(self) -> np.ndarray:
         with self._lock:
-            return faiss.vector_to_array(self._index.id_map).astype(np.int64)
+            if self.layout == "flat":
+                return faiss.vector_to_array(self._index.id_map).astype(np.int64)
+            lists = self._index.invlists
+            parts = [
+                faiss.rev_swig_ptr(lists.get_ids(i), lists.list_size(i)).copy()
+                for i in range(self._index.nlist)
+                if lists.list_size(i)
+            ]
+            return np.concatenate(parts).astype(np.int64) if parts else np.zeros(0, np.int64)
 
     def add(self, ids: np.ndarray, vectors: np.ndarray) -> None:
         if len(ids) == 0:
             return
         vectors = np.ascontiguousarray(vectors, dtype=np.float32).reshape(len(ids), self.dim)
         with self._lock:
-            self._index.add_with_ids(vectors, np.ascontiguousarray(ids, dtype=np.int64))
+            self._index.add_with_ids(vectors, _as_ids(ids))
 
     def remove(self, ids: np.ndarray) -> int:
         if len(ids) == 0:
             return 0
         with self._lock:
-            return int(self._index.remove_ids(np.ascontiguousarray(ids, dtype=np.int64)))
+            return int(self._index.remove_ids(_as_ids(ids)))
 
     def vector(self, image_id: int) -> np.ndarray | None:
         with self._lock:
@@ -85,27 +136,81 @@ class VectorIndex:
             except RuntimeError:
                 return None
 
+    def wants_relayout(self) -> bool:
+        """Whether the collection has outgrown the current layout (see the module docstring)."""
+        if self.layout == "flat":
+            return self.count >= APPROXIMATE_FROM
+        return self.count >= RETRAIN_GROWTH * max(self._trained_on, 1)
+
+    def relayout(self) -> None:
+        """Rebuild as IVF trained on the current vectors (slow: run it in an executor)."""
+        with self._lock:
+            ids = self.ids()
+            vectors = np.vstack([self._index.reconstruct_batch(ids[i : i + 50_000]) for i in range(0, len(ids), 50_000)])
+        index = _train_ivf(vectors, self.dim)
+        index.add_with_ids(vectors, ids)
+        with self._lock:
+            self._index = index
+            self._trained_on = len(ids)
+        log.info("Vector index now clustered into %d lists over %d images", index.nlist, len(ids))
+
     def search(
         self, query: np.ndarray, k: int, allowed: np.ndarray | None = None
     ) -> list[tuple[int, float]]:
-        """Top-k (id, cosine) for one query; `allowed` restricts the search itself, not its output.
-
-        Restricting inside FAISS (an id selector) rather than filtering afterwards means a narrow
-        scope still gets k results whenever k visible images exist.
-        """
+        """Top-k (id, cosine) for one query; `allowed` restricts the search itself, not its output."""
         if k <= 0 or self.count == 0:
             return []
         query = np.ascontiguousarray(query, dtype=np.float32).reshape(1, self.dim)
-        params = None
-        if allowed is not None:
+        with self._lock:
+            if allowed is None:
+                return self._search(query, k, None, self.nprobe)
             if len(allowed) == 0:
                 return []
-            params = faiss.SearchParameters(
-                sel=faiss.IDSelectorBatch(np.ascontiguousarray(allowed, dtype=np.int64))
-            )
-        with self._lock:
-            scores, ids = self._index.search(query, min(k, self.count), params=params)
+            if self.layout == "ivf" and len(allowed) <= EXACT_SUBSET:
+                return self._exact_subset(query, k, allowed)
+            selector = faiss.IDSelectorBatch(_as_ids(allowed))
+            wanted = min(k, len(allowed))
+            nprobe = self.nprobe
+            while True:
+                hits = self._search(query, k, selector, nprobe)
+                if len(hits) >= wanted or self.layout == "flat" or nprobe >= self._index.nlist:
+                    return hits
+                nprobe = min(self._index.nlist, nprobe * 4)
+
+    def _search(
+        self, query: np.ndarray, k: int, selector: faiss.IDSelector | None, nprobe: int
+    ) -> list[tuple[int, float]]:
+        if self.layout == "ivf":
+            params: faiss.SearchParameters = faiss.SearchParametersIVF(nprobe=nprobe)
+            if selector is not None:
+                params.sel = selector
+        else:
+            params = faiss.SearchParameters(sel=selector) if selector is not None else None
+        scores, ids = self._index.search(query, min(k, self.count), params=params)
         return [(int(i), float(s)) for i, s in zip(ids[0], scores[0]) if i >= 0]
+
+    def _exact_subset(self, query: np.ndarray, k: int, allowed: np.ndarray) -> list[tuple[int, float]]:
+        """Score exactly the allowed vectors (a narrow scope: cheaper than probing, and exact)."""
+        kept: list[np.ndarray] = []
+        vectors: list[np.ndarray] = []
+        ids = _as_ids(allowed)
+        for start in range(0, len(ids), 4096):
+            chunk = ids[start : start + 4096]
+            try:
+                vectors.append(self._index.reconstruct_batch(chunk))
+                kept.append(chunk)
+            except RuntimeError:  # an id not in the index (being caught up): take them one by one
+                for image_id in chunk:
+                    vector = self.vector(int(image_id))
+                    if vector is not None:
+                        vectors.append(vector.reshape(1, -1))
+                        kept.append(np.array([image_id], dtype=np.int64))
+        if not vectors:
+            return []
+        scores = np.vstack(vectors) @ query[0]
+        kept_ids = np.concatenate(kept)
+        top = np.argsort(-scores)[:k]
+        return [(int(kept_ids[i]), float(scores[i])) for i in top]
 
     # ---- persistence ------------------------------------------------------------------------
 
@@ -113,9 +218,11 @@ class VectorIndex:
         """Write the index then its header, each atomically: a torn save reads as stale, not wrong."""
         with self._lock:
             data = faiss.serialize_index(self._index).tobytes()
-            header = IndexHeader(self.model_id, self.dim, self.generation, self.count)
+            header = IndexHeader(
+                self.model_id, self.dim, self.generation, self.count, self.layout, self._trained_on
+            )
         _atomic_write(directory / INDEX_FILE, data)
-        _atomic_write(directory / HEADER_FILE, header.to_json().encode())
+        _atomic_write(directory / HEADER_FILE, json.dumps(asdict(header), sort_keys=True).encode())
 
     @classmethod
     def load(cls, directory: Path, dim: int, model_id: str) -> "VectorIndex | None":
@@ -128,12 +235,14 @@ class VectorIndex:
             if (directory / INDEX_FILE).exists() or (directory / HEADER_FILE).exists():
                 log.warning("Vector index unreadable (%s); rebuilding it from the catalog", error)
             return None
-        if header.model_id != model_id or header.dim != dim or index.d != dim:
-            log.info(
-                "Vector index was built with %s; rebuilding it for %s", header.model_id, model_id
-            )
+        expected = faiss.IndexIVF if header.layout == "ivf" else faiss.IndexIDMap2
+        if header.model_id != model_id or header.dim != dim or index.d != dim or not isinstance(index, expected):
+            log.info("Vector index was built for %s; rebuilding it for %s", header.model_id, model_id)
             return None
         loaded = cls(dim, model_id)
-        loaded._index = faiss.IndexIDMap2(index) if not isinstance(index, faiss.IndexIDMap2) else index
+        if isinstance(index, faiss.IndexIVF) and index.direct_map.type != faiss.DirectMap.Hashtable:
+            index.set_direct_map_type(faiss.DirectMap.Hashtable)
+        loaded._index = index
+        loaded._trained_on = header.trained_on
         loaded.generation = header.generation
         return loaded

@@ -1,0 +1,74 @@
+"""The vector index on its own: exact and clustered layouts, scopes that never come back short."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from store import vectors as vectors_module
+from store.vectors import VectorIndex
+
+
+def clustered(count: int, dim: int, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(size=(64, dim))
+    data = centres[rng.integers(0, 64, count)] + rng.normal(scale=0.5, size=(count, dim))
+    data /= np.linalg.norm(data, axis=1, keepdims=True)
+    return data.astype(np.float32)
+
+
+@pytest.fixture
+def small_threshold(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(vectors_module, "APPROXIMATE_FROM", 2_000)
+    monkeypatch.setattr(vectors_module, "EXACT_SUBSET", 300)
+
+
+def build(count: int, dim: int = 32) -> tuple[VectorIndex, np.ndarray, np.ndarray]:
+    data = clustered(count, dim)
+    ids = np.arange(1, count + 1, dtype=np.int64) * 3
+    index = VectorIndex(dim, "m")
+    index.add(ids, data)
+    return index, ids, data
+
+
+def test_flat_search_is_exact_and_scoped() -> None:
+    index, ids, data = build(500)
+    hits = index.search(data[10], 5)
+    assert hits[0][0] == ids[10] and hits[0][1] == pytest.approx(1.0, abs=1e-5)
+    allowed = ids[::50]
+    scoped = index.search(data[10], 5, allowed)
+    assert len(scoped) == 5 and {i for i, _ in scoped} <= set(allowed.tolist())
+    assert index.layout == "flat" and not index.wants_relayout()
+
+
+def test_large_collections_switch_to_clusters_with_good_recall(small_threshold: None, tmp_path: Path) -> None:
+    index, ids, data = build(6_000)
+    assert index.wants_relayout()
+    index.relayout()
+    assert index.layout == "ivf" and index.count == 6_000
+    assert sorted(index.ids().tolist()) == sorted(ids.tolist())
+    queries = data[:100] + np.random.default_rng(1).normal(scale=0.05, size=data[:100].shape).astype(np.float32)
+    exact = data @ queries.T
+    recall = []
+    for q in range(len(queries)):
+        truth = set(ids[np.argsort(-exact[:, q])[:10]].tolist())
+        found = {i for i, _ in index.search(queries[q], 10)}
+        recall.append(len(truth & found) / 10)
+    assert np.mean(recall) >= 0.95
+    # Narrow scope: exact over the subset; wide scope: probes more lists until k are found.
+    narrow = ids[::100]
+    assert len(index.search(queries[0], 10, narrow)) == 10
+    wide = ids[::7]
+    hits = index.search(queries[0], 25, wide)
+    assert len(hits) == 25 and {i for i, _ in hits} <= set(wide.tolist())
+    # It survives a save/load round trip, removals and additions.
+    index.generation = 4
+    index.save(tmp_path)
+    loaded = VectorIndex.load(tmp_path, 32, "m")
+    assert loaded is not None and loaded.layout == "ivf" and loaded.generation == 4
+    assert loaded.remove(ids[:10]) == 10 and loaded.count == 5_990
+    loaded.add(np.array([1], dtype=np.int64), data[:1])
+    assert loaded.search(data[0], 1)[0][0] == 1
+    assert VectorIndex.load(tmp_path, 32, "another-model") is None
