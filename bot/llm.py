@@ -33,7 +33,7 @@ from store.settings import SettingsError
 
 log = logging.getLogger(__name__)
 
-DEFAULT_MODEL = "claude-sonnet-4-5"
+DEFAULT_MODEL = "claude-sonnet-5-5"  # the newest Sonnet the installed SDK lists; 4-5 is deprecated
 INITIAL_BACKOFF = 0.5
 MAX_BACKOFF = 8.0
 
