@@ -16,6 +16,7 @@ import asyncio
 import json
 import resource
 import sqlite3
+import subprocess
 import sys
 import tempfile
 import time
@@ -108,12 +109,25 @@ async def measure(size: int, embedder: ClipEmbedder, queries: int, root: Path) -
             assert len(results) == 10
     finally:
         await library.close()
+    reopen = json.loads(subprocess.run(
+        [sys.executable, __file__, "--measure-open", str(settings.data_dir), "--model", embedder.settings.model],
+        check=True, capture_output=True, text=True,
+    ).stdout)
     return {
         "images": size,
         "open_seconds": round(open_seconds, 2),
+        "layout": library.vectors.layout,
+        "reopen_seconds": reopen["seconds"],
+        "resident_bytes_per_image": round(reopen["resident_bytes"] / size),
         "search_ms": percentiles(everything_ms),
         "scoped_search_ms": percentiles(scoped_ms),
     }
+
+
+def resident_bytes() -> int:
+    """Current resident set size (not the peak), from /proc."""
+    pages = int(Path("/proc/self/statm").read_text().split()[1])
+    return pages * resource.getpagesize()
 
 
 def text_forward_ms(embedder: ClipEmbedder, repeats: int = 30) -> dict[str, float]:
@@ -126,8 +140,21 @@ def text_forward_ms(embedder: ClipEmbedder, repeats: int = 30) -> dict[str, floa
     return percentiles(samples)
 
 
+async def measure_open(data_dir: Path, embedder: ClipEmbedder) -> dict[str, float]:
+    """Resident memory an opened library adds, in a fresh process (nothing freed to reuse)."""
+    settings = Settings(data_dir=data_dir, clip=embedder.settings, ingest=IngestSettings())
+    before = resident_bytes()
+    started = time.perf_counter()
+    library = await Library.open(settings, embedder)
+    seconds = time.perf_counter() - started
+    grown = resident_bytes() - before
+    await library.close()
+    return {"seconds": round(seconds, 2), "resident_bytes": grown}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--measure-open", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--sizes", default="10000")
     parser.add_argument("--queries", type=int, default=100)
     parser.add_argument("--model", default="ViT-B-32")
@@ -135,6 +162,9 @@ def main() -> None:
     args = parser.parse_args()
     torch.manual_seed(0)
     embedder = ClipEmbedder(ClipSettings(model=args.model, pretrained=args.pretrained))
+    if args.measure_open:
+        print(json.dumps(asyncio.run(measure_open(args.measure_open, embedder))))
+        return
     report: dict[str, object] = {
         "model": embedder.model_id,
         "dim": embedder.dim,
