@@ -135,7 +135,9 @@ class FakeAnthropic:
         self.exhausted = False
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler_class())
         self._server.daemon_threads = True
-        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+        self._thread = threading.Thread(
+            target=self._server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
+        )
 
     @property
     def base_url(self) -> str:
@@ -313,7 +315,7 @@ def _post(attachment: int, channel: int, author: str, day: str, text: str = "") 
     )
 
 
-def _picture(colour: tuple[int, int, int], shape: str) -> bytes:
+def picture(colour: tuple[int, int, int], shape: str) -> bytes:
     """A 160x120 picture of one shape; different colours and shapes give different bytes."""
     image = Image.new("RGB", (160, 120), (235, 235, 225))
     draw = ImageDraw.Draw(image)
@@ -329,7 +331,7 @@ def _picture(colour: tuple[int, int, int], shape: str) -> bytes:
     return buffer.getvalue()
 
 
-RED_CIRCLE = _picture((210, 30, 30), "circle")
+RED_CIRCLE = picture((210, 30, 30), "circle")
 
 
 async def build_gallery(library: Library, folder: Path) -> Gallery:
@@ -341,16 +343,16 @@ async def build_gallery(library: Library, folder: Path) -> Gallery:
         ("green-square.jpg", (30, 180, 60), "square"),
         ("blue-triangle.jpg", (40, 60, 200), "triangle"),
     ):
-        (folder / name).write_bytes(_picture(colour, shape))
+        (folder / name).write_bytes(picture(colour, shape))
         files.append(folder / name)
     outcomes = await library.index([IncomingImage(file_source(path)) for path in files])
     posts = [
-        (_post(1, GENERAL, "Ana", "2024-07-14", "my dog at the beach"), _picture((200, 150, 40), "circle")),
-        (_post(2, GENERAL, "Ana", "2024-08-02"), _picture((220, 40, 40), "square")),
-        (_post(3, GENERAL, "Ben", "2024-12-24", "party!"), _picture((120, 40, 160), "triangle")),
-        (_post(4, GENERAL, "Ben", "2025-01-03"), _picture((20, 140, 140), "circle")),
-        (_post(5, SECRET, "Eve", "2024-07-20", "secret plans"), _picture((250, 0, 0), "circle")),
-        (_post(6, SECRET, "Eve", "2024-09-01"), _picture((0, 0, 0), "square")),
+        (_post(1, GENERAL, "Ana", "2024-07-14", "my dog at the beach"), picture((200, 150, 40), "circle")),
+        (_post(2, GENERAL, "Ana", "2024-08-02"), picture((220, 40, 40), "square")),
+        (_post(3, GENERAL, "Ben", "2024-12-24", "party!"), picture((120, 40, 160), "triangle")),
+        (_post(4, GENERAL, "Ben", "2025-01-03"), picture((20, 140, 140), "circle")),
+        (_post(5, SECRET, "Eve", "2024-07-20", "secret plans"), picture((250, 0, 0), "circle")),
+        (_post(6, SECRET, "Eve", "2024-09-01"), picture((0, 0, 0), "square")),
     ]
     outcomes += await library.index([IncomingImage(source, data) for source, data in posts])
     assert all(o.status == "indexed" for o in outcomes), outcomes
