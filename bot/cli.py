@@ -421,10 +421,22 @@ def build_parser() -> argparse.ArgumentParser:
 _EXTRA_COMMANDS: list[Callable[[Any], None]] = []
 
 
+def _add_bot_command(sub: Any) -> None:
+    parser = sub.add_parser("bot", help="run the Discord bot (needs DISCORD_TOKEN)")
+    parser.set_defaults(func=_cmd_bot)
+
+
+async def _cmd_bot(args: argparse.Namespace) -> int:
+    from bot.discord_app import cmd_bot  # discord.py loads only when the bot runs
+
+    return await cmd_bot(args)
+
+
 def _register_extras() -> None:
     from bot import demo
 
     _EXTRA_COMMANDS.append(demo.add_command)
+    _EXTRA_COMMANDS.append(_add_bot_command)
     try:
         from bot import terminal
     except ImportError:

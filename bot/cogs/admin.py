@@ -1,0 +1,361 @@
+"""Administration: the `/shoebox` commands for server managers, and "Forget these photos" for all.
+
+`/shoebox` is a `GroupCog` marked `default_permissions(manage_guild=True)` and `guild_only`, so
+Discord shows it only to members who may manage the server (admins can change that in Server
+Settings > Integrations). Because that default can be overridden per server, every command also
+checks Manage Server at run time (`interaction_check`). All replies are ephemeral.
+
+Long jobs (re-embedding, backfill) report progress by editing one message at most every couple of
+seconds instead of posting many. Discord lets an interaction's message be edited for 15 minutes;
+after that the job carries on silently and `/shoebox status` shows where it is.
+
+The message context-menu command "Forget these photos" works for the message's author and for
+moderators (Manage Messages in that channel); anyone else is told, politely, that it is not theirs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import time
+from typing import TYPE_CHECKING, Literal
+
+import discord
+from discord import app_commands
+from discord.ext import commands
+
+from bot.discord_app import explain_check_failure, send_ephemeral
+from bot.jobs import BackfillState
+from store.db import SourceFilter
+
+if TYPE_CHECKING:
+    from bot.cogs.indexing import Indexing
+    from bot.discord_app import ShoeboxBot
+
+log = logging.getLogger(__name__)
+
+MESSAGE_LINK = re.compile(
+    r"https?://(?:(?:ptb|canary)\.)?discord(?:app)?\.com/channels/(\d+|@me)/(\d+)/(\d+)"
+)
+TOKEN_LIFETIME = 14 * 60  # interaction messages can be edited for 15 minutes; stop a little before
+ChannelArg = discord.TextChannel | discord.VoiceChannel | discord.StageChannel | discord.Thread
+RuleTarget = discord.TextChannel | discord.VoiceChannel | discord.StageChannel | discord.CategoryChannel | discord.ForumChannel | discord.Thread
+
+
+def parse_message_link(text: str) -> tuple[int | None, int, int] | None:
+    """(guild id or None for DMs, channel id, message id) from a Discord message link."""
+    match = MESSAGE_LINK.search(text.strip())
+    if match is None:
+        return None
+    guild = None if match.group(1) == "@me" else int(match.group(1))
+    return guild, int(match.group(2)), int(match.group(3))
+
+
+class ProgressMessage:
+    """One ephemeral message that a long job keeps editing, throttled to `interval` seconds."""
+
+    def __init__(self, interaction: discord.Interaction, interval: float) -> None:
+        self.interaction = interaction
+        self.interval = interval
+        self.started = time.monotonic()
+        self._last_edit = 0.0
+        self._shown: str | None = None
+        self._broken = False
+
+    async def show(self, text: str, final: bool = False) -> None:
+        now = time.monotonic()
+        if self._broken or text == self._shown:
+            return
+        if not final and now - self._last_edit < self.interval:
+            return
+        if now - self.started > TOKEN_LIFETIME:
+            self._broken = True  # the interaction token expired; status shows the rest
+            return
+        try:
+            await self.interaction.edit_original_response(content=text)
+        except discord.HTTPException as error:
+            log.info("Stopped updating a progress message: %s", error)
+            self._broken = True
+            return
+        self._shown, self._last_edit = text, now
+
+
+def _state_line(channel: str, state: BackfillState) -> str:
+    status = "done" if state.done else "in progress"
+    return f"{channel}: {state.scanned:,} messages scanned, {state.queued:,} photos queued ({status})"
+
+
+@app_commands.default_permissions(manage_guild=True)
+@app_commands.guild_only()
+class Admin(commands.GroupCog, group_name="shoebox", group_description="Manage Shoebox in this server"):
+    """Server-manager commands. Discord hides them from others; the check below enforces it."""
+
+    def __init__(self, bot: "ShoeboxBot") -> None:
+        self.bot = bot
+        self._reindexing = asyncio.Lock()
+        super().__init__()
+
+    @property
+    def indexing(self) -> "Indexing":
+        cog = self.bot.get_cog("Indexing")
+        assert cog is not None, "the indexing cog is not loaded"
+        return cog  # type: ignore[return-value]
+
+    async def interaction_check(self, interaction: discord.Interaction) -> bool:
+        if interaction.guild is None:
+            raise app_commands.NoPrivateMessage()
+        if not interaction.permissions.manage_guild:
+            raise app_commands.MissingPermissions(["manage_guild"])
+        return True
+
+    async def cog_app_command_error(
+        self, interaction: discord.Interaction, error: app_commands.AppCommandError
+    ) -> None:
+        text = explain_check_failure(error)
+        if text is not None:
+            interaction.extras["error_handled"] = True
+            await send_ephemeral(interaction, text)
+
+    # ---- status -----------------------------------------------------------------------------
+
+    @app_commands.command(name="status", description="Photos indexed, model, queue and recent problems")
+    async def status(self, interaction: discord.Interaction) -> None:
+        await interaction.response.defer(ephemeral=True, thinking=True)
+        guild = interaction.guild
+        assert guild is not None
+        library = self.bot.library
+        stats = await library.stats()
+        here = await library.catalog.visible_image_ids(
+            SourceFilter(guild_ids=frozenset({guild.id}), include_files=False)
+        )
+        queue = self.indexing.queue
+        counters = queue.counters
+        lines = [
+            "**Shoebox status**",
+            f"Photos from this server: **{len(here):,}** (library total {stats['images']:,})",
+            f"Model: `{stats['model']}`",
+            f"Queue: {await queue.pending():,} waiting"
+            + ("" if queue.running else " (worker stopped!)")
+            + f" · since start: {counters.indexed:,} indexed, {counters.duplicates:,} duplicates, "
+            f"{counters.rejected:,} not photos, {counters.gave_up:,} gave up",
+        ]
+        rules = self.indexing.rules_of(guild.id)
+        if rules:
+            described = ", ".join(f"{mode} <#{cid}>" for cid, mode in sorted(rules.items()))
+            lines.append(f"Channel rules: {described}")
+        else:
+            lines.append("Channel rules: none (every channel I can read)")
+        states = await self.bot.jobs.backfill_states(guild.id)
+        for state in states[:5]:
+            lines.append("Backfill " + _state_line(f"<#{state.channel_id}>", state))
+        errors = await self.bot.jobs.recent_errors(3)
+        failures = await library.catalog.recent_failures(3)
+        if errors or failures:
+            lines.append("Recent problems:")
+            lines += [f"• {e.at} {e.place}: {e.message}" for e in errors]
+            lines += [f"• {at} could not index {key}: {reason}" for key, reason, at in failures]
+        await interaction.followup.send("\n".join(lines)[:2000], ephemeral=True)
+
+    # ---- reindex ----------------------------------------------------------------------------
+
+    @app_commands.command(name="reindex", description="Re-embed every photo with the current model")
+    async def reindex(self, interaction: discord.Interaction) -> None:
+        if self._reindexing.locked():
+            await interaction.response.send_message("A re-index is already running.", ephemeral=True)
+            return
+        await interaction.response.send_message("Re-indexing: starting…", ephemeral=True)
+        progress = ProgressMessage(interaction, self.bot.config.progress_interval)
+        latest = [0, 0]
+
+        def note(done: int, total: int) -> None:
+            latest[0], latest[1] = done, total
+
+        async def ticker() -> None:
+            while True:
+                await asyncio.sleep(max(self.bot.config.progress_interval, 0.05))
+                if latest[1]:
+                    await progress.show(f"Re-indexing: {latest[0]:,} / {latest[1]:,} photos…")
+
+        async with self._reindexing:
+            async with self.indexing.queue.paused():
+                tick = asyncio.create_task(ticker())
+                try:
+                    library = self.bot.library
+                    total = await library.reindex(library.embedder, note)
+                finally:
+                    tick.cancel()
+        await progress.show(f"Re-indexed {total:,} photos with `{self.bot.library.embedder.model_id}`.", final=True)
+
+    # ---- backfill ---------------------------------------------------------------------------
+
+    @app_commands.command(name="backfill", description="Index photos already posted (resumes where it stopped)")
+    @app_commands.describe(
+        channel="Only this channel (default: every channel I can read)",
+        limit="How many messages to scan per channel in this run (default: all)",
+        restart="Scan from the newest message again, even where a backfill finished",
+    )
+    async def backfill(
+        self,
+        interaction: discord.Interaction,
+        channel: ChannelArg | None = None,
+        limit: app_commands.Range[int, 1, 10_000_000] | None = None,
+        restart: bool = False,
+    ) -> None:
+        from bot.cogs.indexing import BackfillBusy
+
+        guild = interaction.guild
+        assert guild is not None
+        indexing = self.indexing
+        if channel is not None:
+            resolved = guild.get_channel_or_thread(channel.id) or channel
+            if not indexing.wants(resolved):  # type: ignore[arg-type]
+                await interaction.response.send_message(
+                    f"{channel.mention} is excluded by the channel rules (`/shoebox channels`).", ephemeral=True
+                )
+                return
+            targets = [resolved]
+        else:
+            targets = indexing.backfill_targets(guild)
+        if not targets:
+            await interaction.response.send_message("There is no channel here I can read.", ephemeral=True)
+            return
+        await interaction.response.send_message(f"Backfill: starting on {len(targets)} channel(s)…", ephemeral=True)
+        progress = ProgressMessage(interaction, self.bot.config.progress_interval)
+        finished: list[str] = []
+
+        for number, target in enumerate(targets, start=1):
+            header = f"Backfill {number}/{len(targets)}"
+
+            async def report(state: BackfillState, header: str = header, target: object = target) -> None:
+                await progress.show(f"{header}: " + _state_line(getattr(target, "mention", "?"), state))
+
+            try:
+                state = await indexing.backfill(target, limit, report, restart)  # type: ignore[arg-type]
+            except BackfillBusy as error:
+                finished.append(f"{target.mention}: {error}")  # type: ignore[union-attr]
+                continue
+            except discord.Forbidden:
+                finished.append(f"{target.mention}: I may not read its history")  # type: ignore[union-attr]
+                continue
+            except discord.HTTPException as error:
+                log.warning("Backfill of %s stopped: %s", target, error)
+                await self.bot.jobs.note_error("backfill", f"#{getattr(target, 'name', target)}: {error}")
+                finished.append(f"{target.mention}: stopped ({error.status}); run it again to resume")  # type: ignore[union-attr]
+                continue
+            finished.append(_state_line(target.mention, state))  # type: ignore[union-attr]
+        summary = "Backfill finished; the photos are being indexed now.\n" + "\n".join(finished)
+        await progress.show(summary[:2000], final=True)
+
+    # ---- channels ---------------------------------------------------------------------------
+
+    @app_commands.command(name="channels", description="Choose which channels are indexed")
+    @app_commands.describe(
+        action="list the rules; include or exclude a channel; remove its rule; or clear every rule",
+        channel="The channel, category or thread",
+    )
+    async def channels(
+        self,
+        interaction: discord.Interaction,
+        action: Literal["list", "include", "exclude", "remove", "clear"],
+        channel: RuleTarget | None = None,
+    ) -> None:
+        guild = interaction.guild
+        assert guild is not None
+        indexing = self.indexing
+        if action in {"include", "exclude", "remove"} and channel is None:
+            await interaction.response.send_message(f"Name the channel to {action}.", ephemeral=True)
+            return
+        await interaction.response.defer(ephemeral=True, thinking=True)
+        if action == "clear":
+            await indexing.clear_rules(guild.id)
+            text = "Cleared every rule: I index every channel I can read."
+        elif action == "include" and channel is not None:
+            await indexing.set_rule(guild.id, channel.id, "include")
+            text = (
+                f"Including {channel.mention}. With an include rule, only included channels are indexed; "
+                "photos already indexed from other channels stay searchable until excluded."
+            )
+        elif action == "exclude" and channel is not None:
+            await indexing.set_rule(guild.id, channel.id, "exclude")
+            forgotten = 0
+            ids = {channel.id} | {c.id for c in getattr(channel, "channels", [])}
+            for cid in ids:
+                forgotten += len(await indexing.queue.forget_channel(cid))
+            text = f"Excluded {channel.mention}: it is no longer indexed, and {forgotten} photo(s) from it were forgotten."
+        elif action == "remove" and channel is not None:
+            await indexing.set_rule(guild.id, channel.id, None)
+            text = f"Removed the rule for {channel.mention}."
+        else:
+            text = ""
+        rules = indexing.rules_of(guild.id)
+        listing = "\n".join(f"• {mode} <#{cid}>" for cid, mode in sorted(rules.items())) or "• none: every channel I can read"
+        await interaction.followup.send(f"{text}\n**Rules**\n{listing}".strip()[:2000], ephemeral=True)
+
+    # ---- forget -----------------------------------------------------------------------------
+
+    @app_commands.command(name="forget", description="Forget the photos of one message (paste its link)")
+    @app_commands.describe(link="The message link (right-click the message > Copy Message Link)")
+    async def forget(self, interaction: discord.Interaction, link: str) -> None:
+        parsed = parse_message_link(link)
+        if parsed is None:
+            await interaction.response.send_message("That is not a message link.", ephemeral=True)
+            return
+        guild_id, _, message_id = parsed
+        if guild_id != interaction.guild_id:
+            await interaction.response.send_message("That message is not in this server.", ephemeral=True)
+            return
+        await interaction.response.defer(ephemeral=True, thinking=True)
+        count = await forget_message_photos(self.bot, message_id)
+        text = f"Forgot {count} photo(s) from that message." if count else "I had no photos from that message."
+        await interaction.followup.send(text, ephemeral=True)
+
+
+async def forget_message_photos(bot: "ShoeboxBot", message_id: int) -> int:
+    """Forget a message's photos (indexed or still queued); returns how many were indexed."""
+    sources = await bot.library.catalog.sources_for_messages([message_id])
+    indexing = bot.get_cog("Indexing")
+    if indexing is not None:
+        await indexing.queue.forget_messages([message_id])  # type: ignore[attr-defined]
+    else:
+        await bot.library.forget_messages([message_id])
+    return len(sources)
+
+
+class ForgetMenu(commands.Cog):
+    """The "Forget these photos" message command, for the author and for moderators."""
+
+    def __init__(self, bot: "ShoeboxBot") -> None:
+        self.bot = bot
+        self.menu = app_commands.ContextMenu(name="Forget these photos", callback=self.forget_photos)
+        self.menu.guild_only = True
+
+    async def cog_load(self) -> None:
+        self.bot.tree.add_command(self.menu)
+
+    async def cog_unload(self) -> None:
+        self.bot.tree.remove_command(self.menu.name, type=self.menu.type)
+
+    async def forget_photos(self, interaction: discord.Interaction, message: discord.Message) -> None:
+        user = interaction.user
+        is_author = message.author.id == user.id
+        is_moderator = interaction.permissions.manage_messages
+        if not (is_author or is_moderator):
+            await interaction.response.send_message(
+                "Sorry, only the person who posted these photos or a moderator can make me forget them.",
+                ephemeral=True,
+            )
+            return
+        await interaction.response.defer(ephemeral=True, thinking=True)
+        count = await forget_message_photos(self.bot, message.id)
+        text = (
+            f"Done: I forgot {count} photo(s) from that message. The message itself is untouched."
+            if count
+            else "I had no photos from that message (anything still queued is dropped)."
+        )
+        await interaction.followup.send(text, ephemeral=True)
+
+
+async def setup(bot: "ShoeboxBot") -> None:
+    await bot.add_cog(Admin(bot))
+    await bot.add_cog(ForgetMenu(bot))

@@ -1,0 +1,281 @@
+"""Asking: mention the bot, DM it, reply to it, or use `/ask` — and get photos back.
+
+Each question goes to the agent with the asker's scope, computed from Discord's permissions at that
+moment (`bot/scope.py`): in a server, the channels of that server the asker can view and read the
+history of; in a DM, the same across every server the asker shares with the bot. A reply to one of
+the bot's answers continues the conversation: the reply chain is walked back to rebuild the
+earlier turns.
+
+The answer comes back as text (split cleanly under Discord's limit) followed by the photos as
+attachments from the library's stored copies, each with a card saying who posted it, where and
+when, with a jump link. Whatever goes wrong, the asker gets one clear sentence, never a traceback.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Awaitable, Callable, Sequence
+
+import discord
+from discord import app_commands
+from discord.ext import commands
+
+from bot.discord_app import addresses_bot, mentions_pattern
+from bot.replies import DEFAULT_UPLOAD_LIMIT, OutgoingMessage, plan_reply
+from bot.scope import dm_scope, guild_scope, nothing
+from tools.search import Scope
+
+if TYPE_CHECKING:
+    from bot.discord_app import ShoeboxBot
+
+log = logging.getLogger(__name__)
+
+MAX_QUESTION_IMAGES = 4
+MAX_HISTORY_TURNS = 6
+LOOKALIKE_QUESTION = "Find photos that look like this one."
+HELP_TEXT = (
+    "Ask me about photos posted here, for example: *the red car from the summer trip*, or attach a "
+    "photo to find look-alikes. I only show photos from channels you can read."
+)
+FAILED_TEXT = "Sorry, something went wrong while I was looking. It has been logged for the server admin."
+TIMEOUT_TEXT = "Sorry, that took too long. Please try again in a moment."
+
+Sender = Callable[..., Awaitable[Any]]
+
+
+@dataclass
+class Answer:
+    """What to post: the answer's text and the images it shows (bot.agent.ShownImage)."""
+
+    text: str
+    images: Sequence[Any] = field(default_factory=list)
+
+
+def _agent_types() -> Any:
+    import bot.agent as agent_module  # imported at use time: the agent is optional until asked
+
+    return agent_module
+
+
+class Ask(commands.Cog):
+    """Questions in, answers with photos out."""
+
+    def __init__(self, bot: "ShoeboxBot") -> None:
+        self.bot = bot
+
+    # ---- scope ------------------------------------------------------------------------------
+
+    async def scope_for(self, user: discord.abc.User, guild: discord.Guild | None) -> Scope:
+        """What `user` may see right now, from Discord's permissions (never cached)."""
+        if guild is not None:
+            member = user if isinstance(user, discord.Member) else await self._member(guild, user.id)
+            if member is None:
+                return nothing()
+            return guild_scope(guild, member, await self.bot.jobs.known_threads(guild.id))
+        members = []
+        for shared in self.bot.guilds:
+            member = await self._member(shared, user.id)
+            if member is not None:
+                members.append(member)
+        threads: dict[int, list[Any]] = {}
+        for known in await self.bot.jobs.known_threads():
+            threads.setdefault(known.guild_id, []).append(known)
+        return dm_scope(members, threads)
+
+    async def _member(self, guild: discord.Guild, user_id: int) -> discord.Member | None:
+        """The member from the cache or, without the members intent, from the API."""
+        member = guild.get_member(user_id)
+        if member is not None:
+            return member
+        try:
+            return await guild.fetch_member(user_id)
+        except discord.NotFound:
+            return None
+        except discord.HTTPException as error:
+            log.warning("Could not look up member %s in %s: %s", user_id, guild.id, error)
+            return None
+
+    # ---- the question -----------------------------------------------------------------------
+
+    def question_text(self, message: discord.Message) -> str:
+        me = self.bot.user
+        text = message.content or ""
+        if me is not None:
+            text = mentions_pattern(me.id).sub(" ", text)
+        return " ".join(text.split())
+
+    async def read_images(self, attachments: Sequence[discord.Attachment]) -> list[Any]:
+        """The attached files as agent Attachments; the agent's decoder decides what is a photo."""
+        Attachment = _agent_types().Attachment
+        limit = self.bot.settings.ingest.max_file_bytes
+        out = []
+        for attachment in list(attachments)[:MAX_QUESTION_IMAGES]:
+            if attachment.size and attachment.size > limit:
+                continue
+            try:
+                out.append(Attachment(data=await attachment.read(), filename=attachment.filename))
+            except discord.HTTPException as error:
+                log.warning("Could not read attachment %s: %s", attachment.filename, error)
+        return out
+
+    async def _resolve(self, message: discord.Message) -> discord.Message | None:
+        reference = message.reference
+        if reference is None or reference.message_id is None:
+            return None
+        if isinstance(reference.resolved, discord.Message):
+            return reference.resolved
+        if reference.cached_message is not None:
+            return reference.cached_message
+        try:
+            return await message.channel.fetch_message(reference.message_id)
+        except discord.HTTPException:
+            return None
+
+    async def history_for(self, message: discord.Message) -> list[Any]:
+        """Earlier turns of this conversation, oldest first, from the chain of replies.
+
+        The bot answers every question as a reply to it, so the chain alternates: this message
+        replies to an answer, which replies to the previous question, and so on.
+        """
+        Turn = _agent_types().Turn
+        me = self.bot.user
+        turns = []
+        current = message
+        while me is not None and len(turns) < MAX_HISTORY_TURNS:
+            answer = await self._resolve(current)
+            if answer is None or answer.author.id != me.id:
+                break
+            question = await self._resolve(answer)
+            if question is None:
+                break
+            turns.append(Turn(question=self.question_text(question) or LOOKALIKE_QUESTION, answer=_answer_text(answer)))
+            current = question
+        turns.reverse()
+        return turns
+
+    async def ask_agent(
+        self, question: str, scope: Scope, attachments: Sequence[Any] = (), history: Sequence[Any] = ()
+    ) -> Answer:
+        """The agent's reply as an Answer; failures become one clear sentence."""
+        try:
+            reply = await asyncio.wait_for(
+                self.bot.agent.answer(question, scope, attachments=attachments, history=history),
+                timeout=self.bot.config.answer_timeout,
+            )
+        except asyncio.TimeoutError:
+            log.warning("Answer timed out after %.0fs", self.bot.config.answer_timeout)
+            return Answer(TIMEOUT_TEXT)
+        except Exception:
+            log.exception("The agent failed on a question")
+            return Answer(FAILED_TEXT)
+        # The agent's text already explains offline mode and Claude failures in one sentence.
+        text = (getattr(reply, "answer", "") or "").strip()
+        images = list(getattr(reply, "images", []) or [])
+        if not text and not images:
+            error = getattr(reply, "error", None)
+            text = f"Sorry, I couldn't answer that just now: {error}" if error else "I found no photos for that."
+        return Answer(text, images)
+
+    def plan(self, answer: Answer, guild: discord.Guild | None) -> list[OutgoingMessage]:
+        limit = guild.filesize_limit if guild is not None else DEFAULT_UPLOAD_LIMIT
+        return plan_reply(answer.text, answer.images, upload_limit=limit)
+
+    # ---- sending ------------------------------------------------------------------------------
+
+    async def deliver(self, send: Sender, parts: list[OutgoingMessage], **extra: Any) -> None:
+        """Send each part; if files or embeds are refused (missing permissions), fall back to text."""
+        for part in parts:
+            kwargs: dict[str, Any] = dict(extra)
+            if part.content:
+                kwargs["content"] = part.content
+            if part.files:
+                kwargs["files"] = [f.to_discord() for f in part.files]
+            if part.embeds:
+                kwargs["embeds"] = part.embeds
+            try:
+                await send(**kwargs)
+            except discord.Forbidden:
+                fallback = _plain_text(part)
+                if not fallback:
+                    raise
+                await send(content=fallback, **extra)
+
+    # ---- entry points -----------------------------------------------------------------------
+
+    @commands.Cog.listener()
+    async def on_message(self, message: discord.Message) -> None:
+        me = self.bot.user
+        if me is None or message.author.bot or not addresses_bot(message, me):
+            return
+        try:
+            await self.answer_message(message)
+        except discord.Forbidden as error:
+            log.info("Cannot answer in channel %s: %s", message.channel.id, error)
+        except Exception:
+            log.exception("Answering message %s failed", message.id)
+            try:
+                await message.reply(FAILED_TEXT, mention_author=False)
+            except discord.HTTPException:
+                pass
+
+    async def answer_message(self, message: discord.Message) -> None:
+        question = self.question_text(message)
+        images = await self.read_images(message.attachments)
+        if not question and not images:
+            await message.reply(HELP_TEXT, mention_author=False)
+            return
+        async with message.channel.typing():
+            scope = await self.scope_for(message.author, message.guild)
+            history = await self.history_for(message)
+            answer = await self.ask_agent(question or LOOKALIKE_QUESTION, scope, images, history)
+        parts = self.plan(answer, message.guild)
+
+        async def send(**kwargs: Any) -> Any:
+            return await message.reply(mention_author=False, **kwargs)
+
+        await self.deliver(send, parts)
+
+    @app_commands.command(name="ask", description="Find photos posted here by what is in them")
+    @app_commands.describe(
+        question="What are you looking for? e.g. 'the beach at sunset last summer'",
+        image="A photo to find look-alikes of",
+        private="Only you see the answer",
+    )
+    async def ask(
+        self,
+        interaction: discord.Interaction,
+        question: app_commands.Range[str, 1, 500],
+        image: discord.Attachment | None = None,
+        private: bool = False,
+    ) -> None:
+        await interaction.response.defer(thinking=True, ephemeral=private)
+        images = await self.read_images([image] if image else [])
+        scope = await self.scope_for(interaction.user, interaction.guild)
+        answer = await self.ask_agent(question, scope, images)
+        parts = self.plan(answer, interaction.guild)
+        await self.deliver(interaction.followup.send, parts, ephemeral=private)
+
+
+def _answer_text(message: discord.Message) -> str:
+    """An earlier answer as the agent should remember it: its text and which photos it showed."""
+    lines = [message.content] if message.content else []
+    for embed in message.embeds:
+        footer = embed.footer.text if embed.footer else None
+        if footer:
+            lines.append(f"[showed {footer.split(' · ')[0]}: {embed.title or 'a photo'}]")
+    return "\n".join(lines)
+
+
+def _plain_text(part: OutgoingMessage) -> str:
+    """A part without files or embeds: the text plus a jump link per photo."""
+    lines = [part.content] if part.content else []
+    for embed in part.embeds:
+        if embed.url:
+            lines.append(f"{embed.title or 'Photo'}: {embed.url}")
+    return "\n".join(lines)[:2000]
+
+
+async def setup(bot: "ShoeboxBot") -> None:
+    await bot.add_cog(Ask(bot))

@@ -1,0 +1,313 @@
+"""Indexing: every photo posted where the bot can read goes into the library, and leaves it again.
+
+A new attachment becomes a persisted job at once (nothing is downloaded in the event handler);
+the queue worker downloads, decodes and embeds it off the event loop and reacts with a small emoji
+when it is in. Whether a file is a photo is decided from its bytes by the library's decoder, not
+from its name or the content type Discord reports.
+
+Deleting a message (one or in bulk), editing attachments away, deleting a channel or thread, or
+removing the bot from a server takes the photos out of the library — including jobs still waiting
+and batches in flight.
+
+Backfill walks a channel's history newest to oldest through `channel.history` (discord.py pages
+and rate-limits the requests), queueing photos as it goes and saving how far it got after every
+page, so an interrupted backfill resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import replace
+from typing import TYPE_CHECKING, Awaitable, Callable, Iterable
+
+import discord
+from discord.ext import commands
+
+from bot.discord_app import addresses_bot
+from bot.jobs import BackfillState, DownloadGone, IndexJob, IndexQueue
+from bot.scope import KnownThread, can_read_history
+from store.db import to_iso
+from store.library import IndexOutcome
+
+if TYPE_CHECKING:
+    from bot.discord_app import ShoeboxBot
+
+log = logging.getLogger(__name__)
+
+BACKFILL_PAGE = 100  # messages per saved step; also discord.py's page size for history
+Progress = Callable[[BackfillState], Awaitable[None]]
+Messageable = discord.TextChannel | discord.VoiceChannel | discord.StageChannel | discord.Thread
+
+
+class BackfillBusy(RuntimeError):
+    """A backfill of this channel is already running."""
+
+
+def jobs_for(message: discord.Message, react: bool) -> list[IndexJob]:
+    """One job per attachment, carrying who posted it, where, when, and the message's words."""
+    guild = message.guild
+    if guild is None:
+        return []
+    channel = message.channel
+    text = message.clean_content or ""
+    return [
+        IndexJob(
+            attachment_id=attachment.id,
+            guild_id=guild.id,
+            channel_id=channel.id,
+            message_id=message.id,
+            filename=attachment.filename,
+            url=attachment.url,
+            posted_at=to_iso(message.created_at),
+            author_id=message.author.id,
+            author_name=message.author.display_name,
+            channel_name=getattr(channel, "name", None),
+            posted_text=text,
+            size=attachment.size or 0,
+            react=react,
+        )
+        for attachment in message.attachments
+    ]
+
+
+def rule_allows(rules: dict[int, str], ids: Iterable[int]) -> bool:
+    """Per-guild rules: an excluded channel (or its category or parent) is never indexed; when any
+    channel is explicitly included, only included ones (or their threads and children) are."""
+    candidates = [i for i in ids if i]
+    if any(rules.get(i) == "exclude" for i in candidates):
+        return False
+    if any(mode == "include" for mode in rules.values()):
+        return any(rules.get(i) == "include" for i in candidates)
+    return True
+
+
+def rule_ids(channel: discord.abc.GuildChannel | discord.Thread) -> list[int]:
+    """The channel, its parent (for a thread) and their categories: the ids a rule may name."""
+    ids = [channel.id]
+    if isinstance(channel, discord.Thread):
+        ids.append(channel.parent_id)
+        parent = channel.parent
+        if parent is not None and parent.category_id:
+            ids.append(parent.category_id)
+    elif getattr(channel, "category_id", None):
+        ids.append(channel.category_id)  # type: ignore[arg-type]
+    return ids
+
+
+class Indexing(commands.Cog):
+    """Keeps the library in step with what is posted, edited and deleted."""
+
+    def __init__(self, bot: "ShoeboxBot") -> None:
+        self.bot = bot
+        self.queue = IndexQueue(
+            bot.jobs, bot.library, self.download, bot.config.queue, on_indexed=self.acknowledge
+        )
+        self._rules: dict[int, dict[int, str]] = {}
+        self._backfilling: set[int] = set()
+
+    async def cog_load(self) -> None:
+        self._rules = await self.bot.jobs.rules()
+        pending = await self.queue.pending()
+        if pending:
+            log.info("Resuming %d queued photo(s) from before the restart", pending)
+        self.queue.start()
+
+    async def cog_unload(self) -> None:
+        await self.queue.stop()
+
+    # ---- rules ----------------------------------------------------------------------------
+
+    def wants(self, channel: discord.abc.GuildChannel | discord.Thread) -> bool:
+        rules = self._rules.get(channel.guild.id)
+        return True if not rules else rule_allows(rules, rule_ids(channel))
+
+    def rules_of(self, guild_id: int) -> dict[int, str]:
+        return dict(self._rules.get(guild_id, {}))
+
+    async def set_rule(self, guild_id: int, channel_id: int, mode: str | None) -> None:
+        await self.bot.jobs.set_rule(guild_id, channel_id, mode)
+        self._rules = await self.bot.jobs.rules()
+
+    async def clear_rules(self, guild_id: int) -> None:
+        for channel_id in list(self._rules.get(guild_id, {})):
+            await self.bot.jobs.set_rule(guild_id, channel_id, None)
+        self._rules = await self.bot.jobs.rules()
+
+    # ---- new photos -----------------------------------------------------------------------
+
+    def indexable(self, message: discord.Message) -> bool:
+        """Photos in server channels, not the bot's own posts, and not questions to the bot
+        (a photo sent to ask for look-alikes is a query, not something to remember)."""
+        me = self.bot.user
+        if message.guild is None or not message.attachments or me is None:
+            return False
+        if message.author.id == me.id:
+            return False
+        if addresses_bot(message, me):
+            return False
+        return self.wants(message.channel)  # type: ignore[arg-type]
+
+    async def remember_thread(self, channel: object) -> None:
+        if isinstance(channel, discord.Thread):
+            await self.bot.jobs.remember_thread(
+                KnownThread(channel.id, channel.parent_id, channel.guild.id, channel.is_private(), channel.owner_id)
+            )
+
+    @commands.Cog.listener()
+    async def on_message(self, message: discord.Message) -> None:
+        if not self.indexable(message):
+            return
+        await self.remember_thread(message.channel)
+        await self.queue.submit(jobs_for(message, react=self.bot.config.reaction is not None))
+
+    async def acknowledge(self, job: IndexJob, outcome: IndexOutcome) -> None:
+        """React to an indexed photo's message; silently skip when reactions are not allowed."""
+        emoji = self.bot.config.reaction
+        if not emoji:
+            return
+        channel = self.bot.get_channel(job.channel_id) or self.bot.get_partial_messageable(
+            job.channel_id, guild_id=job.guild_id
+        )
+        try:
+            await channel.get_partial_message(job.message_id).add_reaction(emoji)  # type: ignore[union-attr]
+        except discord.HTTPException as error:
+            log.debug("No reaction on message %s: %s", job.message_id, error)
+
+    async def download(self, job: IndexJob) -> bytes:
+        """The attachment's bytes. Discord's CDN links expire, so a refused link is refreshed by
+        fetching the message again; a message that is gone ends the job instead of retrying."""
+        try:
+            return await self.bot.http.get_from_cdn(job.url)
+        except (discord.NotFound, discord.Forbidden) as error:
+            log.debug("CDN refused %s (%s); fetching the message again", job.filename, error.status)
+        try:
+            channel = self.bot.get_channel(job.channel_id) or await self.bot.fetch_channel(job.channel_id)
+            message = await channel.fetch_message(job.message_id)  # type: ignore[union-attr]
+        except (discord.NotFound, discord.Forbidden) as error:
+            raise DownloadGone(f"message {job.message_id} is gone or unreadable") from error
+        for attachment in message.attachments:
+            if attachment.id == job.attachment_id:
+                return await attachment.read()
+        raise DownloadGone(f"attachment {job.attachment_id} was removed from its message")
+
+    # ---- photos leaving ---------------------------------------------------------------------
+
+    @commands.Cog.listener()
+    async def on_raw_message_delete(self, payload: discord.RawMessageDeleteEvent) -> None:
+        if payload.guild_id is not None:
+            await self.queue.forget_messages([payload.message_id])
+
+    @commands.Cog.listener()
+    async def on_raw_bulk_message_delete(self, payload: discord.RawBulkMessageDeleteEvent) -> None:
+        if payload.guild_id is not None:
+            await self.queue.forget_messages(payload.message_ids)
+
+    @commands.Cog.listener()
+    async def on_raw_message_edit(self, payload: discord.RawMessageUpdateEvent) -> None:
+        attachments = payload.data.get("attachments")
+        if payload.guild_id is None or attachments is None:
+            return  # an edit event without the attachments field changed no attachment
+        keep = {int(a["id"]) for a in attachments}
+        gone = await self.queue.forget_attachments(payload.message_id, keep)
+        if gone:
+            log.info("Edit of message %s removed %d photo(s)", payload.message_id, len(gone))
+
+    @commands.Cog.listener()
+    async def on_guild_channel_delete(self, channel: discord.abc.GuildChannel) -> None:
+        await self.queue.forget_channel(channel.id)
+        self._rules = await self.bot.jobs.rules()
+
+    @commands.Cog.listener()
+    async def on_raw_thread_delete(self, payload: discord.RawThreadDeleteEvent) -> None:
+        await self.queue.forget_channel(payload.thread_id)
+
+    @commands.Cog.listener()
+    async def on_guild_remove(self, guild: discord.Guild) -> None:
+        gone = await self.queue.forget_guild(guild.id)
+        self._rules.pop(guild.id, None)
+        log.info("Removed from %s: forgot %d photo(s)", guild.name, len(gone))
+
+    # ---- backfill ---------------------------------------------------------------------------
+
+    def backfill_targets(self, guild: discord.Guild) -> list[Messageable]:
+        """Channels and active threads the bot may read, that the rules let in."""
+        me = guild.me
+        targets: list[Messageable] = []
+        for channel in [*guild.text_channels, *guild.voice_channels, *guild.stage_channels, *guild.threads]:
+            if me is not None and can_read_history(channel, me) and self.wants(channel):
+                targets.append(channel)
+        return targets
+
+    async def backfill(
+        self,
+        channel: Messageable,
+        limit: int | None = None,
+        progress: Progress | None = None,
+        restart: bool = False,
+    ) -> BackfillState:
+        """Queue the photos of up to `limit` older messages (all when None), resuming a previous run.
+
+        Progress is saved after every page, so a restart (of the bot or of the command) continues
+        from the oldest message already scanned. A completed channel is not scanned again unless
+        `restart` is set; new posts are indexed live anyway.
+        """
+        if channel.id in self._backfilling:
+            raise BackfillBusy(f"#{channel.name} is already being backfilled")
+        self._backfilling.add(channel.id)
+        try:
+            return await self._backfill(channel, limit, progress, restart)
+        finally:
+            self._backfilling.discard(channel.id)
+
+    async def _backfill(
+        self, channel: Messageable, limit: int | None, progress: Progress | None, restart: bool
+    ) -> BackfillState:
+        store = self.bot.jobs
+        state = None if restart else await store.backfill_state(channel.id)
+        if state is None:
+            state = BackfillState(channel.id, channel.guild.id, None)
+        elif state.done:
+            return state
+        await self.remember_thread(channel)
+        before = discord.Object(state.before_id) if state.before_id else None
+        seen = unsaved = 0
+        page: list[IndexJob] = []
+        oldest: int | None = None
+        async for message in channel.history(limit=limit, before=before, oldest_first=False):
+            seen += 1
+            unsaved += 1
+            oldest = message.id
+            if self.indexable(message):
+                page.extend(jobs_for(message, react=False))
+            if seen % BACKFILL_PAGE == 0:
+                state = await self._save_step(state, page, unsaved, oldest, False, progress)
+                page, unsaved = [], 0
+        done = limit is None or seen < limit
+        return await self._save_step(state, page, unsaved, oldest, done, progress)
+
+    async def _save_step(
+        self,
+        state: BackfillState,
+        page: list[IndexJob],
+        scanned: int,
+        oldest: int | None,
+        done: bool,
+        progress: Progress | None,
+    ) -> BackfillState:
+        """Queue one page's photos (waiting for room if the queue is full), then record the step."""
+        queued = await self.queue.submit(page) if page else 0
+        state = replace(
+            state,
+            before_id=oldest or state.before_id,
+            scanned=state.scanned + scanned,
+            queued=state.queued + queued,
+            done=done,
+        )
+        await self.bot.jobs.save_backfill(state)
+        if progress is not None:
+            await progress(state)
+        return state
+
+
+async def setup(bot: "ShoeboxBot") -> None:
+    await bot.add_cog(Indexing(bot))
