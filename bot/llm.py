@@ -270,9 +270,18 @@ def check_message(response: object) -> Message:
     content = getattr(response, "content", None)
     if not isinstance(response, Message) or not isinstance(content, list):
         raise LLMError("bad_response", "Claude's service sent a reply Shoebox could not read; try again.")
-    if not all(isinstance(getattr(block, "type", None), str) for block in content):
+    if not all(_readable(block) for block in content):
         raise LLMError("bad_response", "Claude's service sent a reply Shoebox could not read; try again.")
     return response
+
+
+def _readable(block: object) -> bool:
+    kind = getattr(block, "type", None)
+    if kind == "text":
+        return isinstance(getattr(block, "text", None), str)
+    if kind == "tool_use":
+        return isinstance(getattr(block, "id", None), str) and isinstance(getattr(block, "name", None), str)
+    return isinstance(kind, str)
 
 
 async def create_message(

@@ -18,7 +18,7 @@ from typing import Any, AsyncIterator, Callable
 import pytest
 from PIL import Image
 
-from bot.agent import STEP_LIMIT_NOTE, Agent, Attachment, Reply, Turn
+from bot.agent import NOTHING_ASKED, STEP_LIMIT_NOTE, Agent, Attachment, Reply, Turn
 from bot.llm import DEFAULT_MODEL, AgentSettings, make_client
 from store.library import Library
 from store.settings import SettingsError
@@ -390,6 +390,21 @@ async def test_history_comes_first(make_agent: MakeAgent, gallery: Gallery, fake
     ]
 
 
+async def test_a_refusal_shows_no_images(
+    make_agent: MakeAgent, gallery: Gallery, fake_anthropic: FakeAnthropic  # noqa: F811
+) -> None:
+    fake_anthropic.script([message(tool_use("search_images", {"query": "a circle"})), message(stop_reason="refusal")])
+    reply = await make_agent().answer("circles", IN_SCOPE)
+    assert reply.answer == "Claude declined to answer this request." and reply.images == []
+
+
+async def test_an_empty_question_is_answered_without_a_request(
+    make_agent: MakeAgent, fake_anthropic: FakeAnthropic  # noqa: F811
+) -> None:
+    reply = await make_agent().answer("   ", IN_SCOPE)
+    assert reply.answer == NOTHING_ASKED and reply.images == [] and fake_anthropic.requests == []
+
+
 # ---- failures of the service -------------------------------------------------------------------
 
 
@@ -448,8 +463,20 @@ async def test_invalid_key_names_the_variable(
     assert "sk-test" in (sent.get("x-api-key"), sent.get("authorization", "").removeprefix("Bearer "))
 
 
+BROKEN_TOOL_CALL = json.dumps(
+    {"type": "message", "role": "assistant", "content": [{"type": "tool_use", "input": {}}], "stop_reason": "tool_use"}
+).encode()
+
+
 @pytest.mark.parametrize(
-    "body", [Raw(b'{"type": "message", "content": [oops'), Raw(b"<html>502</html>", content_type="text/html")]
+    "body",
+    [
+        Raw(b'{"type": "message", "content": [oops'),
+        Raw(b"<html>502</html>", content_type="text/html"),
+        Raw(b'{"type": "message", "content": 5}'),
+        Raw(BROKEN_TOOL_CALL),
+    ],
+    ids=["broken-json", "html", "wrong-shape", "tool-call-without-id"],
 )
 async def test_malformed_body_is_one_clear_sentence(
     make_agent: MakeAgent, gallery: Gallery, fake_anthropic: FakeAnthropic, body: Raw  # noqa: F811
