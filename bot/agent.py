@@ -209,9 +209,16 @@ class Agent:
             image_budget=s.images_per_result * s.max_steps,
         )
         try:
-            text = await self._converse(question, attachments, history, state)
+            async with asyncio.timeout(s.answer_timeout):
+                text = await self._converse(question, attachments, history, state)
         except LLMError as error:
             return await self._failed(error, question, scope, attachments, state)
+        except TimeoutError:
+            late = LLMError(
+                "unreachable",
+                f"Claude did not finish answering within {s.answer_timeout:g} seconds; try again later.",
+            )
+            return await self._failed(late, question, scope, attachments, state)
         chosen, text = _choose(text, state)
         if state.refused:
             chosen = []

@@ -97,6 +97,7 @@ class AgentSettings:
     retries: int = 2  # extra attempts after a retryable failure
     max_wait: float = 30.0  # seconds spent waiting between attempts, in total, per request
     max_steps: int = 4  # model calls that may use tools in one answer
+    answer_timeout: float = 120.0  # seconds for a whole answer, all steps and retries included
     images_per_result: int = 3  # stored copies shown to Claude per tool result
     image_side: int = 384  # longest side of those copies, in pixels
     captions: bool = False
@@ -117,6 +118,7 @@ class AgentSettings:
             retries=_int("SHOEBOX_LLM_RETRIES", 2, 0, 10),
             max_wait=_float("SHOEBOX_LLM_MAX_WAIT", 30.0, 0.0),
             max_steps=_int("SHOEBOX_AGENT_MAX_STEPS", 4, 1, 20),
+            answer_timeout=_float("SHOEBOX_AGENT_TIMEOUT", 120.0, 1.0),
             images_per_result=_int("SHOEBOX_AGENT_IMAGES", 3, 0, 10),
             captions=_switch("SHOEBOX_CAPTIONS", False),
             captions_per_minute=_int("SHOEBOX_CAPTIONS_PER_MINUTE", 20, 1, 10_000),

@@ -452,6 +452,19 @@ async def test_slow_reply_times_out_and_is_retried(
     assert reply.answer == "Fast." and len(fake_anthropic.requests) == 2
 
 
+async def test_a_whole_answer_is_bounded_in_time(
+    make_agent: MakeAgent, gallery: Gallery, fake_anthropic: FakeAnthropic  # noqa: F811
+) -> None:
+    fake_anthropic.script([message(tool_use("search_images", {"query": "a circle"})), message(text("Late."), delay=3.0)])
+    started = time.monotonic()
+    reply = await make_agent(answer_timeout=1.0).answer("circles", IN_SCOPE)
+    assert time.monotonic() - started < 2
+    assert reply.error == "Claude did not finish answering within 1 seconds; try again later."
+    # What this turn's search had found is still shown.
+    found = [r["id"] for r in results_json(tool_results(fake_anthropic.bodies[1])[0])["results"]]
+    assert shown_ids(reply) == found[:3]
+
+
 async def test_invalid_key_names_the_variable(
     make_agent: MakeAgent, gallery: Gallery, fake_anthropic: FakeAnthropic  # noqa: F811
 ) -> None:
