@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 from typing import Any, AsyncIterator, Callable
 
+import anthropic
 import pytest
 from PIL import Image
 
@@ -280,6 +281,7 @@ async def test_bad_arguments_get_error_results_then_an_answer(
         tool_use("search_images", {"query": "a dog", "scope": "everything"}),
         tool_use("search_images", {"query": "a dog", "after": "2024-02-31"}),
         tool_use("get_description", {"image_id": "twelve"}),
+        tool_use("get_description", {"image_id": 10**30}),
     ]
     fake_anthropic.script([message(*calls), answer("I could not search.")])
     reply = await make_agent().answer("a dog", IN_SCOPE)
@@ -291,6 +293,7 @@ async def test_bad_arguments_get_error_results_then_an_answer(
     assert reasons[1].startswith("unknown field(s) scope")
     assert "2024-02-31" in reasons[2]
     assert reasons[3] == "image_id must be an integer, not string"
+    assert reasons[4].startswith("image_id must be between 1 and")
     assert all(len(r) < 200 and "Traceback" not in r for r in reasons)
     assert reply.answer == "I could not search." and reply.images == []
 
@@ -432,6 +435,20 @@ async def test_overloaded_until_giving_up_is_bounded_and_one_sentence(
     assert reply.answer.startswith(reply.error) and not reply.offline
     # The asker still gets the closest direct matches, inside their scope.
     assert reply.images and set(shown_ids(reply)) <= gallery.visible
+
+
+async def test_a_client_with_the_sdks_own_retries_is_not_retried_twice(
+    library: Library, gallery: Gallery, fake_anthropic: FakeAnthropic  # noqa: F811
+) -> None:
+    # The SDK's loop would honour any retry-after without a bound; the agent switches it off.
+    client = anthropic.AsyncAnthropic(api_key="sk-test", base_url=fake_anthropic.base_url, max_retries=2)
+    fake_anthropic.script([overloaded("0.1")] * 9)
+    try:
+        settings = AgentSettings(api_key="sk-test", retries=1, max_wait=5.0)
+        reply = await Agent(library, settings, client).answer("hi", IN_SCOPE)
+    finally:
+        await client.close()
+    assert reply.error is not None and len(fake_anthropic.requests) == 2
 
 
 async def test_a_pause_longer_than_the_wait_budget_gives_up_at_once(

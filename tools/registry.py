@@ -101,6 +101,8 @@ class ToolRegistry:
 
 # ---- the declarations -------------------------------------------------------------------------
 
+MAX_IMAGE_ID = 2**53 - 1  # the largest integer JSON carries exactly (and SQLite stores)
+
 _K = {
     "type": "integer",
     "minimum": 1,
@@ -255,6 +257,7 @@ FIND_SIMILAR = Tool(
             "image_id": {
                 "type": "integer",
                 "minimum": 1,
+                "maximum": MAX_IMAGE_ID,
                 "description": "The id of a library image to match, as given in an earlier result.",
             },
             "k": _K,
@@ -280,6 +283,7 @@ GET_DESCRIPTION = Tool(
             "image_id": {
                 "type": "integer",
                 "minimum": 1,
+                "maximum": MAX_IMAGE_ID,
                 "description": "The id of the image, as given in a search or look-alike result.",
             },
         },
