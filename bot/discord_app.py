@@ -215,6 +215,9 @@ class ShoeboxBot(commands.Bot):
         agent: AgentLike | None = None,
         jobs: JobStore | None = None,
     ) -> None:
+        # Shoebox never joins voice: skip discord.py's warnings about the optional voice libraries.
+        discord.VoiceClient.warn_nacl = False
+        discord.VoiceClient.warn_dave = False
         super().__init__(
             command_prefix=commands.when_mentioned,
             intents=bot_intents(),

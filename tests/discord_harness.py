@@ -25,9 +25,10 @@ import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, AsyncIterator, Awaitable, Callable, Sequence
 
 import discord
+import pytest
 from discord.http import HTTPClient, Route
 from discord.webhook.async_ import AsyncWebhookAdapter, async_context
 
@@ -397,7 +398,10 @@ class Harness:
         await self.settle()
         await self.bot.close()
         if self._token is not None:
-            async_context.reset(self._token)
+            try:
+                async_context.reset(self._token)
+            except ValueError:
+                pass  # set in the test's context, stopped from the fixture's: nothing leaks either way
 
     # ---- building the guild -------------------------------------------------------------------
 
@@ -671,6 +675,49 @@ def _member(role_ids: Sequence[int]) -> dict[str, Any]:
             "pending": False}
 
 
+# ---- fixtures and picture makers ------------------------------------------------------------------
+
+
+def scene_jpeg(colour: str, shape: str, seed: int = 0, size: int = 160) -> bytes:
+    """A JPEG of one coloured shape, the kind of picture the shipped small CLIP knows."""
+    import io
+
+    import numpy as np
+
+    from store.tinyclip.scenes import SceneObject, SceneSpec, render_scene
+
+    rng = np.random.default_rng([seed, len(colour), len(shape)])
+    image = render_scene(SceneSpec([SceneObject(colour, shape, "big", "centre")]), rng, size=size, degrade=False)
+    buffer = io.BytesIO()
+    image.save(buffer, "JPEG", quality=90)
+    return buffer.getvalue()
+
+
+def offline_agent(library: Library) -> Any:
+    from bot.agent import Agent
+    from bot.llm import AgentSettings
+
+    return Agent(library, AgentSettings(api_key=None), None)
+
+
+StartBot = Callable[..., Awaitable[Harness]]
+
+
+@pytest.fixture
+async def start_bot(settings: Settings, library: Library) -> AsyncIterator[StartBot]:
+    """Start the bot on a layout (offline agent unless one is given); stopped after the test."""
+    running: list[Harness] = []
+
+    async def start(layout: Layout, agent: Any = None, **options: Any) -> Harness:
+        harness = await Harness.start(settings, library, agent or offline_agent(library), layout, **options)
+        running.append(harness)
+        return harness
+
+    yield start
+    for harness in running:
+        await harness.stop()
+
+
 __all__ = [
     "BOT_PERMISSIONS",
     "ChannelSpec",
@@ -681,5 +728,8 @@ __all__ = [
     "World",
     "allow",
     "deny",
+    "offline_agent",
+    "scene_jpeg",
     "snowflake",
+    "start_bot",
 ]

@@ -1,0 +1,148 @@
+"""Who sees which photos: a permission matrix of 4 members x 3 channels, through every way of asking.
+
+The server has three channels, each with one photo:
+
+* #general — everyone, except Dan, who has a member overwrite denying him View Channel;
+* #staff   — hidden from @everyone, visible to the Staff role;
+* #vault   — visible to everyone, but Read Message History is denied to @everyone and allowed to
+  the Archivist role: people without it can see new messages there but not scroll back, so they
+  must not be shown its old photos either.
+
+Each member asks by mentioning the bot, by DM (scope across shared servers, member fetched over
+the API because members are not cached) and with `/ask`; the photos shown must come from exactly
+the channels Discord lets that member view AND read the history of. The answers are in offline
+mode, which returns every visible photo (there are fewer than its five results), so a photo from
+outside the scope would show up.
+"""
+
+from __future__ import annotations
+
+import re
+
+import discord
+import pytest
+
+from bot.scope import readable_channel_ids
+from tests.discord_harness import (
+    ChannelSpec,
+    Harness,
+    Layout,
+    Sent,
+    StartBot,
+    allow,
+    deny,
+    scene_jpeg,
+    start_bot,  # noqa: F401 - fixture
+)
+
+LAYOUT = Layout(
+    roles={"staff": discord.Permissions.none(), "archivist": discord.Permissions.none()},
+    channels=[
+        ChannelSpec("general", {"dan": deny(view_channel=True)}),
+        ChannelSpec("staff", {"@everyone": deny(view_channel=True), "staff": allow(view_channel=True)}),
+        ChannelSpec("vault", {"@everyone": deny(read_message_history=True), "archivist": allow(read_message_history=True)}),
+    ],
+    members={"ann": ["staff", "archivist"], "ben": [], "cat": ["archivist"], "dan": ["staff"]},
+)
+
+# member -> (channel they ask in, channels whose photos they may be shown)
+MATRIX = {
+    "ann": ("general", {"general", "staff", "vault"}),
+    "ben": ("general", {"general"}),
+    "cat": ("general", {"general", "vault"}),
+    "dan": ("staff", {"staff"}),
+}
+PHOTOS = {"general": ("red", "circle"), "staff": ("blue", "star"), "vault": ("green", "triangle")}
+CHANNEL_MENTION = re.compile(r"<#(\d+)>")
+
+
+async def server_with_photos(start_bot: StartBot) -> Harness:  # noqa: F811
+    harness = await start_bot(LAYOUT)
+    for channel, (colour, shape) in PHOTOS.items():
+        await harness.post(channel, "ann", f"a {colour} {shape}", files=[(f"{shape}.jpg", scene_jpeg(colour, shape))])
+    await harness.drain()
+    stats = await harness.bot.library.stats()
+    assert stats["images"] == 3
+    return harness
+
+
+def shown_channels(harness: Harness, sent: list[Sent]) -> set[str]:
+    names = {cid: name for name, cid in harness.channel_ids.items()}
+    channels = set()
+    for message in sent:
+        for embed in message.embeds:
+            for embed_field in embed.get("fields", []):
+                if embed_field["name"] == "Channel":
+                    match = CHANNEL_MENTION.fullmatch(embed_field["value"])
+                    assert match, embed_field
+                    channels.add(names[int(match.group(1))])
+    return channels
+
+
+def shown_files(sent: list[Sent]) -> int:
+    return sum(len(message.files) for message in sent)
+
+
+@pytest.mark.parametrize("channel", sorted(PHOTOS))
+@pytest.mark.parametrize("member", sorted(MATRIX))
+async def test_scope_cell(start_bot: StartBot, member: str, channel: str) -> None:  # noqa: F811
+    """One cell of the matrix: Discord's verdict (view AND read history) is the scope's verdict."""
+    harness = await start_bot(LAYOUT)
+    permissions = harness.permissions(member, channel)
+    discord_says = permissions.view_channel and permissions.read_message_history
+    assert discord_says == (channel in MATRIX[member][1]), (member, channel, permissions)
+    in_scope = harness.channel_ids[channel] in readable_channel_ids(harness.guild, harness.member(member))
+    assert in_scope == discord_says
+
+
+@pytest.mark.parametrize("member", sorted(MATRIX))
+async def test_discord_permissions_decide_what_is_shown(start_bot: StartBot, member: str) -> None:  # noqa: F811
+    harness = await server_with_photos(start_bot)
+    ask_in, expected = MATRIX[member]
+
+    # 1. Mentioning the bot in a channel.
+    before = len(harness.world.sent)
+    await harness.post(ask_in, member, "show me the shapes", mention_bot=True)
+    sent = harness.sent_since(before)
+    assert sent and sent[0].channel_id == harness.channel_ids[ask_in]
+    assert shown_channels(harness, sent) == expected
+    assert shown_files(sent) == len(expected)
+
+    # 2. In a DM: the member is looked up over the API (no member cache), then the same rules apply.
+    before = len(harness.world.sent)
+    await harness.post("", member, "show me the shapes", dm=True)
+    sent = harness.sent_since(before)
+    assert shown_channels(harness, sent) == expected
+    assert f"get_member {harness.guild_id} {harness.user_ids[member]}" in harness.world.calls
+
+    # 3. The /ask slash command, answered privately.
+    sent = await harness.slash(member, ask_in, "ask", [
+        {"name": "question", "type": 3, "value": "show me the shapes"},
+        {"name": "private", "type": 5, "value": True},
+    ])
+    assert shown_channels(harness, sent) == expected
+    assert sent and all(message.ephemeral for message in sent)
+
+
+async def test_scope_follows_a_permission_change_at_question_time(start_bot: StartBot) -> None:  # noqa: F811
+    """Ben is given the Staff role: his very next question sees #staff, with no restart or cache."""
+    harness = await server_with_photos(start_bot)
+    before = len(harness.world.sent)
+    await harness.post("general", "ben", "shapes", mention_bot=True)
+    assert shown_channels(harness, harness.sent_since(before)) == {"general"}
+    key = (harness.guild_id, harness.user_ids["ben"])
+    harness.world.members[key]["roles"] = [str(harness.role_ids["staff"])]
+    before = len(harness.world.sent)
+    await harness.post("general", "ben", "shapes", mention_bot=True)
+    assert shown_channels(harness, harness.sent_since(before)) == {"general", "staff"}
+
+
+async def test_a_stranger_in_dms_sees_nothing(start_bot: StartBot) -> None:  # noqa: F811
+    """Someone who shares no server with the bot gets an answer with no photos at all."""
+    harness = await server_with_photos(start_bot)
+    user_id = harness.user_ids["ben"]
+    del harness.world.members[(harness.guild_id, user_id)]  # Ben left the server
+    before = len(harness.world.sent)
+    await harness.post("", "ben", "shapes", dm=True)
+    sent = harness.sent_since(before)
+    assert sent and shown_files(sent) == 0 and shown_channels(harness, sent) == set()
