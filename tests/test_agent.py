@@ -472,11 +472,11 @@ async def test_slow_reply_times_out_and_is_retried(
 async def test_a_whole_answer_is_bounded_in_time(
     make_agent: MakeAgent, gallery: Gallery, fake_anthropic: FakeAnthropic  # noqa: F811
 ) -> None:
-    fake_anthropic.script([message(tool_use("search_images", {"query": "a circle"})), message(text("Late."), delay=3.0)])
+    fake_anthropic.script([message(tool_use("search_images", {"query": "a circle"})), message(text("Late."), delay=4.0)])
     started = time.monotonic()
-    reply = await make_agent(answer_timeout=1.0).answer("circles", IN_SCOPE)
-    assert time.monotonic() - started < 2
-    assert reply.error == "Claude did not finish answering within 1 seconds; try again later."
+    reply = await make_agent(answer_timeout=1.5).answer("circles", IN_SCOPE)
+    assert time.monotonic() - started < 3.5
+    assert reply.error == "Claude did not finish answering within 1.5 seconds; try again later."
     # What this turn's search had found is still shown.
     found = [r["id"] for r in results_json(tool_results(fake_anthropic.bodies[1])[0])["results"]]
     assert shown_ids(reply) == found[:3]
