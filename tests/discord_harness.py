@@ -348,7 +348,7 @@ class Harness:
         self.channel_ids: dict[str, int] = {}
         self.user_ids: dict[str, int] = {}
         self._token = None
-        self._attachment_dir: Path | None = None
+        self._stopped = False
 
     # ---- start and stop -----------------------------------------------------------------------
 
@@ -395,6 +395,9 @@ class Harness:
         return harness
 
     async def stop(self) -> None:
+        if self._stopped:
+            return
+        self._stopped = True
         await self.settle()
         await self.bot.close()
         if self._token is not None:

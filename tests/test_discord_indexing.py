@@ -1,0 +1,260 @@
+"""Auto-indexing: photos in, photos out, and nothing lost across a restart.
+
+Every test posts through discord.py's gateway parsing into the real bot, which queues, downloads
+from the (fake) CDN, decodes and embeds with the real small CLIP into a real library.
+"""
+
+from __future__ import annotations
+
+import discord
+
+from bot.jobs import QueueSettings
+from store.library import Library
+from tests.discord_harness import (
+    ChannelSpec,
+    Harness,
+    Layout,
+    StartBot,
+    offline_agent,
+    scene_jpeg,
+    start_bot,  # noqa: F401 - fixture
+)
+
+CAMERA = "\N{CAMERA WITH FLASH}"
+LAYOUT = Layout(channels=[ChannelSpec("general"), ChannelSpec("photos"), ChannelSpec("random")],
+                members={"ann": [], "ben": []})
+
+
+async def sources_of(library: Library, message: discord.Message) -> list:
+    return await library.catalog.sources_for_messages([message.id])
+
+
+async def test_an_upload_is_indexed_with_who_where_when_and_text(start_bot: StartBot, library: Library) -> None:  # noqa: F811
+    harness = await start_bot(LAYOUT)
+    message = await harness.post("photos", "ann", "our red kite at the beach",
+                                 files=[("kite.jpg", scene_jpeg("red", "circle"))])
+    await harness.drain()
+    (source,) = await sources_of(library, message)
+    assert source.kind == "discord"
+    assert source.guild_id == harness.guild_id
+    assert source.channel_id == harness.channel_ids["photos"]
+    assert source.channel_name == "photos"
+    assert source.message_id == message.id
+    assert source.attachment_id == message.attachments[0].id
+    assert source.author_id == harness.user_ids["ann"]
+    assert source.author_name == "Ann"
+    assert source.posted_text == "our red kite at the beach"
+    assert source.filename == "kite.jpg"
+    assert source.posted_at.startswith(message.created_at.strftime("%Y-%m-%dT%H:%M"))
+    # The words people posted are searchable too.
+    assert source.image_id in await library.catalog.text_matches("kite", 5, _everything())
+    # A small reaction, nothing posted in the channel.
+    assert harness.world.reactions == [(harness.channel_ids["photos"], message.id, CAMERA)]
+    assert harness.world.sent == []
+
+
+def _everything():  # type: ignore[no-untyped-def]
+    from store.db import SourceFilter
+
+    return SourceFilter()
+
+
+async def test_the_bytes_decide_what_is_a_photo(start_bot: StartBot, library: Library) -> None:  # noqa: F811
+    """A photo named .txt is indexed; a text file named .jpg is not, and gets no reaction."""
+    harness = await start_bot(LAYOUT)
+    disguised = await harness.post("general", "ann", files=[("notes.txt", scene_jpeg("blue", "star"))])
+    fake = await harness.post("general", "ann", files=[("holiday.jpg", b"%PDF-1.4 not a picture at all")])
+    await harness.drain()
+    assert len(await sources_of(library, disguised)) == 1
+    assert await sources_of(library, fake) == []
+    assert [m for _, m, _ in harness.world.reactions] == [disguised.id]
+    indexing = harness.bot.get_cog("Indexing")
+    assert indexing.queue.counters.rejected == 1  # type: ignore[attr-defined]
+    assert await indexing.queue.pending() == 0  # type: ignore[attr-defined]
+
+
+async def test_no_reaction_when_reactions_are_off(start_bot: StartBot, library: Library) -> None:  # noqa: F811
+    harness = await start_bot(LAYOUT, reaction=None)
+    message = await harness.post("general", "ann", files=[("a.jpg", scene_jpeg("red", "square"))])
+    await harness.drain()
+    assert len(await sources_of(library, message)) == 1
+    assert harness.world.reactions == []
+
+
+async def test_questions_to_the_bot_and_its_own_posts_are_not_remembered(start_bot: StartBot, library: Library) -> None:  # noqa: F811
+    harness = await start_bot(LAYOUT)
+    await harness.post("general", "ann", files=[("a.jpg", scene_jpeg("red", "circle"))])
+    await harness.drain()
+    # A look-alike question: the attached photo is a query, not a memory.
+    question = await harness.post("general", "ben", "like this?", files=[("q.jpg", scene_jpeg("green", "star"))],
+                                  mention_bot=True)
+    await harness.drain()
+    assert await sources_of(library, question) == []
+    replies = [s for s in harness.world.sent if s.files]
+    assert replies, "the bot answered with photos"
+    # The bot's answer (with the stored copy attached) came back over the gateway and was ignored.
+    answers = [s.message_id for s in replies if s.message_id is not None]
+    assert answers and await library.catalog.sources_for_messages(answers) == []
+    assert (await library.stats())["sources"] == 1
+
+
+async def test_deleting_a_message_forgets_its_photos(start_bot: StartBot, library: Library) -> None:  # noqa: F811
+    harness = await start_bot(LAYOUT)
+    keep = await harness.post("general", "ann", files=[("k.jpg", scene_jpeg("red", "circle"))])
+    gone = await harness.post("general", "ann", files=[("g1.jpg", scene_jpeg("blue", "star")),
+                                                      ("g2.jpg", scene_jpeg("green", "heart"))])
+    await harness.drain()
+    assert (await library.stats())["images"] == 3
+    await harness.delete_message(gone)
+    assert await sources_of(library, gone) == []
+    assert len(await sources_of(library, keep)) == 1
+    assert (await library.stats())["images"] == 1
+    assert library.vectors.count == 1
+
+
+async def test_bulk_delete_forgets_every_message(start_bot: StartBot, library: Library) -> None:  # noqa: F811
+    harness = await start_bot(LAYOUT)
+    messages = [
+        await harness.post("random", "ben", files=[(f"{i}.jpg", scene_jpeg(colour, "square", seed=i))])
+        for i, colour in enumerate(["red", "blue", "green", "yellow"])
+    ]
+    await harness.drain()
+    assert (await library.stats())["images"] == 4
+    await harness.bulk_delete("random", [m.id for m in messages[:3]])
+    assert (await library.stats())["images"] == 1
+    assert len(await sources_of(library, messages[3])) == 1
+
+
+async def test_editing_attachments_away_forgets_just_those(start_bot: StartBot, library: Library) -> None:  # noqa: F811
+    harness = await start_bot(LAYOUT)
+    message = await harness.post("general", "ann", "two", files=[("a.jpg", scene_jpeg("red", "circle")),
+                                                                 ("b.jpg", scene_jpeg("blue", "cross"))])
+    await harness.drain()
+    first, second = message.attachments
+    await harness.edit_attachments(message, keep=[first.id])
+    assert [s.attachment_id for s in await sources_of(library, message)] == [first.id]
+    assert (await library.stats())["images"] == 1
+
+
+async def test_deleting_a_channel_forgets_its_photos(start_bot: StartBot, library: Library) -> None:  # noqa: F811
+    harness = await start_bot(LAYOUT)
+    await harness.post("photos", "ann", files=[("p.jpg", scene_jpeg("red", "circle"))])
+    other = await harness.post("general", "ann", files=[("g.jpg", scene_jpeg("blue", "star"))])
+    await harness.drain()
+    await harness.delete_channel("photos")
+    assert await library.catalog.find_sources("channel_id", harness.channel_ids["photos"]) == []
+    assert len(await sources_of(library, other)) == 1
+
+
+async def test_leaving_a_server_forgets_everything_from_it(start_bot: StartBot, library: Library) -> None:  # noqa: F811
+    harness = await start_bot(LAYOUT)
+    await harness.post("photos", "ann", files=[("p.jpg", scene_jpeg("red", "circle"))])
+    await harness.post("general", "ben", files=[("g.jpg", scene_jpeg("blue", "star"))])
+    await harness.drain()
+    await harness.remove_bot_from_guild()
+    assert (await library.stats())["images"] == 0
+    assert await harness.bot.jobs.rules(harness.guild_id) == {}
+
+
+async def test_a_delete_during_indexing_still_wins(start_bot: StartBot, library: Library) -> None:  # noqa: F811
+    """The message is deleted while its photo is being downloaded: it must not end up indexed."""
+    harness = await start_bot(LAYOUT, run_worker=False)
+    indexing = harness.bot.get_cog("Indexing")
+    message = await harness.post("general", "ann", files=[("late.jpg", scene_jpeg("red", "circle"))])
+    original = indexing.download  # type: ignore[union-attr]
+
+    async def slow_download(job):  # type: ignore[no-untyped-def]
+        data = await original(job)
+        await harness.delete_message(message)  # arrives mid-flight
+        return data
+
+    indexing.queue.download = slow_download  # type: ignore[union-attr]
+    await indexing.queue.drain()  # type: ignore[union-attr]
+    assert await sources_of(library, message) == []
+    assert (await library.stats())["images"] == 0
+    assert harness.world.reactions == []
+
+
+async def test_failed_downloads_are_retried_then_succeed(start_bot: StartBot, library: Library) -> None:  # noqa: F811
+    harness = await start_bot(LAYOUT, run_worker=False)
+    message = await harness.post("general", "ann", files=[("flaky.jpg", scene_jpeg("red", "circle"))])
+    harness.world.cdn_failures[message.attachments[0].url] = 2  # two 503s, then the file
+    indexing = harness.bot.get_cog("Indexing")
+    await indexing.queue.drain()  # type: ignore[union-attr]
+    assert len(await sources_of(library, message)) == 1
+    assert indexing.queue.counters.retried == 2  # type: ignore[union-attr]
+
+
+async def test_an_expired_cdn_link_is_refreshed_from_the_message(start_bot: StartBot, library: Library) -> None:  # noqa: F811
+    harness = await start_bot(LAYOUT, run_worker=False)
+    message = await harness.post("general", "ann", files=[("old.jpg", scene_jpeg("red", "circle"))])
+    url = message.attachments[0].url
+    data = harness.world.cdn.pop(url)  # the signed link expired...
+    fresh = url.replace("?ex=1", "?ex=2")
+    harness.world.cdn[fresh] = data  # ...and Discord hands out a new one with the message
+    stored = harness.world.messages[message.channel.id][message.id]
+    stored["attachments"] = [{**stored["attachments"][0], "url": fresh, "proxy_url": fresh}]
+    indexing = harness.bot.get_cog("Indexing")
+    await indexing.queue.drain()  # type: ignore[union-attr]
+    assert len(await sources_of(library, message)) == 1
+    assert f"get_message {message.id}" in harness.world.calls
+
+
+async def test_giving_up_after_the_last_attempt_is_reported(start_bot: StartBot, library: Library) -> None:  # noqa: F811
+    harness = await start_bot(LAYOUT, run_worker=False,
+                              queue=QueueSettings(batch_size=4, max_attempts=2, retry_delays=(0.0,)))
+    message = await harness.post("general", "ann", files=[("down.jpg", scene_jpeg("red", "circle"))])
+    harness.world.cdn_failures[message.attachments[0].url] = 10
+    indexing = harness.bot.get_cog("Indexing")
+    await indexing.queue.drain()  # type: ignore[union-attr]
+    assert await indexing.queue.pending() == 0  # type: ignore[union-attr]
+    assert indexing.queue.counters.gave_up == 1  # type: ignore[union-attr]
+    (note,) = await harness.bot.jobs.recent_errors()
+    assert "down.jpg" in note.message and "2 tries" in note.message
+
+
+async def test_pending_photos_survive_a_restart(start_bot: StartBot, settings, library: Library) -> None:  # noqa: F811
+    """Photos queued when the bot stops are indexed after it starts again, from the job file alone."""
+    harness = await start_bot(LAYOUT, run_worker=False)
+    messages = [
+        await harness.post("general", "ann", files=[(f"{c}.jpg", scene_jpeg(c, "circle"))])
+        for c in ("red", "blue", "green")
+    ]
+    assert await harness.bot.get_cog("Indexing").queue.pending() == 3  # type: ignore[union-attr]
+    assert (await library.stats())["images"] == 0
+    world = harness.world
+    await harness.stop()
+
+    # A new process: a new library instance on the same folder, a new bot, the same Discord.
+    reopened = await Library.open(settings, library.embedder)
+    try:
+        restarted = await Harness.start(settings, reopened, offline_agent(reopened), Layout(), run_worker=True)
+        try:
+            restarted.world.cdn.update(world.cdn)
+            restarted.world.messages.update(world.messages)
+            await restarted.drain()
+            for message in messages:
+                assert len(await sources_of(reopened, message)) == 1
+            assert await restarted.bot.get_cog("Indexing").queue.pending() == 0  # type: ignore[union-attr]
+        finally:
+            await restarted.stop()
+    finally:
+        await reopened.close()
+
+
+async def test_excluded_channels_are_not_indexed(start_bot: StartBot, library: Library) -> None:  # noqa: F811
+    harness = await start_bot(LAYOUT)
+    indexing = harness.bot.get_cog("Indexing")
+    await indexing.set_rule(harness.guild_id, harness.channel_ids["random"], "exclude")  # type: ignore[union-attr]
+    skipped = await harness.post("random", "ann", files=[("r.jpg", scene_jpeg("red", "circle"))])
+    kept = await harness.post("general", "ann", files=[("g.jpg", scene_jpeg("blue", "star"))])
+    await harness.drain()
+    assert await sources_of(library, skipped) == []
+    assert len(await sources_of(library, kept)) == 1
+    # With an include rule, only included channels are indexed.
+    await indexing.set_rule(harness.guild_id, harness.channel_ids["photos"], "include")  # type: ignore[union-attr]
+    only = await harness.post("photos", "ann", files=[("p.jpg", scene_jpeg("green", "heart"))])
+    not_now = await harness.post("general", "ann", files=[("n.jpg", scene_jpeg("yellow", "star"))])
+    await harness.drain()
+    assert len(await sources_of(library, only)) == 1
+    assert await sources_of(library, not_now) == []
