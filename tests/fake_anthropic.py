@@ -23,7 +23,7 @@ import threading
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import pytest
 from PIL import Image, ImageDraw
@@ -125,16 +125,23 @@ class Recorded:
     answered_with: str
 
 
+class _Server(ThreadingHTTPServer):
+    """Threaded, with a listen backlog deep enough for many clients connecting at once."""
+
+    request_queue_size = 128
+    daemon_threads = True
+
+
 class FakeAnthropic:
     """The server: `script(...)` the replies, point a client at `base_url`, read `requests`."""
 
     def __init__(self) -> None:
         self._steps: list[Step] = []
+        self._responder: Callable[[dict[str, Any]], Step] | None = None
         self._lock = threading.Lock()
         self.requests: list[Recorded] = []
         self.exhausted = False
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler_class())
-        self._server.daemon_threads = True
+        self._server = _Server(("127.0.0.1", 0), self._handler_class())
         self._thread = threading.Thread(
             target=self._server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
         )
@@ -169,8 +176,20 @@ class FakeAnthropic:
         with self._lock:
             return len(self._steps)
 
-    def _next(self) -> Step | None:
+    def respond_with(self, responder: "Callable[[dict[str, Any]], Step] | None") -> None:
+        """Answer every request by calling `responder(body)` instead of following a script.
+
+        For many conversations at once, where the order of requests is unknown but the right
+        reply can be read off each request."""
         with self._lock:
+            self._responder = responder
+            self.requests.clear()
+
+    def _next(self, body: dict[str, Any] | None = None) -> Step | None:
+        with self._lock:
+            responder = self._responder
+            if responder is not None and body is not None:
+                return responder(body)
             if not self._steps:
                 self.exhausted = True
                 return None
@@ -192,7 +211,7 @@ class FakeAnthropic:
                     body = json.loads(raw) if raw else None
                 except ValueError:
                     body = None
-                step = server._next()
+                step = server._next(body)
                 server.requests.append(
                     Recorded(self.path, {k.lower(): v for k, v in self.headers.items()}, body, _name(step))
                 )
