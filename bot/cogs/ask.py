@@ -34,7 +34,7 @@ log = logging.getLogger(__name__)
 
 MAX_QUESTION_IMAGES = 4
 MAX_HISTORY_TURNS = 6
-LOOKALIKE_QUESTION = "Find photos that look like this one."
+PHOTO_ONLY = "(sent a photo)"
 HELP_TEXT = (
     "Ask me about photos posted here, for example: *the red car from the summer trip*, or attach a "
     "photo to find look-alikes. I only show photos from channels you can read."
@@ -150,7 +150,7 @@ class Ask(commands.Cog):
             question = await self._resolve(answer)
             if question is None:
                 break
-            turns.append(Turn(question=self.question_text(question) or LOOKALIKE_QUESTION, answer=_answer_text(answer)))
+            turns.append(Turn(question=self.question_text(question) or PHOTO_ONLY, answer=_answer_text(answer)))
             current = question
         turns.reverse()
         return turns
@@ -229,7 +229,7 @@ class Ask(commands.Cog):
         async with message.channel.typing():
             scope = await self.scope_for(message.author, message.guild)
             history = await self.history_for(message)
-            answer = await self.ask_agent(question or LOOKALIKE_QUESTION, scope, images, history)
+            answer = await self.ask_agent(question, scope, images, history)
         parts = self.plan(answer, message.guild)
 
         async def send(**kwargs: Any) -> Any:
