@@ -165,16 +165,22 @@ async def send_ephemeral(interaction: discord.Interaction, text: str) -> None:
         log.warning("Could not answer interaction %s: %s", interaction.id, error)
 
 
+_PERMISSION_NAMES = {"manage_guild": "Manage Server", "view_channel": "View Channels"}
+
+
+def permission_names(names: Sequence[str]) -> str:
+    """Permissions as Discord's settings screens call them (manage_guild is "Manage Server")."""
+    return ", ".join(_PERMISSION_NAMES.get(n, n.replace("_", " ").title()) for n in names)
+
+
 def explain_check_failure(error: app_commands.AppCommandError) -> str | None:
     """A polite sentence for the failures a person causes; None for the ones that are bugs."""
     if isinstance(error, app_commands.NoPrivateMessage):
         return "That only works inside a server."
     if isinstance(error, app_commands.MissingPermissions):
-        needed = ", ".join(p.replace("_", " ").title() for p in error.missing_permissions)
-        return f"Sorry, you need the {needed} permission for that."
+        return f"Sorry, you need the {permission_names(error.missing_permissions)} permission for that."
     if isinstance(error, app_commands.BotMissingPermissions):
-        needed = ", ".join(p.replace("_", " ").title() for p in error.missing_permissions)
-        return f"I am missing the {needed} permission here."
+        return f"I am missing the {permission_names(error.missing_permissions)} permission here."
     if isinstance(error, app_commands.CommandOnCooldown):
         return f"Slow down a little: try again in {error.retry_after:.0f}s."
     if isinstance(error, app_commands.CheckFailure):

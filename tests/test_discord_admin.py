@@ -1,0 +1,188 @@
+"""The `/shoebox` admin commands and "Forget these photos", driven as real interactions.
+
+Discord hides `/shoebox` from members without Manage Server (`default_permissions`), but a server
+can override that, so the bot checks again at run time; both are tested. Long jobs report progress
+by editing one ephemeral message.
+"""
+
+from __future__ import annotations
+
+import discord
+import pytest
+
+from store.library import Library
+from tests.discord_harness import (
+    ChannelSpec,
+    Harness,
+    Layout,
+    Sent,
+    StartBot,
+    scene_jpeg,
+    start_bot,  # noqa: F401 - fixture
+)
+
+LAYOUT = Layout(
+    roles={"admin": discord.Permissions(manage_guild=True), "mods": discord.Permissions(manage_messages=True)},
+    channels=[ChannelSpec("general"), ChannelSpec("photos"), ChannelSpec("old")],
+    members={"boss": ["admin"], "mod": ["mods"], "ann": [], "ben": []},
+)
+
+SUBCOMMANDS = {
+    "status": [],
+    "reindex": [],
+    "backfill": [],
+    "channels": [{"name": "action", "type": 3, "value": "list"}],
+    "forget": [{"name": "link", "type": 3, "value": "https://discord.com/channels/1/2/3"}],
+}
+
+
+def texts(sent: list[Sent]) -> list[str]:
+    return [s.content or "" for s in sent]
+
+
+async def test_commands_on_the_tree(start_bot: StartBot) -> None:  # noqa: F811
+    harness = await start_bot(LAYOUT)
+    tree = harness.bot.tree
+    group = tree.get_command("shoebox")
+    assert isinstance(group, discord.app_commands.Group)
+    assert group.default_permissions == discord.Permissions(manage_guild=True)
+    assert group.guild_only is True
+    assert {c.name for c in group.commands} == set(SUBCOMMANDS)
+    payload = group.to_dict(tree)  # what Discord is told when the commands are synced
+    assert int(payload["default_member_permissions"]) == discord.Permissions(manage_guild=True).value
+    assert payload["dm_permission"] is False
+    ask = tree.get_command("ask")
+    assert ask is not None and ask.default_permissions is None  # for everyone
+    menu = tree.get_command("Forget these photos", type=discord.AppCommandType.message)
+    assert menu is not None and menu.default_permissions is None and menu.guild_only
+
+
+@pytest.mark.parametrize("subcommand", sorted(SUBCOMMANDS))
+async def test_non_admins_are_refused_at_run_time(start_bot: StartBot, subcommand: str) -> None:  # noqa: F811
+    harness = await start_bot(LAYOUT)
+    assert not harness.permissions("mod", "general").manage_guild
+    sent = await harness.slash("mod", "general", f"shoebox {subcommand}", SUBCOMMANDS[subcommand])
+    assert len(sent) == 1
+    assert sent[0].ephemeral
+    assert "Manage Server" in (sent[0].content or "")
+
+
+async def test_status_for_an_admin(start_bot: StartBot) -> None:  # noqa: F811
+    harness = await start_bot(LAYOUT)
+    await harness.post("photos", "ann", files=[("a.jpg", scene_jpeg("red", "circle")),
+                                               ("b.txt", b"just some text, not a photo")])
+    await harness.drain()
+    sent = await harness.slash("boss", "general", "shoebox status")
+    (status,) = [s for s in sent if s.kind == "followup"]
+    assert status.ephemeral
+    content = status.content or ""
+    assert "Photos from this server: **1**" in content
+    assert harness.bot.library.embedder.model_id in content
+    assert "Queue: 0 waiting" in content and "1 indexed" in content and "1 not photos" in content
+    assert "could not index discord:" in content  # the text file, with the decoder's reason
+
+
+async def test_exclude_include_and_clear_channels(start_bot: StartBot, library: Library) -> None:  # noqa: F811
+    harness = await start_bot(LAYOUT)
+    await harness.post("old", "ann", files=[("o.jpg", scene_jpeg("red", "circle"))])
+    await harness.drain()
+    old = harness.channel_ids["old"]
+    sent = await harness.slash("boss", "general", "shoebox channels", [
+        {"name": "action", "type": 3, "value": "exclude"}, {"name": "channel", "type": 7, "value": str(old)},
+    ], resolved={"channels": {str(old): _resolved_channel(harness, "old")}})
+    reply = texts(sent)[-1]
+    assert "Excluded" in reply and "1 photo(s)" in reply and f"exclude <#{old}>" in reply
+    assert await library.catalog.find_sources("channel_id", old) == []
+    after = await harness.post("old", "ann", files=[("n.jpg", scene_jpeg("blue", "star"))])
+    await harness.drain()
+    assert await library.catalog.sources_for_messages([after.id]) == []
+    sent = await harness.slash("boss", "general", "shoebox channels", [{"name": "action", "type": 3, "value": "clear"}])
+    assert "every channel" in texts(sent)[-1]
+    assert await harness.bot.jobs.rules(harness.guild_id) == {}
+
+
+def _resolved_channel(harness: Harness, name: str) -> dict:
+    channel = harness.world.channels[harness.channel_ids[name]]
+    return {"id": channel["id"], "name": channel["name"], "type": 0, "permissions": str(discord.Permissions.all().value),
+            "guild_id": str(harness.guild_id), "parent_id": None}
+
+
+async def test_forget_by_message_link(start_bot: StartBot, library: Library) -> None:  # noqa: F811
+    harness = await start_bot(LAYOUT)
+    message = await harness.post("photos", "ann", files=[("a.jpg", scene_jpeg("red", "circle"))])
+    await harness.drain()
+    link = f"https://discord.com/channels/{harness.guild_id}/{message.channel.id}/{message.id}"
+    sent = await harness.slash("boss", "general", "shoebox forget", [{"name": "link", "type": 3, "value": link}])
+    assert texts(sent)[-1] == "Forgot 1 photo(s) from that message."
+    assert await library.catalog.sources_for_messages([message.id]) == []
+    sent = await harness.slash("boss", "general", "shoebox forget", [{"name": "link", "type": 3, "value": "nope"}])
+    assert texts(sent) == ["That is not a message link."]
+    other = f"https://discord.com/channels/999/{message.channel.id}/{message.id}"
+    sent = await harness.slash("boss", "general", "shoebox forget", [{"name": "link", "type": 3, "value": other}])
+    assert texts(sent) == ["That message is not in this server."]
+
+
+@pytest.mark.parametrize("who, allowed", [("ann", True), ("mod", True), ("ben", False), ("boss", False)])
+async def test_forget_these_photos(start_bot: StartBot, library: Library, who: str, allowed: bool) -> None:  # noqa: F811
+    """The author or a moderator (Manage Messages) may; anyone else, even a server manager, is refused."""
+    harness = await start_bot(LAYOUT)
+    message = await harness.post("photos", "ann", files=[("a.jpg", scene_jpeg("red", "circle"))])
+    await harness.drain()
+    sent = await harness.message_command(who, "photos", "Forget these photos", message)
+    assert all(s.ephemeral for s in sent)
+    remaining = await library.catalog.sources_for_messages([message.id])
+    if allowed:
+        assert remaining == [] and "forgot 1 photo" in texts(sent)[-1]
+    else:
+        assert len(remaining) == 1
+        assert texts(sent) == ["Sorry, only the person who posted these photos or a moderator can make me forget them."]
+
+
+async def test_backfill_is_resumable_and_reports_progress_in_one_message(start_bot: StartBot, library: Library) -> None:  # noqa: F811
+    harness = await start_bot(LAYOUT)
+    channel_id = harness.channel_ids["old"]
+    user = harness.world.users[harness.user_ids["ann"]]
+    member = harness.world.members[(harness.guild_id, harness.user_ids["ann"])]
+    photo_ids = []
+    for n in range(230):  # posted while the bot was away: in the history, never seen live
+        files = [harness.upload(f"{n}.jpg", scene_jpeg("red" if n % 2 else "blue", "square", seed=n))] if n % 23 == 0 else []
+        data = harness.http.world_message(channel_id, user, f"message {n}", guild_id=harness.guild_id,
+                                          member=member, attachments=files)
+        if files:
+            photo_ids.append(int(data["id"]))
+    options = [{"name": "channel", "type": 7, "value": str(channel_id)}, {"name": "limit", "type": 4, "value": 150}]
+    resolved = {"channels": {str(channel_id): _resolved_channel(harness, "old")}}
+    sent = await harness.slash("boss", "general", "shoebox backfill", options, resolved=resolved)
+    assert sent[0].kind == "interaction" and sent[0].ephemeral
+    assert all(s.kind == "edit" for s in sent[1:]) and len(sent) >= 3  # progress edits one message
+    assert "150 messages scanned" in texts(sent)[-1] and "in progress" in texts(sent)[-1]
+    state = await harness.bot.jobs.backfill_state(channel_id)
+    assert state is not None and state.scanned == 150 and not state.done
+    first_calls = [c for c in harness.world.calls if c.startswith(f"logs_from {channel_id}")]
+    assert first_calls[0].endswith("before=None limit=100")
+
+    sent = await harness.slash("boss", "general", "shoebox backfill", options, resolved=resolved)
+    assert "230 messages scanned" in texts(sent)[-1] and "(done)" in texts(sent)[-1]
+    resumed = [c for c in harness.world.calls if c.startswith(f"logs_from {channel_id}")][len(first_calls)]
+    assert f"before={state.before_id} " in resumed  # continued below the oldest message already scanned
+    await harness.drain()
+    indexed = await library.catalog.sources_for_messages(photo_ids)
+    assert sorted(s.message_id for s in indexed) == sorted(photo_ids)
+    assert harness.world.reactions == []  # no reactions on old messages
+    calls = len(harness.world.calls)
+    sent = await harness.slash("boss", "general", "shoebox backfill", options, resolved=resolved)
+    assert "(done)" in texts(sent)[-1]
+    assert not any(c.startswith("logs_from") for c in harness.world.calls[calls:])  # finished: not scanned again
+
+
+async def test_reindex_edits_one_message_with_progress(start_bot: StartBot, library: Library) -> None:  # noqa: F811
+    harness = await start_bot(LAYOUT)
+    for n, colour in enumerate(["red", "blue", "green"]):
+        await harness.post("photos", "ann", files=[(f"{n}.jpg", scene_jpeg(colour, "circle"))])
+    await harness.drain()
+    before = library.vectors.count
+    sent = await harness.slash("boss", "general", "shoebox reindex")
+    assert sent[0].kind == "interaction" and sent[0].ephemeral
+    assert all(s.kind == "edit" for s in sent[1:])
+    assert texts(sent)[-1].startswith("Re-indexed 3 photos with")
+    assert library.vectors.count == before == 3
