@@ -376,12 +376,15 @@ class Catalog:
             row = await cur.fetchone()
         return None if row is None else int(row[0])
 
-    async def source_for_key(self, source: SourceRecord) -> SourceRecord | None:
+    async def source_for_key(
+        self, source: SourceRecord, conn: aiosqlite.Connection | None = None
+    ) -> SourceRecord | None:
+        """The stored source for the same file path or attachment (inside `conn`'s transaction if given)."""
         if source.kind == "file":
             sql, arg = "kind = 'file' AND path = ?", source.path
         else:
             sql, arg = "kind = 'discord' AND attachment_id = ?", source.attachment_id
-        async with self.reader.execute(
+        async with (conn or self.reader).execute(
             f"SELECT {_SOURCE_COLUMNS} FROM sources WHERE {sql}", (arg,)
         ) as cur:
             row = await cur.fetchone()

@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+import sqlite3
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -226,6 +227,7 @@ class Library:
         Each batch commits in one transaction, so an interruption keeps whole batches only. One bad
         file never stops the others: it gets an outcome with a reason.
         """
+        items = _unique_sources(items)
         size = batch_size or max(8, getattr(getattr(self.embedder, "settings", None), "batch_size", 16))
         batches = [list(items[i : i + size]) for i in range(0, len(items), size)]
         outcomes: list[IndexOutcome] = []
@@ -296,17 +298,46 @@ class Library:
     async def _embed_and_commit(self, prepared: list[_Prepared]) -> list[IndexOutcome]:
         todo = [p for p in prepared if p.outcome is None]
         vectors = await self._embed_prepared(todo) if todo else np.zeros((0, self.embedder.dim))
-        new_vectors: list[tuple[int, np.ndarray]] = []
+        added: list[tuple[int, np.ndarray]] = []
+        removed: list[tuple[int, str]] = []
         async with self.catalog.transaction() as conn:
             for item in prepared:
                 if item.outcome is not None and item.outcome.status == "failed":
                     await self.catalog.record_failure(conn, item.incoming.source.key, item.outcome.reason or "")
             for item, vector in zip(todo, vectors):
-                item.outcome = await self._commit_one(conn, item, vector, new_vectors)
-            if new_vectors or any(p.outcome and p.outcome.status != "unchanged" for p in todo):
+                item.outcome = await self._commit_isolated(conn, item, vector, added, removed)
+            if added or removed or any(p.outcome and p.outcome.status == "duplicate" for p in todo):
                 await self.catalog.bump_generation(conn)
-        await self._after_commit(new_vectors)
+        await self._after_commit(added, [image_id for image_id, _ in removed])
+        if removed:
+            await self._drop_copies(removed)
         return [p.outcome for p in prepared if p.outcome is not None]
+
+    async def _commit_isolated(
+        self,
+        conn: aiosqlite.Connection,
+        item: _Prepared,
+        vector: np.ndarray,
+        added: list[tuple[int, np.ndarray]],
+        removed: list[tuple[int, str]],
+    ) -> IndexOutcome:
+        """Commit one image inside a savepoint: if storing it fails, only it is rolled back."""
+        mine_added: list[tuple[int, np.ndarray]] = []
+        mine_removed: list[tuple[int, str]] = []
+        await conn.execute("SAVEPOINT one_image")
+        try:
+            outcome = await self._commit_one(conn, item, vector, mine_added, mine_removed)
+        except (sqlite3.Error, OSError) as error:
+            await conn.execute("ROLLBACK TO one_image")
+            await conn.execute("RELEASE one_image")
+            log.warning("Could not store %s: %s", item.incoming.source.key, error)
+            reason = f"could not be stored ({error})"
+            await self.catalog.record_failure(conn, item.incoming.source.key, reason)
+            return IndexOutcome(item.incoming.source, "failed", reason=reason)
+        await conn.execute("RELEASE one_image")
+        added.extend(mine_added)
+        removed.extend(mine_removed)
+        return outcome
 
     async def _embed_prepared(self, todo: list[_Prepared]) -> np.ndarray:
         if all(p.tensor is not None for p in todo) and hasattr(self.embedder, "embed_tensors"):
@@ -319,14 +350,23 @@ class Library:
         return await self.embed_images([p.decoded.image for p in todo])  # type: ignore[union-attr]
 
     async def _commit_one(
-        self, conn: aiosqlite.Connection, item: _Prepared, vector: np.ndarray, new_vectors: list[tuple[int, np.ndarray]]
+        self,
+        conn: aiosqlite.Connection,
+        item: _Prepared,
+        vector: np.ndarray,
+        added: list[tuple[int, np.ndarray]],
+        removed: list[tuple[int, str]],
     ) -> IndexOutcome:
         source = item.incoming.source
         catalog = self.catalog
-        # A file whose content changed under the same path: drop the old source first.
-        old = await catalog.source_for_key(source)
-        if old is not None:
-            await self._delete_sources(conn, [old])
+        old = await catalog.source_for_key(source, conn)
+        if old is not None and old.image_id is not None:
+            async with conn.execute("SELECT sha256 FROM images WHERE id = ?", (old.image_id,)) as cur:
+                row = await cur.fetchone()
+            if row is not None and row[0] == item.sha256:
+                return IndexOutcome(old, "unchanged", old.image_id)
+            # The same file path (or attachment) now holds other bytes: the old image goes.
+            removed.extend(await self._delete_sources(conn, [old]))
         async with conn.execute("SELECT id FROM images WHERE sha256 = ?", (item.sha256,)) as cur:
             row = await cur.fetchone()
         if row is not None:
@@ -355,7 +395,7 @@ class Library:
         await catalog.insert_source(conn, image_id, source)
         await catalog.refresh_fts(conn, image_id)
         await catalog.clear_failure(conn, source.key)
-        new_vectors.append((image_id, vector))
+        added.append((image_id, vector))
         return IndexOutcome(source, "indexed", image_id)
 
     async def _after_commit(self, new_vectors: list[tuple[int, np.ndarray]], removed: Iterable[int] = ()) -> None:
@@ -384,43 +424,53 @@ class Library:
 
     # ---- forgetting -------------------------------------------------------------------------
 
-    async def _delete_sources(self, conn: aiosqlite.Connection, sources: Sequence[SourceRecord]) -> list[int]:
-        """Delete sources inside an open transaction; images left without a source go too."""
-        gone: list[int] = []
+    async def _delete_sources(
+        self, conn: aiosqlite.Connection, sources: Sequence[SourceRecord]
+    ) -> list[tuple[int, str]]:
+        """Delete sources inside an open transaction; images left without a source go too.
+
+        Returns (image id, stored copy) of each image that went, for the caller to clean up
+        after the commit.
+        """
+        gone: list[tuple[int, str]] = []
         touched = {s.image_id for s in sources if s.image_id is not None}
         for src in sources:
             await conn.execute("DELETE FROM sources WHERE id = ?", (src.id,))
         for image_id in touched:
             async with conn.execute(
-                "SELECT COUNT(*) FROM sources WHERE image_id = ?", (image_id,)
+                "SELECT i.thumb, (SELECT COUNT(*) FROM sources s WHERE s.image_id = i.id) "
+                "FROM images i WHERE i.id = ?",
+                (image_id,),
             ) as cur:
                 row = await cur.fetchone()
-            if row and int(row[0]) == 0:
+            if row is None:
+                continue
+            if int(row[1]) == 0:
                 await self.catalog.delete_image(conn, int(image_id))
-                gone.append(int(image_id))
+                gone.append((int(image_id), str(row[0])))
             else:
                 await self.catalog.refresh_fts(conn, int(image_id))
         return gone
+
+    async def _drop_copies(self, gone: Iterable[tuple[int, str]]) -> None:
+        """Delete the stored copies of images that left the catalog (unless bytes came back)."""
+        still_used = await self.catalog.all_thumbs()
+        for _, thumb in gone:
+            if thumb not in still_used:
+                self.thumbs.delete(thumb)
 
     async def remove_sources(self, sources: Sequence[SourceRecord]) -> list[int]:
         """Forget these sources; returns the ids of images that are now gone from search."""
         if not sources:
             return []
-        thumbs: dict[int, str] = {
-            i: r.thumb for i, r in (await self.catalog.get_images(
-                s.image_id for s in sources if s.image_id is not None
-            )).items()
-        }
         async with self.catalog.transaction() as conn:
             gone = await self._delete_sources(conn, sources)
             await self.catalog.bump_generation(conn)
-        await self._after_commit([], gone)
-        for image_id in gone:
-            if image_id in thumbs:
-                self.thumbs.delete(thumbs[image_id])
+        await self._after_commit([], [image_id for image_id, _ in gone])
+        await self._drop_copies(gone)
         if gone:
             await self.save_vectors()
-        return gone
+        return [image_id for image_id, _ in gone]
 
     async def forget_image(self, image_id: int) -> bool:
         sources = await self.catalog.find_sources("image_id", image_id)
@@ -656,6 +706,17 @@ class Library:
                 log.warning("Cannot re-embed %s: %s", relative, error)
                 out.append(None)
         return out
+
+
+def _unique_sources(items: Sequence[IncomingImage]) -> list[IncomingImage]:
+    """The same file or attachment listed twice (overlapping folders, a re-queued post) counts once."""
+    seen: set[str] = set()
+    unique = []
+    for item in items:
+        if item.source.key not in seen:
+            seen.add(item.source.key)
+            unique.append(item)
+    return unique
 
 
 def _downscale(image: Image.Image, max_side: int) -> Image.Image:

@@ -233,3 +233,18 @@ async def test_another_model_is_refused_until_reindexed(settings, embedder, libr
     reopened = await Library.open(settings, other)
     assert reopened.vectors.count == 3
     await reopened.close()
+
+
+async def test_changed_file_replaces_its_old_image_and_repeats_count_once(library: Library, tmp_path: Path) -> None:
+    folder = tmp_path / "pics"
+    folder.mkdir()
+    photo = folder / "photo.jpg"
+    photo.write_bytes(jpeg_bytes((200, 10, 10)))
+    first = await library.index_paths([photo, photo, folder])
+    assert [o.status for o in first] == ["indexed"]
+    photo.write_bytes(jpeg_bytes((10, 10, 200)))
+    second = await library.index_paths([photo])
+    assert second[0].status == "indexed" and second[0].image_id != first[0].image_id
+    assert (await library.catalog.all_image_ids()).tolist() == [second[0].image_id]
+    assert library.vectors.ids().tolist() == [second[0].image_id]
+    assert (await library.verify(repair=False)).ok
