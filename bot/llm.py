@@ -216,7 +216,8 @@ def explain(error: BaseException, settings: AgentSettings) -> LLMError:
         return LLMError("rejected", f"Claude refused the request (HTTP {error.status_code}{detail}).")
     if isinstance(error, anthropic.APITimeoutError):
         return LLMError(
-            "unreachable", f"Claude did not answer within {settings.timeout:g} seconds; try again later."
+            "unreachable",
+            f"Claude did not answer within {settings.timeout:g} second{'' if settings.timeout == 1 else 's'}; try again later.",
         )
     if isinstance(error, anthropic.APIConnectionError):
         where = settings.base_url or "api.anthropic.com"
