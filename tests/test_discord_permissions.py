@@ -22,7 +22,7 @@ import re
 import discord
 import pytest
 
-from bot.scope import readable_channel_ids
+from bot.scope import KnownThread, readable_channel_ids
 from tests.discord_harness import (
     ChannelSpec,
     Harness,
@@ -146,3 +146,21 @@ async def test_a_stranger_in_dms_sees_nothing(start_bot: StartBot) -> None:  # n
     await harness.post("", "ben", "shapes", dm=True)
     sent = harness.sent_since(before)
     assert sent and shown_files(sent) == 0 and shown_channels(harness, sent) == set()
+
+
+async def test_archived_threads_follow_their_parent(start_bot: StartBot) -> None:  # noqa: F811
+    """Threads out of the cache are judged by the parent remembered at indexing time; a private
+    one only by its owner (or people who may manage threads)."""
+    harness = await start_bot(LAYOUT)
+    general, staff = harness.channel_ids["general"], harness.channel_ids["staff"]
+    threads = [
+        KnownThread(901, general, harness.guild_id),
+        KnownThread(902, general, harness.guild_id, private=True, owner_id=harness.user_ids["ann"]),
+        KnownThread(903, staff, harness.guild_id),
+        KnownThread(904, 123, harness.guild_id),  # parent deleted: nobody
+    ]
+    visible = {
+        member: readable_channel_ids(harness.guild, harness.member(member), threads) & {901, 902, 903, 904}
+        for member in MATRIX
+    }
+    assert visible == {"ann": {901, 902, 903}, "ben": {901}, "cat": {901}, "dan": {903}}

@@ -1,0 +1,79 @@
+"""The bot's job file and indexing queue on their own: bounded, deduplicated, persistent."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import pytest
+
+from bot.jobs import KEEP_ERRORS, BackfillState, IndexJob, IndexQueue, JobStore, QueueSettings
+from bot.scope import KnownThread
+from store.library import Library
+from tests.conftest import jpeg_bytes
+
+
+def job(n: int, message: int | None = None) -> IndexJob:
+    return IndexJob(
+        attachment_id=1000 + n, guild_id=1, channel_id=10, message_id=message or 500 + n,
+        filename=f"{n}.jpg", url=f"mem://{n}", posted_at="2024-01-01T00:00:00+00:00", author_name="Ann",
+    )
+
+
+@pytest.fixture
+async def store(tmp_path: Path):  # type: ignore[no-untyped-def]
+    opened = await JobStore.open(tmp_path / "bot.sqlite3")
+    yield opened
+    await opened.close()
+
+
+async def test_jobs_are_deduplicated_and_survive_reopening(tmp_path: Path) -> None:
+    path = tmp_path / "bot.sqlite3"
+    first = await JobStore.open(path)
+    assert await first.add([job(1), job(2), job(1)]) == 2
+    assert await first.add([job(2)]) == 0
+    await first.close()
+    again = await JobStore.open(path)
+    try:
+        assert [j.attachment_id for j in await again.due(10, now=1e12)] == [1001, 1002]
+        assert await again.drop_messages([502]) == 1
+        assert await again.pending() == 1
+    finally:
+        await again.close()
+
+
+async def test_rules_backfill_threads_and_errors_are_kept(store: JobStore) -> None:
+    await store.set_rule(1, 10, "exclude")
+    await store.set_rule(1, 11, "include")
+    await store.set_rule(2, 20, "include")
+    await store.set_rule(1, 11, None)
+    assert await store.rules() == {1: {10: "exclude"}, 2: {20: "include"}}
+    await store.save_backfill(BackfillState(10, 1, before_id=99, scanned=5, queued=1))
+    state = await store.backfill_state(10)
+    assert state is not None and (state.before_id, state.scanned, state.queued, state.done) == (99, 5, 1, False)
+    await store.remember_thread(KnownThread(30, 10, 1, private=True, owner_id=7))
+    assert await store.known_threads(1) == [KnownThread(30, 10, 1, True, 7)]
+    await store.forget_channel(10)  # the parent goes: its rules, progress and threads too
+    assert await store.backfill_state(10) is None and await store.known_threads(1) == []
+    for n in range(KEEP_ERRORS + 10):
+        await store.note_error("test", f"problem {n}")
+    recent = await store.recent_errors(KEEP_ERRORS + 20)
+    assert len(recent) == KEEP_ERRORS and recent[0].message == f"problem {KEEP_ERRORS + 9}"
+
+
+async def test_a_full_queue_makes_producers_wait(store: JobStore, library: Library) -> None:
+    data = {f"mem://{n}": jpeg_bytes((20 * n, 100, 200), mark=n) for n in range(6)}
+
+    async def download(j: IndexJob) -> bytes:
+        return data[j.url]
+
+    queue = IndexQueue(store, library, download, QueueSettings(max_pending=2, batch_size=2))
+    assert await queue.submit([job(0), job(1)]) == 2
+    blocked = asyncio.create_task(queue.submit([job(2)]))
+    await asyncio.sleep(0.3)
+    assert not blocked.done()  # the queue is full: the producer waits instead of growing it
+    assert await queue.run_once() == 2
+    assert await asyncio.wait_for(blocked, timeout=10) == 1
+    await queue.drain()
+    assert (await library.stats())["images"] == 3
+    assert queue.counters.indexed == 3 and await queue.pending() == 0
