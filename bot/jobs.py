@@ -607,6 +607,8 @@ class IndexQueue:
 
     async def _run(self) -> None:
         while True:
+            # Cleared before looking for work, so a job submitted while we look still wakes us.
+            self._wake.clear()
             try:
                 processed = await self.run_once()
             except asyncio.CancelledError:
@@ -620,7 +622,6 @@ class IndexQueue:
                 continue
             wait = await self.store.seconds_until_due(time.time())
             timeout = self.settings.idle_poll if wait is None else min(wait, self.settings.idle_poll)
-            self._wake.clear()
             try:
                 await asyncio.wait_for(self._wake.wait(), timeout=max(timeout, 0.05))
             except asyncio.TimeoutError:

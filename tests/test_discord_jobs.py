@@ -77,3 +77,35 @@ async def test_a_full_queue_makes_producers_wait(store: JobStore, library: Libra
     await queue.drain()
     assert (await library.stats())["images"] == 3
     assert queue.counters.indexed == 3 and await queue.pending() == 0
+
+
+async def test_the_worker_wakes_for_work_submitted_while_it_looks(
+    store: JobStore, library: Library, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A job that arrives while the idle worker is deciding how long to sleep must not wait for
+    the next poll (here a minute away)."""
+    photo = jpeg_bytes((200, 40, 90))
+
+    async def download(j: IndexJob) -> bytes:
+        return photo
+
+    queue = IndexQueue(store, library, download, QueueSettings(idle_poll=60.0))
+    original = store.seconds_until_due
+    arrived = []
+
+    async def racing(now: float) -> float | None:
+        result = await original(now)  # "nothing due": the worker is about to sleep...
+        if not arrived:
+            arrived.append(await queue.submit([job(0)]))  # ...when a photo arrives
+        return result
+
+    monkeypatch.setattr(store, "seconds_until_due", racing)
+    queue.start()
+    try:
+        for _ in range(100):
+            if arrived and not await queue.pending():
+                break
+            await asyncio.sleep(0.05)
+        assert arrived == [1] and await queue.pending() == 0
+    finally:
+        await queue.stop()
