@@ -172,29 +172,32 @@ class Library:
         Cheap when nothing changed (one SELECT of the generation counter), so it runs before every
         search: that is also how a long-running bot sees images another process indexed.
         """
+        if await self.catalog.generation() == self.vectors.generation:
+            return False
+        async with self._sync_lock:
+            return await self._catch_up()
+
+    async def _catch_up(self) -> bool:
+        """Diff FAISS against SQLite by id and apply the difference (hold `_sync_lock`)."""
         generation = await self.catalog.generation()
         if generation == self.vectors.generation:
             return False
-        async with self._sync_lock:
-            generation = await self.catalog.generation()
-            if generation == self.vectors.generation:
-                return False
-            db_ids = await self.catalog.all_image_ids()
-            index_ids = self.vectors.ids()
-            extra = np.setdiff1d(index_ids, db_ids, assume_unique=True)
-            missing = np.setdiff1d(db_ids, index_ids, assume_unique=True)
-            if len(extra):
-                self.vectors.remove(extra)
-            if len(missing):
-                log.info("Catching the vector index up: %d to add", len(missing))
-                for start in range(0, len(missing), 10_000):
-                    ids, vecs = await self.catalog.vectors_for(missing[start : start + 10_000])
-                    self.vectors.add(ids, vecs)
-            self.vectors.generation = generation
-            changed = bool(len(extra) or len(missing))
-            if changed:
-                self._dirty_since_save += 1
-            return changed
+        db_ids = await self.catalog.all_image_ids()
+        index_ids = self.vectors.ids()
+        extra = np.setdiff1d(index_ids, db_ids, assume_unique=True)
+        missing = np.setdiff1d(db_ids, index_ids, assume_unique=True)
+        if len(extra):
+            self.vectors.remove(extra)
+        if len(missing):
+            log.info("Catching the vector index up: %d to add", len(missing))
+            for start in range(0, len(missing), 10_000):
+                ids, vecs = await self.catalog.vectors_for(missing[start : start + 10_000])
+                self.vectors.add(ids, vecs)
+        self.vectors.generation = generation
+        changed = bool(len(extra) or len(missing))
+        if changed:
+            self._dirty_since_save += 1
+        return changed
 
     # ---- executors --------------------------------------------------------------------------
 
@@ -399,10 +402,13 @@ class Library:
         return IndexOutcome(source, "indexed", image_id)
 
     async def _after_commit(self, new_vectors: list[tuple[int, np.ndarray]], removed: Iterable[int] = ()) -> None:
-        """Mirror a committed change into FAISS, or leave it for `sync_vectors` if we fell behind."""
+        """Mirror a committed change into FAISS, or catch up by id if another write came between."""
         removed_ids = np.fromiter(removed, dtype=np.int64)
-        generation = await self.catalog.generation()
-        if generation == self.vectors.generation + 1:
+        async with self._sync_lock:
+            generation = await self.catalog.generation()
+            if generation != self.vectors.generation + 1:
+                await self._catch_up()
+                return
             if len(removed_ids):
                 self.vectors.remove(removed_ids)
             if new_vectors:
@@ -412,8 +418,6 @@ class Library:
                 )
             self.vectors.generation = generation
             self._dirty_since_save += 1
-        else:
-            await self.sync_vectors()
 
     async def index_paths(
         self, paths: Iterable[Path], progress: Progress | None = None
