@@ -24,7 +24,6 @@ import json
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from pathlib import Path
 from typing import Any, AsyncIterator, Awaitable, Callable, Sequence
 
 import discord
