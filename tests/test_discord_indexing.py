@@ -6,7 +6,10 @@ from the (fake) CDN, decodes and embeds with the real small CLIP into a real lib
 
 from __future__ import annotations
 
+import logging
+
 import discord
+import pytest
 
 from bot.jobs import QueueSettings
 from store.library import Library
@@ -258,3 +261,22 @@ async def test_excluded_channels_are_not_indexed(start_bot: StartBot, library: L
     await harness.drain()
     assert len(await sources_of(library, only)) == 1
     assert await sources_of(library, not_now) == []
+
+
+async def test_a_failing_event_handler_is_logged_and_the_bot_carries_on(  # noqa: F811
+    start_bot: StartBot, library: Library, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    harness = await start_bot(LAYOUT)
+
+    async def disk_full(jobs: object) -> int:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(harness.bot.jobs, "add", disk_full)
+    with caplog.at_level(logging.ERROR):
+        await harness.post("general", "ann", files=[("a.jpg", scene_jpeg("red", "circle"))])
+    assert any("Unhandled error in on_message" in r.getMessage() for r in caplog.records)
+    assert harness.world.sent == []  # nothing about it in the channel
+    monkeypatch.undo()
+    later = await harness.post("general", "ann", files=[("b.jpg", scene_jpeg("blue", "star"))])
+    await harness.drain()
+    assert len(await sources_of(library, later)) == 1
