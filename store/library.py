@@ -18,6 +18,7 @@ import asyncio
 import hashlib
 import logging
 import sqlite3
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,6 +39,7 @@ log = logging.getLogger(__name__)
 
 DB_FILE = "shoebox.sqlite3"
 FUSION_RANK_CONSTANT = 60  # reciprocal-rank fusion: 1 / (c + rank); 60 is the customary value
+SAVE_INTERVAL = 30.0  # seconds between saves of the vector index file while writes go on
 Progress = Callable[[int, int], None]
 
 
@@ -101,6 +103,8 @@ class Library:
         self._model = ThreadPoolExecutor(max_workers=1, thread_name_prefix="shoebox-model")
         self._sync_lock = asyncio.Lock()
         self._dirty_since_save = 0
+        self._last_save = time.monotonic()
+        self._save_seconds = 0.0
         self._closed = False
 
     # ---- life cycle -------------------------------------------------------------------------
@@ -137,7 +141,8 @@ class Library:
         if loaded is not None:
             self.vectors = loaded
         await self.sync_vectors()
-        await self.save_vectors()
+        if self._dirty_since_save or self.vectors.wants_relayout():
+            await self.save_vectors()
 
     async def close(self) -> None:
         """Save the vector index and release everything; safe to call twice."""
@@ -161,10 +166,23 @@ class Library:
     async def save_vectors(self) -> None:
         """Persist FAISS (after re-clustering it if the collection outgrew its layout)."""
         loop = asyncio.get_running_loop()
+        started = time.monotonic()
         if self.vectors.wants_relayout():
             await loop.run_in_executor(self._cpu, self.vectors.relayout)
         await loop.run_in_executor(self._cpu, self.vectors.save, self.data_dir)
         self._dirty_since_save = 0
+        self._last_save = time.monotonic()
+        self._save_seconds = self._last_save - started
+
+    async def _maybe_save(self) -> None:
+        """Save now and then, not after every write: the file is only a head start for the next
+        open (SQLite is the truth and a stale file is caught up), so saving may take at most a
+        tenth of the time and happens at least every SAVE_INTERVAL seconds while writes go on."""
+        if not self._dirty_since_save:
+            return
+        interval = max(SAVE_INTERVAL, 10 * self._save_seconds)
+        if time.monotonic() - self._last_save >= interval:
+            await self.save_vectors()
 
     async def sync_vectors(self) -> bool:
         """Bring FAISS up to date with SQLite; returns whether anything changed.
@@ -247,10 +265,7 @@ class Library:
             done += len(prepared)
             if progress:
                 progress(done, len(items))
-            if self._dirty_since_save >= 64:
-                await self.save_vectors()
-        if self._dirty_since_save:
-            await self.save_vectors()
+            await self._maybe_save()
         return outcomes
 
     async def _prepare(self, batch: list[IncomingImage]) -> list[_Prepared]:
@@ -472,8 +487,7 @@ class Library:
             await self.catalog.bump_generation(conn)
         await self._after_commit([], [image_id for image_id, _ in gone])
         await self._drop_copies(gone)
-        if gone:
-            await self.save_vectors()
+        await self._maybe_save()
         return [image_id for image_id, _ in gone]
 
     async def forget_image(self, image_id: int) -> bool:
