@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
-import os
 import re
 import signal
 from dataclasses import dataclass, field, replace
@@ -29,7 +28,7 @@ from discord.ext import commands
 
 from bot.jobs import DB_FILE, JobStore, QueueSettings
 from store.library import Library
-from store.settings import Settings, SettingsError
+from store.settings import Settings, SettingsError, env_int, env_switch, env_text
 
 log = logging.getLogger(__name__)
 
@@ -38,33 +37,6 @@ DEFAULT_REACTION = "\N{CAMERA WITH FLASH}"
 
 
 # ---- settings ----------------------------------------------------------------------------------
-
-
-def _env(name: str) -> str | None:
-    value = os.environ.get(name)
-    return value.strip() if value and value.strip() else None
-
-
-def _env_int(name: str, default: int, minimum: int) -> int:
-    raw = _env(name)
-    if raw is None:
-        return default
-    try:
-        value = int(raw)
-    except ValueError:
-        raise SettingsError(f"{name} must be a whole number, got {raw!r}") from None
-    if value < minimum:
-        raise SettingsError(f"{name} must be at least {minimum}, got {value}")
-    return value
-
-
-def _env_switch(name: str, default: bool) -> bool:
-    raw = (_env(name) or ("on" if default else "off")).lower()
-    if raw in {"on", "true", "yes", "1"}:
-        return True
-    if raw in {"off", "false", "no", "0"}:
-        return False
-    raise SettingsError(f"{name} must be on or off, got {raw!r}")
 
 
 @dataclass(frozen=True)
@@ -81,26 +53,26 @@ class BotSettings:
 
     @classmethod
     def from_env(cls, max_file_bytes: int | None = None) -> "BotSettings":
-        dev_guild = _env("SHOEBOX_DEV_GUILD")
+        dev_guild = env_text("SHOEBOX_DEV_GUILD")
         if dev_guild is not None and not dev_guild.isdigit():
             raise SettingsError(f"SHOEBOX_DEV_GUILD must be a server id (digits), got {dev_guild!r}")
-        reaction = _env("SHOEBOX_REACTION")
+        reaction = env_text("SHOEBOX_REACTION")
         if reaction is not None and reaction.lower() in {"off", "none", "no", "false"}:
             reaction_value: str | None = None
         else:
             reaction_value = reaction or DEFAULT_REACTION
         queue = QueueSettings(
-            max_pending=_env_int("SHOEBOX_QUEUE_MAX", 5000, 1),
-            batch_size=_env_int("SHOEBOX_QUEUE_BATCH", 16, 1),
+            max_pending=env_int("SHOEBOX_QUEUE_MAX", 5000, 1),
+            batch_size=env_int("SHOEBOX_QUEUE_BATCH", 16, 1),
         )
         if max_file_bytes is not None:
             queue = replace(queue, max_file_bytes=max_file_bytes)
         return cls(
-            token=_env("DISCORD_TOKEN"),
+            token=env_text("DISCORD_TOKEN"),
             dev_guild=int(dev_guild) if dev_guild else None,
-            sync_commands=_env_switch("SHOEBOX_SYNC_COMMANDS", True),
+            sync_commands=env_switch("SHOEBOX_SYNC_COMMANDS", True),
             reaction=reaction_value,
-            answer_timeout=float(_env_int("SHOEBOX_ANSWER_TIMEOUT", 180, 5)),
+            answer_timeout=float(env_int("SHOEBOX_ANSWER_TIMEOUT", 180, 5)),
             queue=queue,
         )
 

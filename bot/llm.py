@@ -18,7 +18,6 @@ import base64
 import email.utils
 import io
 import logging
-import os
 import random
 import time
 from dataclasses import dataclass
@@ -29,7 +28,7 @@ import anthropic
 from anthropic.types import Message
 from PIL import Image
 
-from store.settings import SettingsError
+from store.settings import env_float, env_int, env_switch, env_text
 
 log = logging.getLogger(__name__)
 
@@ -39,47 +38,6 @@ MAX_BACKOFF = 8.0
 
 
 # ---- settings ---------------------------------------------------------------------------------
-
-
-def _raw(name: str) -> str | None:
-    value = os.environ.get(name)
-    return value.strip() if value and value.strip() else None
-
-
-def _int(name: str, default: int, minimum: int, maximum: int | None = None) -> int:
-    raw = _raw(name)
-    if raw is None:
-        return default
-    try:
-        value = int(raw)
-    except ValueError:
-        raise SettingsError(f"{name} must be a whole number, got {raw!r}") from None
-    if value < minimum or (maximum is not None and value > maximum):
-        bound = f"between {minimum} and {maximum}" if maximum is not None else f"at least {minimum}"
-        raise SettingsError(f"{name} must be {bound}, got {value}")
-    return value
-
-
-def _float(name: str, default: float, minimum: float) -> float:
-    raw = _raw(name)
-    if raw is None:
-        return default
-    try:
-        value = float(raw)
-    except ValueError:
-        raise SettingsError(f"{name} must be a number of seconds, got {raw!r}") from None
-    if not value >= minimum:
-        raise SettingsError(f"{name} must be at least {minimum}, got {raw}")
-    return value
-
-
-def _switch(name: str, default: bool) -> bool:
-    raw = (_raw(name) or ("on" if default else "off")).lower()
-    if raw in {"on", "true", "1", "yes"}:
-        return True
-    if raw in {"off", "false", "0", "no"}:
-        return False
-    raise SettingsError(f"{name} must be on or off, got {raw!r}")
 
 
 @dataclass(frozen=True)
@@ -110,18 +68,18 @@ class AgentSettings:
     @classmethod
     def from_env(cls) -> "AgentSettings":
         return cls(
-            api_key=_raw("ANTHROPIC_API_KEY"),
-            base_url=_raw("ANTHROPIC_BASE_URL"),
-            model=_raw("SHOEBOX_CLAUDE_MODEL") or DEFAULT_MODEL,
-            max_tokens=_int("SHOEBOX_MAX_TOKENS", 1024, 64, 64_000),
-            timeout=_float("SHOEBOX_LLM_TIMEOUT", 60.0, 0.1),
-            retries=_int("SHOEBOX_LLM_RETRIES", 2, 0, 10),
-            max_wait=_float("SHOEBOX_LLM_MAX_WAIT", 30.0, 0.0),
-            max_steps=_int("SHOEBOX_AGENT_MAX_STEPS", 4, 1, 20),
-            answer_timeout=_float("SHOEBOX_AGENT_TIMEOUT", 120.0, 1.0),
-            images_per_result=_int("SHOEBOX_AGENT_IMAGES", 3, 0, 10),
-            captions=_switch("SHOEBOX_CAPTIONS", False),
-            captions_per_minute=_int("SHOEBOX_CAPTIONS_PER_MINUTE", 20, 1, 10_000),
+            api_key=env_text("ANTHROPIC_API_KEY"),
+            base_url=env_text("ANTHROPIC_BASE_URL"),
+            model=env_text("SHOEBOX_CLAUDE_MODEL") or DEFAULT_MODEL,
+            max_tokens=env_int("SHOEBOX_MAX_TOKENS", 1024, 64, 64_000),
+            timeout=env_float("SHOEBOX_LLM_TIMEOUT", 60.0, 0.1),
+            retries=env_int("SHOEBOX_LLM_RETRIES", 2, 0, 10),
+            max_wait=env_float("SHOEBOX_LLM_MAX_WAIT", 30.0, 0.0),
+            max_steps=env_int("SHOEBOX_AGENT_MAX_STEPS", 4, 1, 20),
+            answer_timeout=env_float("SHOEBOX_AGENT_TIMEOUT", 120.0, 1.0),
+            images_per_result=env_int("SHOEBOX_AGENT_IMAGES", 3, 0, 10),
+            captions=env_switch("SHOEBOX_CAPTIONS", False),
+            captions_per_minute=env_int("SHOEBOX_CAPTIONS_PER_MINUTE", 20, 1, 10_000),
         )
 
 

@@ -19,24 +19,50 @@ class SettingsError(ValueError):
     """A setting has a value Shoebox cannot use; the message names the variable."""
 
 
-def _env(name: str, default: str) -> str:
+def env_text(name: str) -> str | None:
+    """The variable's value, stripped; None when unset or blank (a blank line in .env means unset)."""
     value = os.environ.get(name)
-    return default if value is None or value.strip() == "" else value.strip()
+    return value.strip() if value and value.strip() else None
 
 
-def _env_int(name: str, default: int, minimum: int = 0) -> int:
-    raw = _env(name, str(default))
+def env_int(name: str, default: int, minimum: int = 0, maximum: int | None = None) -> int:
+    raw = env_text(name)
+    if raw is None:
+        return default
     try:
         value = int(raw)
     except ValueError:
         raise SettingsError(f"{name} must be a whole number, got {raw!r}") from None
-    if value < minimum:
-        raise SettingsError(f"{name} must be at least {minimum}, got {value}")
+    if value < minimum or (maximum is not None and value > maximum):
+        bound = f"between {minimum} and {maximum}" if maximum is not None else f"at least {minimum}"
+        raise SettingsError(f"{name} must be {bound}, got {value}")
     return value
 
 
-def _env_choice(name: str, default: str, choices: tuple[str, ...]) -> str:
-    value = _env(name, default).lower()
+def env_float(name: str, default: float, minimum: float) -> float:
+    raw = env_text(name)
+    if raw is None:
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        raise SettingsError(f"{name} must be a number, got {raw!r}") from None
+    if not value >= minimum:
+        raise SettingsError(f"{name} must be at least {minimum}, got {raw}")
+    return value
+
+
+def env_switch(name: str, default: bool) -> bool:
+    raw = (env_text(name) or ("on" if default else "off")).lower()
+    if raw in {"on", "true", "1", "yes"}:
+        return True
+    if raw in {"off", "false", "0", "no"}:
+        return False
+    raise SettingsError(f"{name} must be on or off, got {raw!r}")
+
+
+def env_choice(name: str, default: str, choices: tuple[str, ...]) -> str:
+    value = (env_text(name) or default).lower()
     if value not in choices:
         raise SettingsError(f"{name} must be one of {', '.join(choices)}; got {value!r}")
     return value
@@ -55,17 +81,17 @@ class ClipSettings:
 
     @classmethod
     def from_env(cls) -> "ClipSettings":
-        model = _env("SHOEBOX_CLIP_MODEL", DEFAULT_CLIP_MODEL)
-        checkpoint_raw = _env("SHOEBOX_CLIP_CHECKPOINT", "")
+        model = env_text("SHOEBOX_CLIP_MODEL") or DEFAULT_CLIP_MODEL
+        checkpoint_raw = env_text("SHOEBOX_CLIP_CHECKPOINT") or ""
         default_pretrained = DEFAULT_CLIP_PRETRAINED if model == DEFAULT_CLIP_MODEL else ""
-        pretrained = _env("SHOEBOX_CLIP_PRETRAINED", default_pretrained) or None
+        pretrained = env_text("SHOEBOX_CLIP_PRETRAINED") or default_pretrained or None
         return cls(
             model=model,
             pretrained=None if checkpoint_raw else pretrained,
             checkpoint=Path(checkpoint_raw).expanduser() if checkpoint_raw else None,
-            precision=_env_choice("SHOEBOX_CLIP_PRECISION", "fp32", ("fp32", "bf16")),
-            batch_size=_env_int("SHOEBOX_CLIP_BATCH", 16, minimum=1),
-            threads=_env_int("SHOEBOX_CLIP_THREADS", 0),
+            precision=env_choice("SHOEBOX_CLIP_PRECISION", "fp32", ("fp32", "bf16")),
+            batch_size=env_int("SHOEBOX_CLIP_BATCH", 16, minimum=1),
+            threads=env_int("SHOEBOX_CLIP_THREADS", 0),
         )
 
 
@@ -80,9 +106,9 @@ class IngestSettings:
     @classmethod
     def from_env(cls) -> "IngestSettings":
         return cls(
-            max_file_bytes=_env_int("SHOEBOX_MAX_FILE_MB", 50, minimum=1) * 1024 * 1024,
-            max_pixels=_env_int("SHOEBOX_MAX_PIXELS", 64_000_000, minimum=1),
-            thumb_max_side=_env_int("SHOEBOX_THUMB_SIDE", 768, minimum=64),
+            max_file_bytes=env_int("SHOEBOX_MAX_FILE_MB", 50, minimum=1) * 1024 * 1024,
+            max_pixels=env_int("SHOEBOX_MAX_PIXELS", 64_000_000, minimum=1),
+            thumb_max_side=env_int("SHOEBOX_THUMB_SIDE", 768, minimum=64),
         )
 
 
@@ -96,7 +122,7 @@ class Settings:
 
     @classmethod
     def from_env(cls, data_dir: str | os.PathLike[str] | None = None) -> "Settings":
-        chosen = data_dir if data_dir is not None else _env("SHOEBOX_DATA", "shoebox-data")
+        chosen = data_dir if data_dir is not None else (env_text("SHOEBOX_DATA") or "shoebox-data")
         return cls(
             data_dir=Path(chosen).expanduser(),
             clip=ClipSettings.from_env(),
@@ -123,6 +149,11 @@ def load_dotenv(path: Path = Path(".env")) -> None:
 
 __all__ = [
     "ClipSettings",
+    "env_choice",
+    "env_float",
+    "env_int",
+    "env_switch",
+    "env_text",
     "IngestSettings",
     "Settings",
     "SettingsError",

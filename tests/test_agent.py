@@ -184,7 +184,7 @@ async def test_search_then_answer_shows_the_cited_image_and_sends_previews(
     assert reply.answer == f"Ana posted this one [#{cited}]."
     assert shown_ids(reply) == [cited]
     shown = reply.images[0]
-    assert shown.message_url == f"https://discord.com/channels/1/111/20" and shown.path is None
+    assert shown.message_url == "https://discord.com/channels/1/111/20" and shown.path is None
     assert shown.source["author"] == "Ana" and shown.stored_copy.is_file()
     assert shown.score is not None
 

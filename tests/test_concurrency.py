@@ -61,7 +61,7 @@ class LoopLag:
         self._stop.set()
 
 
-async def test_fifty_questions_while_indexing(library: Library, fake_anthropic: FakeAnthropic) -> None:
+async def test_fifty_questions_while_indexing(library: Library, fake_anthropic: FakeAnthropic) -> None:  # noqa: F811
     colours = [(30 + 4 * i, 200 - 3 * i, (90 * i) % 255) for i in range(QUESTIONS)]
     seed = await library.index([IncomingImage(discord_source(i + 1, channel=1), jpeg_bytes(c, mark=i)) for i, c in enumerate(colours)])
     assert all(o.status == "indexed" for o in seed)
