@@ -483,17 +483,30 @@ def test_sigkill_during_index_at_random_moments_loses_and_duplicates_nothing(
 
 
 # Windows too narrow for a timer to hit reliably; the child kills itself exactly there.
-CRASH_POINTS = {
+# Each point: (what is already indexed before the crashing run, the crashing command, where).
+# The folder holds two halves, a/ and b/, of 2 batches each.
+CRASH_POINTS: dict[str, tuple[str, str, dict[str, Any]]] = {
     # batch 2 is being committed: 4 of its stored copies are written, its rows are not committed
-    "copies-written-rows-not-committed": ("index", {"module": "store.thumbs", "attribute": "ThumbStore.write", "call": 20, "when": "after"}),
+    "copies-written-rows-not-committed": (
+        "nothing", "index", {"module": "store.thumbs", "attribute": "ThumbStore.write", "call": 20, "when": "after"}
+    ),
     # batch 2's rows are all inserted, its transaction is one statement away from COMMIT
-    "rows-inserted-not-committed": ("index", {"module": "store.db", "attribute": "Catalog.bump_generation", "call": 2, "when": "before"}),
+    "rows-inserted-not-committed": (
+        "nothing", "index", {"module": "store.db", "attribute": "Catalog.bump_generation", "call": 2, "when": "before"}
+    ),
     # batch 3 is committed to SQLite but not yet added to FAISS
-    "committed-not-in-faiss": ("index", {"module": "store.library", "attribute": "Library._after_commit", "call": 3, "when": "before"}),
-    # the final save wrote the new FAISS file but not its header: a torn save
-    "faiss-saved-header-not": ("index", {"module": "store.vectors", "attribute": "_atomic_write", "call": 3, "when": "after"}),
+    "committed-not-in-faiss": (
+        "nothing", "index", {"module": "store.library", "attribute": "Library._after_commit", "call": 3, "when": "before"}
+    ),
+    # a/ was indexed and saved; indexing b/ then saved the new FAISS file but not its header:
+    # a torn save, new vectors under the old header
+    "faiss-saved-header-not": (
+        "half", "index", {"module": "store.vectors", "attribute": "_atomic_write", "call": 1, "when": "after"}
+    ),
     # `shoebox forget` committed the deletion but had not yet removed the stored copy
-    "forgotten-copy-not-removed": ("forget", {"module": "store.thumbs", "attribute": "ThumbStore.delete", "call": 1, "when": "before"}),
+    "forgotten-copy-not-removed": (
+        "all", "forget", {"module": "store.thumbs", "attribute": "ThumbStore.delete", "call": 1, "when": "before"}
+    ),
 }
 
 
@@ -501,22 +514,23 @@ CRASH_POINTS = {
 def test_sigkill_at_exact_crash_points_then_restart(
     point: str, tmp_path: Path, crash_server: CrashServer, embedder: ClipEmbedder
 ) -> None:
-    command, crash = CRASH_POINTS[point]
+    already, command, crash = CRASH_POINTS[point]
     folder = tmp_path / "photos"
-    make_photos(folder, POINT_IMAGES, seed=SEED + 4)
+    make_photos(folder / "a", POINT_IMAGES // 2, seed=SEED + 4)
+    make_photos(folder / "b", POINT_IMAGES // 2, seed=SEED + 5)
     ordered = [p.resolve() for p in expand_paths([folder])]
     data = tmp_path / "data"
     marker, log = tmp_path / "loaded", tmp_path / "child.log"
     index_argv = ["--data", str(data), "index", str(folder)]
-    rng = random.Random(SEED + 5)
+    rng = random.Random(SEED + 6)
 
-    committed: dict[int, ImageRow] = {}
-    if command == "index":
-        argv = index_argv
-    else:
-        pid = crash_server.start(index_argv, marker, log)
+    if already != "nothing":
+        first = index_argv if already == "all" else ["--data", str(data), "index", str(folder / "a")]
+        pid = crash_server.start(first, marker, log)
         assert crash_server.wait(pid, RUN_SECONDS)["exit"] == 0, tail(log)
-        committed = read_catalog(data / DB_FILE).images
+    committed = read_catalog(data / DB_FILE).images
+    argv = index_argv
+    if command == "forget":
         forgotten = rng.choice(sorted(committed))
         argv = ["--data", str(data), "forget", str(forgotten)]
 
@@ -530,6 +544,10 @@ def test_sigkill_at_exact_crash_points_then_restart(
     check_catalog(state, data, ordered, committed, state.source_of_path, whole_batches=command == "index")
     if point == "committed-not-in-faiss":
         assert len(state.images) == 3 * BATCH
+    if point == "faiss-saved-header-not":
+        assert len(state.images) == POINT_IMAGES
+        saved = VectorIndex.load(data, embedder.dim, embedder.model_id)
+        assert saved is not None and saved.count == POINT_IMAGES and saved.generation < state.generation
     check_after_restart(data, embedder, state, rng)
 
     pid = crash_server.start(index_argv, marker, log)
