@@ -74,6 +74,9 @@ def cli_environment() -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("SHOEBOX_", "ANTHROPIC_"))}
     env["SHOEBOX_CLIP_MODEL"] = "shoebox-tiny"
     env["HF_HUB_OFFLINE"] = "1"
+    # One torch thread: on a small shared machine several spinning OpenMP threads make each model
+    # load several times slower, and nothing here measures speed.
+    env["SHOEBOX_CLIP_THREADS"] = "1"
     checkpoint = os.environ.get("SHOEBOX_TEST_CHECKPOINT")
     if checkpoint:
         env["SHOEBOX_CLIP_CHECKPOINT"] = checkpoint
