@@ -14,12 +14,17 @@ Threads need care: an archived thread is not in discord.py's cache, yet photos p
 the index under the thread's id. The bot remembers each thread's parent when it indexes a photo
 from it (`KnownThread`), so such photos stay visible to exactly the people who can read the parent
 (and, for a private thread, who are in it or may manage threads).
+
+An answer posted in a server channel is read by everyone who can read that channel, not only by
+the asker, so such an answer is further limited to channels "at least as visible" as the one it is
+posted in (`audience_channel_ids`): a photo is only shown where everyone who will read the answer
+could already read the photo's channel.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterable, Mapping, Protocol
+from typing import Callable, Iterable, Mapping, Protocol, cast
 
 import discord
 
@@ -128,6 +133,259 @@ def dm_scope(
     return Scope.channels(channel_ids, guild_ids)
 
 
+_READ_BITS = discord.Permissions(view_channel=True, read_message_history=True).value
+# The only base permissions that decide whether someone reads a channel: the two above, and
+# Administrator, which bypasses every overwrite.
+_DECIDING_BITS = _READ_BITS | discord.Permissions(administrator=True).value
+
+_Channel = discord.abc.GuildChannel
+
+
+def _reads(permissions: discord.Permissions) -> bool:
+    return bool(permissions.view_channel and permissions.read_message_history)
+
+
+def _is_role_target(target: discord.abc.Snowflake) -> bool:
+    """An overwrite's target is a role (cached, or a deleted one discord.py could not resolve)."""
+    return isinstance(target, discord.Role) or getattr(target, "type", None) is discord.Role
+
+
+def _answer_parent(
+    guild: discord.Guild, answer_channel: discord.abc.Snowflake, threads: Mapping[int, KnownThread]
+) -> _Channel | None:
+    """The cached channel whose permissions decide who reads an answer posted in `answer_channel`.
+
+    A thread is judged by its parent: everyone who can read a thread can read its parent, so the
+    parent's audience contains the thread's (a private thread's is smaller still), which only
+    makes the check stricter. Only the guild's cache is trusted: a channel built from an
+    interaction payload may lack its overwrites and would look more public than it is.
+    """
+    parent_id: int | None
+    thread = guild.get_thread(answer_channel.id)
+    if thread is not None:
+        parent_id = thread.parent_id
+    elif isinstance(answer_channel, discord.Thread):
+        parent_id = answer_channel.parent_id
+    elif answer_channel.id in threads:
+        parent_id = threads[answer_channel.id].parent_id
+    else:
+        parent_id = answer_channel.id
+    channel = guild.get_channel(parent_id)
+    if channel is None or isinstance(channel, discord.CategoryChannel):
+        return None
+    return channel
+
+
+def _photo_parent(guild: discord.Guild, channel_id: int, threads: Mapping[int, KnownThread]) -> _Channel | None:
+    """The channel whose readers are exactly the readers of `channel_id`, or None.
+
+    A public thread has its parent's readers. A private thread has fewer (its members and those
+    who may manage threads), which cannot be compared role by role, so it gets None: its photos
+    are only shown in the private thread itself.
+    """
+    parent_id: int
+    thread = guild.get_thread(channel_id)
+    if thread is not None:
+        if thread.is_private():
+            return None
+        parent_id = thread.parent_id
+    elif channel_id in threads:
+        if threads[channel_id].private:
+            return None
+        parent_id = threads[channel_id].parent_id
+    else:
+        parent_id = channel_id
+    channel = guild.get_channel(parent_id)
+    if channel is None or isinstance(channel, discord.CategoryChannel):
+        return None
+    return channel
+
+
+def _member_overwrites(
+    channel: _Channel, bits: Callable[[discord.PermissionOverwrite], int]
+) -> list[discord.abc.Snowflake]:
+    """Targets of the member-specific overwrites of `channel` for which `bits(overwrite)` touches reading."""
+    return [
+        target
+        for target, overwrite in channel.overwrites.items()
+        if not _is_role_target(target) and bits(overwrite) & _READ_BITS
+    ]
+
+
+def _grants(overwrite: discord.PermissionOverwrite) -> int:
+    return overwrite.pair()[0].value
+
+
+def _denies(overwrite: discord.PermissionOverwrite) -> int:
+    return overwrite.pair()[1].value
+
+
+class _RoleHolder:
+    """Someone holding exactly these roles (and @everyone), with no overwrite of their own.
+
+    `GuildChannel.permissions_for` takes a Member or a single Role; this stands in for a member,
+    so that discord.py combines several roles' permissions and overwrites exactly as it does for
+    a real one. No member has id 0: it is never the owner nor the target of a member overwrite.
+    """
+
+    id = 0
+
+    def __init__(self, role_ids: Iterable[int]) -> None:
+        self._roles = discord.utils.SnowflakeList(sorted(set(role_ids)), is_sorted=True)
+
+    def is_timed_out(self) -> bool:
+        return False
+
+
+def _at_least_as_visible(
+    answer: _Channel, photo: _Channel, members: Mapping[int, discord.Member | None]
+) -> bool:
+    """Can everyone who reads `answer` also read `photo`? Conservative: unsure means no."""
+    if answer.id == photo.id:
+        return True
+    guild = answer.guild
+    answer_overwrites = answer.overwrites
+    photo_overwrites = photo.overwrites
+    with_overwrites = {target.id for target in (*answer_overwrites, *photo_overwrites) if _is_role_target(target)}
+
+    # 1. Roles, one at a time on top of @everyone. Roles with no overwrite on either channel only
+    #    differ by their base permissions, so one role per distinct set of deciding bits is enough.
+    representatives: list[discord.Role] = []
+    seen: set[int] = set()
+    for role in guild.roles:
+        if not role.is_default() and role.id not in with_overwrites:
+            deciding = role.permissions.value & _DECIDING_BITS
+            if deciding in seen:
+                continue
+            seen.add(deciding)
+        representatives.append(role)
+        if _reads(answer.permissions_for(role)) and not _reads(photo.permissions_for(role)):
+            return False
+
+    # 2. A role denied the photo's channel shuts out whoever holds it, whatever let them into the
+    #    answer channel: so each such role is also paired with every other role.
+    denied = [
+        target
+        for target, overwrite in photo_overwrites.items()
+        if isinstance(target, discord.Role) and not target.is_default() and _denies(overwrite) & _READ_BITS
+    ]
+    for role in denied:
+        for other in representatives:
+            if other.is_default() or other.id == role.id:
+                continue
+            holder = cast(discord.Member, _RoleHolder((role.id, other.id)))
+            if _reads(answer.permissions_for(holder)) and not _reads(photo.permissions_for(holder)):
+                return False
+
+    # 3. Members with their own overwrites: those let into the answer channel, and those shut out of
+    #    the photo's channel, are checked exactly, as the members they are.
+    for target in (*_member_overwrites(answer, _grants), *_member_overwrites(photo, _denies)):
+        member: discord.Member | None
+        if target.id in members:
+            member = members[target.id]
+            if member is None:
+                continue  # known to have left the server: reads neither channel
+        elif isinstance(target, discord.Member):
+            member = target
+        else:
+            member = guild.get_member(target.id)
+            if member is None:
+                return False  # an unknown member might read the answer but not the photo
+        if can_read_history(answer, member) and not can_read_history(photo, member):
+            return False
+    return True
+
+
+def audience_channel_ids(
+    guild: discord.Guild,
+    answer_channel: discord.abc.Snowflake,
+    candidates: Iterable[int],
+    known_threads: Iterable[KnownThread] = (),
+    members: Mapping[int, discord.Member | None] | None = None,
+) -> set[int]:
+    """The `candidates` whose photos may be shown in an answer everyone in `answer_channel` reads.
+
+    Why: the asker's scope says what the asker may see, but an answer posted in a server channel
+    is read by that channel's whole audience. A staff member asking in #general must not surface
+    #staff photos there. So a candidate channel C qualifies only if it is the answer channel
+    itself, or C is "at least as visible": every member who can view and read the history of the
+    answer channel can also view and read the history of C. Without the members intent the
+    audience cannot be listed, so this is decided conservatively from what is known:
+
+    * roles: for @everyone alone and for every role R of the guild, a member holding only
+      @everyone + R who can read the answer channel must be able to read C (discord.py's own
+      permission computation for a role, with both channels' overwrites for @everyone and R;
+      an Administrator role reads everything, so it never holds a channel back). A role D whose
+      overwrite on C denies View Channel or Read Message History is also checked in pairs, D + R
+      for every other role R, since D shuts its holders out of C whichever role let them into
+      the answer channel;
+    * members: everyone with a member-specific overwrite granting View Channel or Read Message
+      History on the answer channel, or denying either on C, must, if they can read the answer
+      channel, be able to read C. They are taken from `members` (id -> Member, or None for
+      someone known to have left the server) or the guild's cache; if one cannot be found, C does
+      not qualify.
+
+    Real members hold several roles at once, and checking every single role alone (plus the
+    pairs above) is an approximation: it can only be wrong where reading the answer channel
+    itself takes two roles together (say, one grants View Channel and another Read Message
+    History) and such a member cannot read C. That is rare, and the alternative, every
+    combination of roles, is exponential.
+
+    Threads are judged by their parent, as in `readable_channel_ids`: an answer in a thread by the
+    parent's audience (a superset), a public thread's photos by the parent's readers. A private
+    thread's photos are only shown in that thread. Candidates that cannot be resolved, and every
+    candidate but the answer channel when the answer channel itself cannot be, are left out.
+    """
+    threads = {known.thread_id: known for known in known_threads if known.guild_id == guild.id}
+    answer = _answer_parent(guild, answer_channel, threads)
+    lookup: Mapping[int, discord.Member | None] = members or {}
+    verdicts: dict[int, bool] = {}
+    shown: set[int] = set()
+    for channel_id in set(candidates):
+        if channel_id == answer_channel.id:
+            shown.add(channel_id)
+            continue
+        if answer is None:
+            continue
+        photo = _photo_parent(guild, channel_id, threads)
+        if photo is None:
+            continue
+        if photo.id not in verdicts:
+            verdicts[photo.id] = _at_least_as_visible(answer, photo, lookup)
+        if verdicts[photo.id]:
+            shown.add(channel_id)
+    return shown
+
+
+def overwrite_member_ids(
+    guild: discord.Guild,
+    answer_channel: discord.abc.Snowflake,
+    candidates: Iterable[int],
+    known_threads: Iterable[KnownThread] = (),
+) -> list[int]:
+    """Ids of the members `audience_channel_ids` would have to look at, answer channel's first.
+
+    These are the members with their own overwrites (granting reading on the answer channel,
+    denying it on a candidate) who are not in the guild's cache; the caller may look them up and
+    pass them in as `members`. Without them the channels concerned are simply held back.
+    """
+    threads = {known.thread_id: known for known in known_threads if known.guild_id == guild.id}
+    answer = _answer_parent(guild, answer_channel, threads)
+    if answer is None:
+        return []
+    targets = _member_overwrites(answer, _grants)
+    photos = {photo.id: photo for cid in set(candidates) if (photo := _photo_parent(guild, cid, threads)) is not None}
+    for photo in photos.values():
+        if photo.id != answer.id:
+            targets.extend(_member_overwrites(photo, _denies))
+    ids: list[int] = []
+    for target in targets:
+        if isinstance(target, discord.Member) or target.id in ids:
+            continue
+        ids.append(target.id)
+    return ids
+
+
 def nothing() -> Scope:
     """A scope that matches no photo (an asker whose membership cannot be established)."""
     return Scope.channels(set(), set())
@@ -135,9 +393,11 @@ def nothing() -> Scope:
 
 __all__ = [
     "KnownThread",
+    "audience_channel_ids",
     "can_read_history",
     "dm_scope",
     "guild_scope",
     "nothing",
+    "overwrite_member_ids",
     "readable_channel_ids",
 ]

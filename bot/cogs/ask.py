@@ -2,8 +2,11 @@
 
 Each question goes to the agent with the asker's scope, computed from Discord's permissions at that
 moment (`bot/scope.py`): in a server, the channels of that server the asker can view and read the
-history of; in a DM, the same across every server the asker shares with the bot. A reply to one of
-the bot's answers continues the conversation: the reply chain is walked back to rebuild the
+history of; in a DM, the same across every server the asker shares with the bot. An answer posted
+publicly in a server channel (a mention or reply there, or `/ask` without `private`) is read by the
+whole channel, so its scope is further limited to the channels everyone there can read as well
+(`audience_channel_ids`); DMs and private `/ask` answers keep the asker's full scope. A reply to one
+of the bot's answers continues the conversation: the reply chain is walked back to rebuild the
 earlier turns.
 
 The answer comes back as text (split cleanly under Discord's limit) followed by the photos as
@@ -24,7 +27,13 @@ from discord.ext import commands
 
 from bot.discord_app import addresses_bot, mentions_pattern
 from bot.replies import DEFAULT_UPLOAD_LIMIT, OutgoingMessage, plan_reply
-from bot.scope import dm_scope, guild_scope, nothing
+from bot.scope import (
+    audience_channel_ids,
+    dm_scope,
+    nothing,
+    overwrite_member_ids,
+    readable_channel_ids,
+)
 from tools.search import Scope
 
 if TYPE_CHECKING:
@@ -34,6 +43,7 @@ log = logging.getLogger(__name__)
 
 MAX_QUESTION_IMAGES = 4
 MAX_HISTORY_TURNS = 6
+MAX_OVERWRITE_LOOKUPS = 10  # members fetched per question to check their own channel overwrites
 PHOTO_ONLY = "(sent a photo)"
 HELP_TEXT = (
     "Ask me about photos posted here, for example: *the red car from the summer trip*, or attach a "
@@ -67,13 +77,31 @@ class Ask(commands.Cog):
 
     # ---- scope ------------------------------------------------------------------------------
 
-    async def scope_for(self, user: discord.abc.User, guild: discord.Guild | None) -> Scope:
-        """What `user` may see right now, from Discord's permissions (never cached)."""
+    async def scope_for(
+        self,
+        user: discord.abc.User,
+        guild: discord.Guild | None,
+        answer_channel: discord.abc.Snowflake | None = None,
+    ) -> Scope:
+        """What `user` may be shown right now, from Discord's permissions (never cached).
+
+        `answer_channel` is the server channel the answer will be posted in for everyone there to
+        read; None for a DM or an answer only the asker sees. When given, the asker's channels
+        are narrowed to those at least as visible as it, so the answer shows nobody in that
+        channel a photo they could not already read.
+        """
         if guild is not None:
             member = user if isinstance(user, discord.Member) else await self._member(guild, user.id)
             if member is None:
                 return nothing()
-            return guild_scope(guild, member, await self.bot.jobs.known_threads(guild.id))
+            known = await self.bot.jobs.known_threads(guild.id)
+            channel_ids = readable_channel_ids(guild, member, known)
+            if answer_channel is not None:
+                wanted = overwrite_member_ids(guild, answer_channel, channel_ids, known)
+                members = await self._overwrite_members(guild, wanted)
+                members.setdefault(member.id, member)
+                channel_ids = audience_channel_ids(guild, answer_channel, channel_ids, known, members)
+            return Scope.channels(channel_ids, {guild.id})
         members = []
         for shared in self.bot.guilds:
             member = await self._member(shared, user.id)
@@ -83,6 +111,29 @@ class Ask(commands.Cog):
         for known in await self.bot.jobs.known_threads():
             threads.setdefault(known.guild_id, []).append(known)
         return dm_scope(members, threads)
+
+    async def _overwrite_members(
+        self, guild: discord.Guild, user_ids: Sequence[int]
+    ) -> dict[int, discord.Member | None]:
+        """Members with their own channel overwrites, looked up for the audience check.
+
+        None means the user is no longer in the server (they read nothing there). Ids not looked
+        up (past the limit, or after an API error) stay unknown, and the channels they concern are
+        held back from public answers.
+        """
+        found: dict[int, discord.Member | None] = {}
+        for user_id in list(user_ids)[:MAX_OVERWRITE_LOOKUPS]:
+            member = guild.get_member(user_id)
+            if member is None:
+                try:
+                    member = await guild.fetch_member(user_id)
+                except discord.NotFound:
+                    member = None
+                except discord.HTTPException as error:
+                    log.warning("Could not look up member %s in %s: %s", user_id, guild.id, error)
+                    continue
+            found[user_id] = member
+        return found
 
     async def _member(self, guild: discord.Guild, user_id: int) -> discord.Member | None:
         """The member from the cache or, without the members intent, from the API."""
@@ -227,7 +278,9 @@ class Ask(commands.Cog):
             await message.reply(HELP_TEXT, mention_author=False)
             return
         async with message.channel.typing():
-            scope = await self.scope_for(message.author, message.guild)
+            # In a server the reply is public: everyone in the channel will read it.
+            audience = message.channel if message.guild is not None else None
+            scope = await self.scope_for(message.author, message.guild, audience)
             history = await self.history_for(message)
             answer = await self.ask_agent(question, scope, images, history)
         parts = self.plan(answer, message.guild)
@@ -241,7 +294,7 @@ class Ask(commands.Cog):
     @app_commands.describe(
         question="What are you looking for? e.g. 'the beach at sunset last summer'",
         image="A photo to find look-alikes of",
-        private="Only you see the answer",
+        private="Only you see the answer, so it can show photos from channels others here can't read",
     )
     async def ask(
         self,
@@ -252,7 +305,10 @@ class Ask(commands.Cog):
     ) -> None:
         await interaction.response.defer(thinking=True, ephemeral=private)
         images = await self.read_images([image] if image else [])
-        scope = await self.scope_for(interaction.user, interaction.guild)
+        audience: discord.abc.Snowflake | None = None
+        if interaction.guild is not None and not private:
+            audience = interaction.channel or discord.Object(interaction.channel_id or 0)
+        scope = await self.scope_for(interaction.user, interaction.guild, audience)
         answer = await self.ask_agent(question, scope, images)
         parts = self.plan(answer, interaction.guild)
         await self.deliver(interaction.followup.send, parts, ephemeral=private)
