@@ -160,7 +160,7 @@ async def test_a_long_answer_is_split_cleanly_with_photos_last(
 async def test_offline_mode_answers_with_direct_matches(start_bot: StartBot) -> None:  # noqa: F811
     harness = await start_bot(LAYOUT)  # no API key: the offline agent
     ids = await photos(harness)
-    await harness.post("general", "ann", "red circle", mention_bot=True)
+    await harness.post("staff", "ann", "red circle", mention_bot=True)  # all who read #staff read #general
     (reply,) = harness.world.sent
     assert "ANTHROPIC_API_KEY" in (reply.content or "")
     assert {f"shoebox-{i}.jpg" for i in ids.values()} == {name for name, _ in reply.files}

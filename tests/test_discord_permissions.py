@@ -10,7 +10,8 @@ The server has three channels, each with one photo:
 
 Each member asks by mentioning the bot, by DM (scope across shared servers, member fetched over
 the API because members are not cached) and with `/ask`; the photos shown must come from exactly
-the channels Discord lets that member view AND read the history of. The answers are in offline
+the channels Discord lets that member view AND read the history of — narrowed, for an answer
+posted publicly in a channel, to what everyone who reads that channel may see (`PUBLIC`). The answers are in offline
 mode, which returns every visible photo (there are fewer than its five results), so a photo from
 outside the scope would show up.
 """
@@ -53,6 +54,8 @@ MATRIX = {
     "dan": ("staff", {"staff"}),
 }
 PHOTOS = {"general": ("red", "circle"), "staff": ("blue", "star"), "vault": ("green", "triangle")}
+# What a public answer in that channel may show: only channels everyone there can read too.
+PUBLIC = {"ann": {"general"}, "ben": {"general"}, "cat": {"general"}, "dan": {"staff"}}
 CHANNEL_MENTION = re.compile(r"<#(\d+)>")
 
 
@@ -105,8 +108,8 @@ async def test_discord_permissions_decide_what_is_shown(start_bot: StartBot, mem
     await harness.post(ask_in, member, "show me the shapes", mention_bot=True)
     sent = harness.sent_since(before)
     assert sent and sent[0].channel_id == harness.channel_ids[ask_in]
-    assert shown_channels(harness, sent) == expected
-    assert shown_files(sent) == len(expected)
+    assert shown_channels(harness, sent) == PUBLIC[member]
+    assert shown_files(sent) == len(PUBLIC[member])
 
     # 2. In a DM: the member is looked up over the API (no member cache), then the same rules apply.
     before = len(harness.world.sent)
@@ -128,12 +131,12 @@ async def test_scope_follows_a_permission_change_at_question_time(start_bot: Sta
     """Ben is given the Staff role: his very next question sees #staff, with no restart or cache."""
     harness = await server_with_photos(start_bot)
     before = len(harness.world.sent)
-    await harness.post("general", "ben", "shapes", mention_bot=True)
+    await harness.post("", "ben", "shapes", dm=True)
     assert shown_channels(harness, harness.sent_since(before)) == {"general"}
     key = (harness.guild_id, harness.user_ids["ben"])
     harness.world.members[key]["roles"] = [str(harness.role_ids["staff"])]
     before = len(harness.world.sent)
-    await harness.post("general", "ben", "shapes", mention_bot=True)
+    await harness.post("", "ben", "shapes", dm=True)
     assert shown_channels(harness, harness.sent_since(before)) == {"general", "staff"}
 
 
