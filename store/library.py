@@ -30,7 +30,14 @@ from PIL import Image
 
 from store.db import Catalog, ImageRecord, NewImage, SourceFilter, SourceRecord
 from store.embedder import Embedder
-from store.ingest import DecodedImage, RejectedImage, decode_image, make_thumbnail, read_limited
+from store.ingest import (
+    DecodedImage,
+    RejectedImage,
+    decode_image,
+    make_thumbnail,
+    read_limited,
+    too_large_reason,
+)
 from store.settings import Settings
 from store.thumbs import ThumbStore
 from store.vectors import VectorIndex
@@ -68,6 +75,7 @@ class _Prepared:
     incoming: IncomingImage
     sha256: str = ""
     size: int = 0
+    data: bytes | None = None
     decoded: DecodedImage | None = None
     thumb: tuple[bytes, str] | None = None
     tensor: object | None = None
@@ -135,6 +143,7 @@ class Library:
                     "back to the old one."
                 )
             return  # reindex mode: the stored vectors are foreign to this model, don't load them
+        await self.sweep_stored_copies()
         loaded = await asyncio.get_running_loop().run_in_executor(
             self._cpu, VectorIndex.load, self.data_dir, self.embedder.dim, self.embedder.model_id
         )
@@ -173,6 +182,21 @@ class Library:
         self._dirty_since_save = 0
         self._last_save = time.monotonic()
         self._save_seconds = self._last_save - started
+
+    async def sweep_stored_copies(self) -> int:
+        """Delete stored copies no image refers to, the leftovers of a crash; returns how many.
+
+        A copy is written inside the transaction that commits its row, and a dropped image's copy
+        is unlinked after its deletion commits, so a crash (or a failed commit) in either window
+        leaves an orphan. This holds SQLite's write lock while it looks: copies are only written
+        inside write transactions, so no other process can be between writing a copy and
+        committing its row, and every unreferenced copy seen now is garbage.
+        """
+        loop = asyncio.get_running_loop()
+        async with self.catalog.transaction() as conn:
+            async with conn.execute("SELECT thumb FROM images") as cur:
+                known = {str(row[0]) for row in await cur.fetchall()}
+            return await loop.run_in_executor(self._cpu, self.thumbs.sweep, known)
 
     async def _maybe_save(self) -> None:
         """Save now and then, not after every write: the file is only a head start for the next
@@ -269,22 +293,34 @@ class Library:
         return outcomes
 
     async def _prepare(self, batch: list[IncomingImage]) -> list[_Prepared]:
-        loop = asyncio.get_running_loop()
-        prepared = await asyncio.gather(
-            *(loop.run_in_executor(self._cpu, self._prepare_one, item) for item in batch)
-        )
-        # Already-known sources need no model time; settle them now.
-        for item in prepared:
-            if item.outcome is None:
-                existing = await self.catalog.source_for_key(item.incoming.source)
-                if existing is not None and existing.image_id is not None:
-                    record = await self.catalog.get_image(existing.image_id)
-                    if record is not None and record.sha256 == item.sha256:
-                        item.outcome = IndexOutcome(existing, "unchanged", record.id)
-        return list(prepared)
+        """Read and hash the batch, settle what is already known, then decode only what is new.
 
-    def _prepare_one(self, item: IncomingImage) -> _Prepared:
-        """Read, hash, decode and preprocess one image (runs in a worker thread)."""
+        Re-running `index` over a folder (after a crash, or to pick up new photos) therefore costs
+        a read and a hash per known file, not a decode.
+        """
+        loop = asyncio.get_running_loop()
+        prepared = list(await asyncio.gather(
+            *(loop.run_in_executor(self._cpu, self._read_one, item) for item in batch)
+        ))
+        fresh = []
+        for item in prepared:
+            if item.outcome is not None:
+                continue
+            existing = await self.catalog.source_for_key(item.incoming.source)
+            if existing is not None and existing.image_id is not None:
+                record = await self.catalog.get_image(existing.image_id)
+                if record is not None and record.sha256 == item.sha256:
+                    item.outcome = IndexOutcome(existing, "unchanged", record.id)
+                    continue
+            if await self.catalog.image_id_for_sha(item.sha256) is None:
+                fresh.append(item)  # new bytes: they need decoding and a vector
+        await asyncio.gather(*(loop.run_in_executor(self._cpu, self._decode_one, item) for item in fresh))
+        for item in prepared:
+            item.data = None
+        return prepared
+
+    def _read_one(self, item: IncomingImage) -> _Prepared:
+        """Read and hash one image (runs in a worker thread)."""
         out = _Prepared(item)
         limits = self.settings.ingest
         try:
@@ -294,13 +330,20 @@ class Library:
                     raise RejectedImage("no bytes and no path to read them from")
                 data = read_limited(Path(item.source.path), limits.max_file_bytes)
             elif len(data) > limits.max_file_bytes:
-                raise RejectedImage(
-                    f"file is {len(data) / 1e6:.1f} MB, over the "
-                    f"{limits.max_file_bytes / 1e6:.0f} MB limit"
-                )
+                raise RejectedImage(too_large_reason(len(data), limits.max_file_bytes))
+            out.data = data
             out.size = len(data)
             out.sha256 = sha256_of(data)
-            decoded = decode_image(data, limits, min_side=limits.thumb_max_side)
+        except RejectedImage as error:
+            out.outcome = IndexOutcome(item.source, "failed", reason=str(error))
+        return out
+
+    def _decode_one(self, out: _Prepared) -> None:
+        """Decode, make the stored copy and preprocess one new image (runs in a worker thread)."""
+        limits = self.settings.ingest
+        assert out.data is not None
+        try:
+            decoded = decode_image(out.data, limits, min_side=limits.thumb_max_side)
             small = _downscale(decoded.image, limits.thumb_max_side)
             out.decoded = DecodedImage(small, decoded.width, decoded.height, decoded.format)
             out.thumb = make_thumbnail(small, limits.thumb_max_side)
@@ -308,14 +351,16 @@ class Library:
             if preprocess is not None:
                 out.tensor = preprocess(small)
         except RejectedImage as error:
-            out.outcome = IndexOutcome(item.source, "failed", reason=str(error))
+            out.outcome = IndexOutcome(out.incoming.source, "failed", reason=str(error))
         except MemoryError:
-            out.outcome = IndexOutcome(item.source, "failed", reason="image too large to decode")
-        return out
+            out.outcome = IndexOutcome(out.incoming.source, "failed", reason="image too large to decode")
 
     async def _embed_and_commit(self, prepared: list[_Prepared]) -> list[IndexOutcome]:
         todo = [p for p in prepared if p.outcome is None]
-        vectors = await self._embed_prepared(todo) if todo else np.zeros((0, self.embedder.dim))
+        to_embed = [p for p in todo if p.decoded is not None]
+        embedded = await self._embed_prepared(to_embed) if to_embed else []
+        by_item = {id(p): v for p, v in zip(to_embed, embedded)}
+        vectors = [by_item.get(id(p)) for p in todo]
         added: list[tuple[int, np.ndarray]] = []
         removed: list[tuple[int, str]] = []
         async with self.catalog.transaction() as conn:
@@ -335,7 +380,7 @@ class Library:
         self,
         conn: aiosqlite.Connection,
         item: _Prepared,
-        vector: np.ndarray,
+        vector: np.ndarray | None,
         added: list[tuple[int, np.ndarray]],
         removed: list[tuple[int, str]],
     ) -> IndexOutcome:
@@ -371,7 +416,7 @@ class Library:
         self,
         conn: aiosqlite.Connection,
         item: _Prepared,
-        vector: np.ndarray,
+        vector: np.ndarray | None,
         added: list[tuple[int, np.ndarray]],
         removed: list[tuple[int, str]],
     ) -> IndexOutcome:
@@ -393,7 +438,9 @@ class Library:
             await catalog.refresh_fts(conn, image_id)
             await catalog.clear_failure(conn, source.key)
             return IndexOutcome(source, "duplicate", image_id)
-        assert item.decoded is not None and item.thumb is not None
+        if item.decoded is None or item.thumb is None or vector is None:
+            # Its bytes were indexed when the batch was read, and gone by the time it committed.
+            return IndexOutcome(source, "failed", reason="removed while being indexed; index it again")
         thumb_bytes, extension = item.thumb
         relative = await asyncio.get_running_loop().run_in_executor(
             self._cpu, self.thumbs.write, item.sha256, extension, thumb_bytes
@@ -653,7 +700,7 @@ class Library:
         if stray:
             self._note(report, repair, f"{len(stray)} stored file(s) no image refers to")
             if repair:
-                self.thumbs.sweep(known)
+                await self.sweep_stored_copies()
         return report
 
     @staticmethod
