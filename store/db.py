@@ -230,22 +230,15 @@ class SourceFilter:
                     discord.append("0")
             kinds.append("(" + " AND ".join(discord) + ")")
         clauses.append("(" + (" OR ".join(kinds) if kinds else "0") + ")")
-        if self.author:
-            name = self.author.lstrip("@")
-            if name.isdigit():
-                clauses.append(f"{alias}.author_id = ?")
-                params.append(int(name))
-            else:
-                clauses.append(f"lower({alias}.author_name) = lower(?)")
-                params.append(name)
-        if self.channel:
-            name = self.channel.lstrip("#")
-            if name.isdigit():
-                clauses.append(f"{alias}.channel_id = ?")
-                params.append(int(name))
-            else:
-                clauses.append(f"lower({alias}.channel_name) = lower(?)")
-                params.append(name)
+        for value, sigil, column in ((self.author, "@", "author"), (self.channel, "#", "channel")):
+            if value:
+                name = value.lstrip(sigil)
+                if name.isdigit():  # a Discord id
+                    clauses.append(f"{alias}.{column}_id = ?")
+                    params.append(int(name))
+                else:
+                    clauses.append(f"lower({alias}.{column}_name) = lower(?)")
+                    params.append(name)
         if self.after:
             clauses.append(f"{alias}.posted_at >= ?")
             params.append(self.after)
