@@ -30,7 +30,7 @@ def add_command(sub: Any) -> None:
 
 async def run_demo(args: argparse.Namespace) -> int:
     from bot.cli import ProgressBar, UserError, format_result, load_model, load_settings
-    from store.library import Library, ModelMismatch, expand_paths, file_source, IncomingImage
+    from store.library import IncomingImage, Library, ModelMismatch, expand_paths, file_source
     from store.tinyclip import MODEL_NAME
     from store.tinyclip.scenes import generate_gallery
     from tools.search import find_similar, search_images
@@ -59,9 +59,9 @@ async def run_demo(args: argparse.Namespace) -> int:
             print(f"\n3. search: {query!r}")
             for result in await search_images(library, query, k=3):
                 print("   " + format_result(result).replace("\n", "\n   "))
-        first = items[0].source.path
-        print(f"\n4. look-alikes of {Path(str(first)).name}:")
-        for result in await find_similar(library, Path(str(first)), k=3):
+        first = next(o for o in outcomes if o.image_id is not None)
+        print(f"\n4. look-alikes of {Path(str(first.source.path)).name} (image #{first.image_id}):")
+        for result in await find_similar(library, first.image_id, k=3):
             print("   " + format_result(result).replace("\n", "\n   "))
     finally:
         await library.close()
