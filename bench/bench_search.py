@@ -88,7 +88,8 @@ async def measure(size: int, embedder: ClipEmbedder, queries: int, root: Path) -
     settings.data_dir.mkdir(parents=True)
     rng = np.random.default_rng(size)
     await create_catalog(settings.data_dir / DB_FILE, embedder.model_id, embedder.dim)
-    fill_catalog(settings.data_dir / DB_FILE, clustered_vectors(size, embedder.dim, rng), embedder.model_id)
+    vectors = clustered_vectors(size, embedder.dim, rng)
+    fill_catalog(settings.data_dir / DB_FILE, vectors, embedder.model_id)
     started = time.perf_counter()
     library = await Library.open(settings, embedder)
     open_seconds = time.perf_counter() - started
@@ -107,8 +108,10 @@ async def measure(size: int, embedder: ClipEmbedder, queries: int, root: Path) -
             results = await search_images(library, query, k=10, scope=scoped)
             scoped_ms.append((time.perf_counter() - t0) * 1000)
             assert len(results) == 10
+        recall = recall_at_10(library, vectors, rng)
     finally:
         await library.close()
+    del vectors
     reopen = json.loads(subprocess.run(
         [sys.executable, __file__, "--measure-open", str(settings.data_dir), "--model", embedder.settings.model],
         check=True, capture_output=True, text=True,
@@ -117,11 +120,24 @@ async def measure(size: int, embedder: ClipEmbedder, queries: int, root: Path) -
         "images": size,
         "open_seconds": round(open_seconds, 2),
         "layout": library.vectors.layout,
+        "recall_at_10_vs_exact": recall,
         "reopen_seconds": reopen["seconds"],
         "resident_bytes_per_image": round(reopen["resident_bytes"] / size),
         "search_ms": percentiles(everything_ms),
         "scoped_search_ms": percentiles(scoped_ms),
     }
+
+
+def recall_at_10(library: Library, vectors: np.ndarray, rng: np.random.Generator, queries: int = 50) -> float:
+    """Recall@10 of the index in use against an exact scan, for queries near real vectors."""
+    picks = rng.choice(len(vectors), size=queries, replace=False)
+    probes = vectors[picks] + rng.normal(scale=0.02, size=(queries, vectors.shape[1])).astype(np.float32)
+    probes /= np.linalg.norm(probes, axis=1, keepdims=True)
+    found = 0
+    for probe in probes:
+        exact = set((np.argpartition(-(vectors @ probe), 10)[:10] + 1).tolist())  # ids start at 1
+        found += len(exact & {i for i, _ in library.vectors.search(probe, 10)})
+    return round(found / (10 * queries), 4)
 
 
 def resident_bytes() -> int:
