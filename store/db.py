@@ -214,20 +214,12 @@ class SourceFilter:
             kinds.append(f"{alias}.kind = 'file'")
         if self.include_discord:
             discord = [f"{alias}.kind = 'discord'"]
-            if self.channel_ids is not None:
-                ids = sorted(self.channel_ids)
-                if ids:
-                    discord.append(f"{alias}.channel_id IN ({','.join('?' * len(ids))})")
+            for column, allowed in (("channel_id", self.channel_ids), ("guild_id", self.guild_ids)):
+                if allowed is not None:
+                    ids = sorted(allowed)
+                    # An empty allowed set matches nothing ("0"), never everything.
+                    discord.append(f"{alias}.{column} IN ({','.join('?' * len(ids))})" if ids else "0")
                     params.extend(ids)
-                else:
-                    discord.append("0")
-            if self.guild_ids is not None:
-                ids = sorted(self.guild_ids)
-                if ids:
-                    discord.append(f"{alias}.guild_id IN ({','.join('?' * len(ids))})")
-                    params.extend(ids)
-                else:
-                    discord.append("0")
             kinds.append("(" + " AND ".join(discord) + ")")
         clauses.append("(" + (" OR ".join(kinds) if kinds else "0") + ")")
         for value, sigil, column in ((self.author, "@", "author"), (self.channel, "#", "channel")):

@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import json
+import re
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -678,6 +679,23 @@ def _member(role_ids: Sequence[int]) -> dict[str, Any]:
 
 
 # ---- fixtures and picture makers ------------------------------------------------------------------
+
+
+CHANNEL_MENTION = re.compile(r"<#(\d+)>")
+
+
+def shown_channels(harness: Harness, sent: list[Sent]) -> set[str]:
+    """The channels of the photos an answer showed, read off their cards."""
+    names = {cid: name for name, cid in harness.channel_ids.items()}
+    channels = set()
+    for message in sent:
+        for embed in message.embeds:
+            for embed_field in embed.get("fields", []):
+                if embed_field["name"] == "Channel":
+                    match = CHANNEL_MENTION.fullmatch(embed_field["value"])
+                    assert match, embed_field
+                    channels.add(names[int(match.group(1))])
+    return channels
 
 
 def scene_jpeg(colour: str, shape: str, seed: int = 0, size: int = 160) -> bytes:

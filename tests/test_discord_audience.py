@@ -19,7 +19,6 @@ results), so a photo from outside the scope would show up.
 
 from __future__ import annotations
 
-import re
 
 import discord
 
@@ -33,6 +32,7 @@ from tests.discord_harness import (
     allow,
     deny,
     scene_jpeg,
+    shown_channels,
     start_bot,  # noqa: F401 - fixture
 )
 
@@ -47,7 +47,6 @@ LAYOUT = Layout(
     members={"ann": ["staff"], "ben": [], "eve": [], "root": ["admin"]},
 )
 PHOTOS = {"general": ("red", "circle"), "staff": ("blue", "star"), "project": ("green", "triangle")}
-CHANNEL_MENTION = re.compile(r"<#(\d+)>")
 QUESTION = "show me the shapes"
 
 
@@ -60,20 +59,6 @@ async def server_with_photos(start_bot: StartBot, layout: Layout = LAYOUT) -> Ha
     await harness.drain()
     assert (await harness.bot.library.stats())["images"] == len(harness.channel_ids)
     return harness
-
-
-def shown_channels(harness: Harness, sent: list[Sent]) -> set[str]:
-    """The channels of the photos an answer showed, from their cards."""
-    names = {cid: name for name, cid in harness.channel_ids.items()}
-    channels = set()
-    for message in sent:
-        for embed in message.embeds:
-            for embed_field in embed.get("fields", []):
-                if embed_field["name"] == "Channel":
-                    match = CHANNEL_MENTION.fullmatch(embed_field["value"])
-                    assert match, embed_field
-                    channels.add(names[int(match.group(1))])
-    return channels
 
 
 async def mention(harness: Harness, member: str, channel: str) -> list[Sent]:

@@ -18,7 +18,6 @@ outside the scope would show up.
 
 from __future__ import annotations
 
-import re
 
 import discord
 import pytest
@@ -33,6 +32,7 @@ from tests.discord_harness import (
     allow,
     deny,
     scene_jpeg,
+    shown_channels,
     start_bot,  # noqa: F401 - fixture
 )
 
@@ -56,7 +56,6 @@ MATRIX = {
 PHOTOS = {"general": ("red", "circle"), "staff": ("blue", "star"), "vault": ("green", "triangle")}
 # What a public answer in that channel may show: only channels everyone there can read too.
 PUBLIC = {"ann": {"general"}, "ben": {"general"}, "cat": {"general"}, "dan": {"staff"}}
-CHANNEL_MENTION = re.compile(r"<#(\d+)>")
 
 
 async def server_with_photos(start_bot: StartBot) -> Harness:  # noqa: F811
@@ -67,19 +66,6 @@ async def server_with_photos(start_bot: StartBot) -> Harness:  # noqa: F811
     stats = await harness.bot.library.stats()
     assert stats["images"] == 3
     return harness
-
-
-def shown_channels(harness: Harness, sent: list[Sent]) -> set[str]:
-    names = {cid: name for name, cid in harness.channel_ids.items()}
-    channels = set()
-    for message in sent:
-        for embed in message.embeds:
-            for embed_field in embed.get("fields", []):
-                if embed_field["name"] == "Channel":
-                    match = CHANNEL_MENTION.fullmatch(embed_field["value"])
-                    assert match, embed_field
-                    channels.add(names[int(match.group(1))])
-    return channels
 
 
 def shown_files(sent: list[Sent]) -> int:
