@@ -20,10 +20,11 @@ import io
 import itertools
 import json
 import threading
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, AsyncIterator, Callable, Iterator, Sequence
 
 import pytest
 from PIL import Image, ImageDraw
@@ -31,6 +32,9 @@ from PIL import Image, ImageDraw
 from store.db import SourceRecord
 from store.library import IncomingImage, Library, file_source
 from tools.search import Scope
+
+if TYPE_CHECKING:
+    from bot.agent import Agent
 
 MAX_DELAY = 5.0
 _ids = itertools.count(1)
@@ -394,3 +398,31 @@ def fake_anthropic() -> Iterator[FakeAnthropic]:
         yield server
     finally:
         server.stop()
+
+
+@asynccontextmanager
+async def agents_against(
+    library: Library, server: FakeAnthropic, **defaults: Any
+) -> AsyncIterator[Callable[..., "Agent"]]:
+    """A factory of agents whose real `anthropic` clients talk to `server`; closes them after.
+
+    `defaults` and each call's keyword arguments override `AgentSettings` fields."""
+    from bot.agent import Agent
+    from bot.llm import AgentSettings, make_client
+
+    clients = []
+
+    def make(**overrides: Any) -> Agent:
+        values: dict[str, Any] = {"api_key": "sk-test", "base_url": server.base_url, "timeout": 5.0}
+        values.update(defaults)
+        values.update(overrides)
+        settings = AgentSettings(**values)
+        client = make_client(settings)
+        clients.append(client)
+        return Agent(library, settings, client)
+
+    try:
+        yield make
+    finally:
+        for client in clients:
+            await client.close()

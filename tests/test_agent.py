@@ -31,6 +31,7 @@ from tests.fake_anthropic import (
     Gallery,
     Raw,
     Status,
+    agents_against,
     answer,
     build_gallery,
     fake_anthropic,  # noqa: F401 - fixture
@@ -57,21 +58,8 @@ async def gallery(library: Library, tmp_path: Path) -> Gallery:
 
 @pytest.fixture
 async def make_agent(library: Library, fake_anthropic: FakeAnthropic) -> AsyncIterator[MakeAgent]:  # noqa: F811
-    clients = []
-
-    def make(**overrides: Any) -> Agent:
-        values: dict[str, Any] = dict(
-            api_key="sk-test", base_url=fake_anthropic.base_url, timeout=5.0, retries=2, max_wait=5.0
-        )
-        values.update(overrides)
-        settings = AgentSettings(**values)
-        client = make_client(settings)
-        clients.append(client)
-        return Agent(library, settings, client)
-
-    yield make
-    for client in clients:
-        await client.close()
+    async with agents_against(library, fake_anthropic, retries=2, max_wait=5.0) as make:
+        yield make
 
 
 def results_json(result: dict[str, Any]) -> dict[str, Any]:

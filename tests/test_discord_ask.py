@@ -17,7 +17,6 @@ import pytest
 
 from bot.agent import Agent
 from bot.cogs.ask import FAILED_TEXT, HELP_TEXT
-from bot.llm import AgentSettings, make_client
 from bot.replies import MESSAGE_LIMIT
 from store.library import Library
 from tests.discord_harness import (
@@ -33,6 +32,7 @@ from tests.discord_harness import (
 from tests.fake_anthropic import (
     FakeAnthropic,
     Status,
+    agents_against,
     answer,
     fake_anthropic,  # noqa: F401 - fixture
     message,
@@ -53,20 +53,8 @@ LAYOUT = Layout(
 
 @pytest.fixture
 async def claude(library: Library, fake_anthropic: FakeAnthropic) -> AsyncIterator[Callable[..., Agent]]:  # noqa: F811
-    clients = []
-
-    def make(**overrides: Any) -> Agent:
-        values: dict[str, Any] = dict(api_key="sk-test", base_url=fake_anthropic.base_url, timeout=5.0,
-                                      retries=1, max_wait=1.0)
-        values.update(overrides)
-        settings = AgentSettings(**values)
-        client = make_client(settings)
-        clients.append(client)
-        return Agent(library, settings, client)
-
-    yield make
-    for client in clients:
-        await client.close()
+    async with agents_against(library, fake_anthropic, retries=1, max_wait=1.0) as make:
+        yield make
 
 
 async def photos(harness: Harness) -> dict[str, int]:
