@@ -70,6 +70,18 @@ def _text_to_image(
     return float(hits[:, 0].mean()), float(hits.any(axis=1).mean()), image_vectors
 
 
+def _attribute_hits(specs: Sequence[SceneSpec], image_vectors: np.ndarray, embedder: Any) -> dict[str, float]:
+    """For single-object queries: how often the top picture has at least the right colour, or
+    the right shape. Diagnostic only: it tells which half of the task a weak model is missing."""
+    captions = [short_caption(s) for s in specs]
+    ranking = np.argmax(embedder.embed_texts(captions) @ image_vectors.T, axis=1)
+    objects = [s.objects[0] for s in specs]
+    return {
+        "single_r1_colour": float(np.mean([objects[j].colour == objects[i].colour for i, j in enumerate(ranking)])),
+        "single_r1_shape": float(np.mean([objects[j].shape == objects[i].shape for i, j in enumerate(ranking)])),
+    }
+
+
 def _image_to_image(specs: Sequence[SceneSpec], image_vectors: np.ndarray) -> float:
     """Mean fraction of the five nearest other pictures that share colour and shape."""
     sims = image_vectors @ image_vectors.T
@@ -95,6 +107,7 @@ def evaluate(
         "pair_r1": pair_r1,
         "pair_r5": pair_r5,
         "image_top5_same": _image_to_image(single_specs, single_vectors),
+        **_attribute_hits(single_specs, single_vectors, embedder),
     }
 
 
@@ -138,7 +151,9 @@ def format_figures(figures: dict[str, float]) -> str:
     return (
         f"single-object text->image R@1 {figures['single_r1']:.3f} R@5 {figures['single_r5']:.3f} | "
         f"two-object R@1 {figures['pair_r1']:.3f} R@5 {figures['pair_r5']:.3f} | "
-        f"image->image top-5 same colour+shape {figures['image_top5_same']:.3f}"
+        f"image->image top-5 same colour+shape {figures['image_top5_same']:.3f} "
+        f"(single top-1 right colour {figures['single_r1_colour']:.3f}, "
+        f"right shape {figures['single_r1_shape']:.3f})"
     )
 
 

@@ -19,7 +19,7 @@ import io
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import NamedTuple
+from typing import NamedTuple, Sequence
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
@@ -56,8 +56,11 @@ _POSITION_BOX: dict[str, tuple[tuple[float, float], tuple[float, float]]] = {
 }
 
 # Object "radius" (half its extent) as a fraction of the image side. The gap between the ranges
-# keeps "big" at least ~1.35x "small" in every picture.
-_SIZE_RADIUS: dict[str, tuple[float, float]] = {"small": (0.09, 0.14), "big": (0.19, 0.25)}
+# keeps "big" at least ~1.4x "small" in every picture. Objects are drawn fairly large because the
+# model sees pictures at 64 px: a star much smaller than this is a blob at that resolution.
+_SIZE_RADIUS: dict[str, tuple[float, float]] = {"small": (0.12, 0.16), "big": (0.23, 0.29)}
+# Two objects have to share the frame, so both are drawn a little smaller (sizes stay relative).
+_PAIR_SCALE = 0.82
 
 _POSITION_PHRASES: dict[str, tuple[str, ...]] = {
     "left": ("on the left",),
@@ -99,18 +102,24 @@ class SceneSpec:
 # Specs and captions
 
 
-def random_spec(rng: np.random.Generator, n_objects: int) -> SceneSpec:
+def random_spec(
+    rng: np.random.Generator, n_objects: int, colours: Sequence[str] | None = None
+) -> SceneSpec:
     """Draw a scene of `n_objects` (1 or 2) objects with distinct colour+shape pairs and distinct
-    positions. Two big objects are never paired with one in the centre: they could not both fit."""
+    positions. Two big objects are never paired with one in the centre: they could not both fit.
+
+    `colours` restricts the palette (training uses one-colour batches, where only shape, size and
+    position tell pictures apart)."""
     if n_objects not in (1, 2):
         raise ValueError("scenes have one or two objects")
+    palette = tuple(colours) if colours else COLOURS
     while True:
         pairs: set[tuple[str, str]] = set()
         objects: list[SceneObject] = []
         positions = rng.choice(len(POSITIONS), size=n_objects, replace=False)
         for p in positions:
             while True:
-                colour = COLOURS[int(rng.integers(len(COLOURS)))]
+                colour = palette[int(rng.integers(len(palette)))]
                 shape = SHAPES[int(rng.integers(len(SHAPES)))]
                 if (colour, shape) not in pairs:
                     pairs.add((colour, shape))
@@ -165,8 +174,8 @@ def caption(spec: SceneSpec, rng: np.random.Generator | None = None) -> str:
     """
     if rng is None:
         return " and ".join(_object_phrase(o, None, True, True) for o in spec.objects)
-    with_size = rng.random() < 0.4
-    with_position = rng.random() < 0.35
+    with_size = rng.random() < 0.25
+    with_position = rng.random() < 0.25
     objects = list(spec.objects)
     if len(objects) == 2 and rng.random() < 0.5:
         objects.reverse()
@@ -210,11 +219,18 @@ def _background_colour(rng: np.random.Generator) -> RGB:
     return (r * 255.0, g * 255.0, b * 255.0)
 
 
-def _contrasting_colour(rng: np.random.Generator, avoid: list[RGB], margin: float) -> RGB:
-    """A background colour at least `_MIN_CONTRAST + margin` away from every object colour."""
+def _contrasting_colour(
+    rng: np.random.Generator, avoid: list[RGB], margin: float, neutral: bool = False
+) -> RGB:
+    """A background colour at least `_MIN_CONTRAST + margin` away from every object colour
+    (a plain grey when `neutral`)."""
     best, best_gap = (128.0, 128.0, 128.0), -1.0
     for _ in range(60):
-        candidate = _background_colour(rng)
+        if neutral:
+            grey = float(rng.uniform(0.0, 255.0))
+            candidate: RGB = (grey, grey, grey)
+        else:
+            candidate = _background_colour(rng)
         gap = min(_distance(candidate, c) for c in avoid)
         if gap >= _MIN_CONTRAST + margin:
             return candidate
@@ -227,15 +243,21 @@ def _contrasting_colour(rng: np.random.Generator, avoid: list[RGB], margin: floa
 # Backgrounds
 
 
-def _background(rng: np.random.Generator, size: int, avoid: list[RGB]) -> np.ndarray:
+def _background(
+    rng: np.random.Generator, size: int, avoid: list[RGB], difficulty: float = 1.0
+) -> np.ndarray:
     """A float32 (size, size, 3) backdrop: plain, gradient, stripes, checker, noise or blotches,
-    made only of colours that contrast with every object colour in `avoid`."""
+    made only of colours that contrast with every object colour in `avoid`. Below full
+    `difficulty` more of them are plain."""
     kind = rng.choice(
         ["plain", "gradient", "stripes", "checker", "noise", "blotches"],
-        p=[0.3, 0.2, 0.12, 0.1, 0.13, 0.15],
+        p=[0.4, 0.2, 0.1, 0.08, 0.1, 0.12],
     )
+    neutral = rng.random() >= difficulty
+    if neutral:
+        kind = "plain"
     noise_sigma = float(rng.uniform(6.0, 22.0)) if kind == "noise" else 0.0
-    c1 = np.array(_contrasting_colour(rng, avoid, noise_sigma), dtype=np.float32)
+    c1 = np.array(_contrasting_colour(rng, avoid, noise_sigma, neutral), dtype=np.float32)
     if kind in ("plain", "noise"):
         img = np.broadcast_to(c1, (size, size, 3)).astype(np.float32)
         if kind == "noise":
@@ -335,7 +357,7 @@ def _place(
     inside the frame, and (for two objects) not touching each other."""
 
     def draw_one(obj: SceneObject) -> tuple[float, float, float]:
-        radius = rng.uniform(*_SIZE_RADIUS[obj.size])
+        radius = rng.uniform(*_SIZE_RADIUS[obj.size]) * (_PAIR_SCALE if len(spec.objects) > 1 else 1.0)
         (x0, x1), (y0, y1) = _POSITION_BOX[obj.position]
         lo, hi = radius + 0.02, 1.0 - radius - 0.02
         x = float(np.clip(rng.uniform(x0, x1), lo, hi))
@@ -401,14 +423,22 @@ def _paint(
 
 
 def render_scene(
-    spec: SceneSpec, rng: np.random.Generator, size: int = 256, degrade: bool = True
+    spec: SceneSpec,
+    rng: np.random.Generator,
+    size: int = 256,
+    degrade: bool = True,
+    difficulty: float = 1.0,
 ) -> Image.Image:
     """Draw `spec` as a `size`x`size` RGB picture, with every free choice taken from `rng`.
 
     `degrade` adds the mild blur, noise, exposure shifts and JPEG artefacts of real photos, so the
-    model does not depend on perfectly clean edges."""
+    model does not depend on perfectly clean edges. `difficulty` (0..1) scales how often the
+    harder renderings appear (textured backgrounds, outlines, borders, shading, artefacts):
+    a model trained from scratch first has to find shapes at all, which it only does on easy
+    pictures, so training ramps it up; everything else uses the default, full variety."""
+    d = float(np.clip(difficulty, 0.0, 1.0))
     colours = [sample_colour(o.colour, rng) for o in spec.objects]
-    img = np.ascontiguousarray(_background(rng, size, colours), dtype=np.float32)
+    img = np.ascontiguousarray(_background(rng, size, colours, d), dtype=np.float32)
     supersample = 2 if rng.random() < 0.5 else 1
     for obj, colour, (cx, cy, radius) in zip(spec.objects, colours, _place(spec, rng)):
         pts = _unit_polygon(obj.shape, rng)
@@ -418,13 +448,13 @@ def render_scene(
         rot = np.array([[math.cos(theta), -math.sin(theta)], [math.sin(theta), math.cos(theta)]])
         pts = pts @ rot.T * (radius * size) + np.array([cx * size, cy * size])
         r_px = radius * size
-        outlined = rng.random() < 0.22
+        outlined = rng.random() < 0.22 * d
         if outlined:
             width = max(0.2 * r_px, 0.025 * size, 2.0)
             _paint(img, _mask(pts, size, supersample, width), colour, rng, shaded=False)
             continue
-        _paint(img, _mask(pts, size, supersample, 0.0), colour, rng, shaded=rng.random() < 0.25)
-        if rng.random() < 0.2 and obj.colour != "black":
+        _paint(img, _mask(pts, size, supersample, 0.0), colour, rng, shaded=rng.random() < 0.25 * d)
+        if rng.random() < 0.2 * d and obj.colour != "black":
             # A thin border, as in clip art: a darker shade of the fill, sometimes near-black.
             border = (
                 tuple(c * 0.55 for c in colour) if rng.random() < 0.7 else (20.0, 20.0, 20.0)
@@ -432,16 +462,16 @@ def render_scene(
             width = max(1.0, rng.uniform(0.04, 0.09) * r_px)
             _paint(img, _mask(pts, size, supersample, width), border, rng, shaded=False)  # type: ignore[arg-type]
     if degrade:
-        if rng.random() < 0.3:
+        if rng.random() < 0.3 * d:
             gain = rng.uniform(0.88, 1.12)
             img = img * gain + rng.uniform(-12.0, 12.0)
-        if rng.random() < 0.35:
+        if rng.random() < 0.35 * d:
             img = img + rng.normal(0.0, rng.uniform(2.0, 10.0), size=img.shape).astype(np.float32)
     picture = Image.fromarray(np.clip(img + 0.5, 0, 255).astype(np.uint8), "RGB")
     if degrade:
-        if rng.random() < 0.35:
+        if rng.random() < 0.35 * d:
             picture = picture.filter(ImageFilter.GaussianBlur(rng.uniform(0.3, 1.1) * size / 128))
-        if rng.random() < 0.4:
+        if rng.random() < 0.4 * d:
             buffer = io.BytesIO()
             picture.save(buffer, format="JPEG", quality=int(rng.integers(25, 91)))
             buffer.seek(0)
