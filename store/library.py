@@ -558,8 +558,16 @@ class Library:
         self, vector: np.ndarray, k: int, flt: SourceFilter, exclude: Iterable[int] = ()
     ) -> list[tuple[int, float]]:
         """Top-k (image id, cosine) among images the filter lets through."""
+        return await self._search_among(vector, k, await self._synced_allowed(flt), exclude)
+
+    async def _synced_allowed(self, flt: SourceFilter) -> np.ndarray | None:
+        """Catch FAISS up, then the ids the filter lets through (None: every image)."""
         await self.sync_vectors()
-        allowed = await self._allowed(flt)
+        return await self._allowed(flt)
+
+    async def _search_among(
+        self, vector: np.ndarray, k: int, allowed: np.ndarray | None, exclude: Iterable[int] = ()
+    ) -> list[tuple[int, float]]:
         excluded = set(exclude)
         if excluded and allowed is not None:
             allowed = np.setdiff1d(allowed, np.fromiter(excluded, dtype=np.int64))
@@ -572,12 +580,18 @@ class Library:
         """CLIP ranking fused with full-text matches on descriptions and posted text.
 
         Reciprocal-rank fusion lets a name CLIP cannot see ("grandpa") lift a photo whose posted
-        text says it, while the score reported stays the CLIP cosine people can compare.
+        text says it, while the score reported stays the CLIP cosine people can compare. The
+        SQLite work (catch-up check, visible ids, full-text match) does not need the query's
+        vector, so it runs while the text tower computes it instead of after.
         """
-        vector = (await self.embed_texts([query]))[0]
         pool = max(k * 4, 50)
-        clip_hits = await self.search_vector(vector, pool, flt)
-        text_ids = await self.catalog.text_matches(query, pool, flt)
+        vectors, text_ids, allowed = await asyncio.gather(
+            self.embed_texts([query]),
+            self.catalog.text_matches(query, pool, flt),
+            self._synced_allowed(flt),
+        )
+        vector = vectors[0]
+        clip_hits = await self._search_among(vector, pool, allowed)
         fused: dict[int, float] = {}
         for rank, (image_id, _) in enumerate(clip_hits):
             fused[image_id] = fused.get(image_id, 0.0) + 1.0 / (FUSION_RANK_CONSTANT + rank + 1)
