@@ -404,7 +404,9 @@ class Catalog:
         marks = ",".join("?" * len(ids))
         sql = (
             f"SELECT {', '.join('s.' + c.strip() for c in _SOURCE_COLUMNS.split(','))} "
-            f"FROM sources s WHERE s.image_id IN ({marks}) AND {where} "
+            # INDEXED BY: left alone, SQLite may walk the posted_at index to avoid sorting and
+            # scan every source (18 ms at 100k sources) instead of looking up these few images.
+            f"FROM sources s INDEXED BY sources_image WHERE s.image_id IN ({marks}) AND {where} "
             "ORDER BY s.posted_at, s.id"
         )
         result: dict[int, list[SourceRecord]] = {}
