@@ -7,6 +7,7 @@ torch directly. Calls are synchronous and CPU-bound: async callers run them in a
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import logging
 import os
@@ -22,6 +23,10 @@ from store.settings import TINY_MODEL, ClipSettings
 log = logging.getLogger(__name__)
 
 Vector = np.ndarray  # float32, shape (dim,) or (n, dim), rows L2-normalised
+
+# `precision=auto` keeps bfloat16 weights only when their vectors agree with fp32 this closely
+# on the probe inputs (cosine): close enough that rankings do not change in practice.
+BF16_MIN_COSINE = 0.999
 
 
 class ModelUnavailable(RuntimeError):
@@ -52,6 +57,26 @@ def _file_digest(path: Path) -> str:
         for block in iter(lambda: handle.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()[:12]
+
+
+def cpu_has_native_bf16() -> bool:
+    """Whether the CPU multiplies bfloat16 in hardware (AVX512-BF16 or AMX). Elsewhere torch
+    emulates it, and bf16 is slower than fp32 rather than about twice as fast."""
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as handle:
+            for line in handle:
+                if line.startswith("flags"):
+                    flags = set(line.split(":", 1)[1].split())
+                    return bool(flags & {"avx512_bf16", "amx_bf16"})
+    except OSError:
+        pass
+    return False
+
+
+def _probe_picture() -> Image.Image:
+    """A fixed, structured picture (gradients in three channels) to compare precisions on."""
+    ramp = Image.linear_gradient("L").resize((256, 256))
+    return Image.merge("RGB", (ramp, Image.radial_gradient("L").resize((256, 256)), ramp.rotate(90)))
 
 
 def describe_model(settings: ClipSettings) -> str:
@@ -122,9 +147,7 @@ class ClipEmbedder:
         except Exception as error:  # hub errors come in many types; all mean the same to a user
             raise ModelUnavailable(_unavailable_message(settings, error)) from error
         model.eval()
-        self._dtype = torch.bfloat16 if settings.precision == "bf16" else torch.float32
-        if self._dtype != torch.float32:
-            model = model.to(self._dtype)
+        self._dtype = torch.float32
         self._model = model
         self._preprocess = preprocess
         self._tokenizer = tokenizer
@@ -134,9 +157,35 @@ class ClipEmbedder:
             self._trim_ok = self._trim_is_exact()
         except Exception as error:  # a model shape we do not know: just use the full pass
             log.debug("Text padding shortcut disabled: %s", error)
+        self.precision = "fp32"
+        agreement = ""
+        if settings.precision == "bf16":
+            self._model = model.to(torch.bfloat16)
+            self._dtype, self.precision = torch.bfloat16, "bf16"
+        elif settings.precision == "auto" and cpu_has_native_bf16():
+            cosine = self._try_bf16()
+            agreement = f", cosine {cosine:.5f} against fp32"
         self.model_id = describe_model(settings)
         self.dim = int(self._probe_dim())
-        log.info("Loaded CLIP %s (%d-d, %s)", self.model_id, self.dim, settings.precision)
+        log.info("Loaded CLIP %s (%d-d, %s%s)", self.model_id, self.dim, self.precision, agreement)
+
+    def _try_bf16(self) -> float:
+        """Switch to bfloat16 weights if they give the same vectors as fp32 on the probes (about
+        twice the speed on a CPU that has bf16 instructions); returns the lowest cosine seen."""
+        torch = self._torch
+        texts = ["a photo of a dog on the beach", "red", "two people hugging in the snow"]
+        picture = self._preprocess(_probe_picture()).unsqueeze(0)
+        reference = np.vstack([self.embed_texts(texts), self.embed_tensors(picture)])
+        fp32_model = self._model
+        self._model, self._dtype = copy.deepcopy(fp32_model).to(torch.bfloat16), torch.bfloat16
+        candidate = np.vstack([self.embed_texts(texts), self.embed_tensors(picture)])
+        cosine = float(np.min(np.sum(reference * candidate, axis=1)))
+        if cosine >= BF16_MIN_COSINE:
+            self.precision = "bf16"
+        else:
+            self._model, self._dtype = fp32_model, torch.float32
+            log.info("Staying in fp32: bf16 vectors differ too much (cosine %.5f)", cosine)
+        return cosine
 
     def _probe_dim(self) -> int:
         return self.embed_texts(["a photo"]).shape[1]

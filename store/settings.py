@@ -75,7 +75,7 @@ class ClipSettings:
     model: str = DEFAULT_CLIP_MODEL
     pretrained: str | None = DEFAULT_CLIP_PRETRAINED
     checkpoint: Path | None = None
-    precision: str = "fp32"
+    precision: str = "auto"  # auto: bf16 where the CPU does it natively and it agrees with fp32
     batch_size: int = 16
     threads: int = 0  # 0: let torch decide (all cores)
 
@@ -89,7 +89,7 @@ class ClipSettings:
             model=model,
             pretrained=None if checkpoint_raw else pretrained,
             checkpoint=Path(checkpoint_raw).expanduser() if checkpoint_raw else None,
-            precision=env_choice("SHOEBOX_CLIP_PRECISION", "fp32", ("fp32", "bf16")),
+            precision=env_choice("SHOEBOX_CLIP_PRECISION", "auto", ("auto", "fp32", "bf16")),
             batch_size=env_int("SHOEBOX_CLIP_BATCH", 16, minimum=1),
             threads=env_int("SHOEBOX_CLIP_THREADS", 0),
         )

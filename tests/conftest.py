@@ -16,6 +16,9 @@ import pytest
 from PIL import Image
 
 os.environ["HF_HUB_OFFLINE"] = "1"
+# Vectors must not depend on which CPU runs the suite: `auto` would pick bf16 on some machines
+# only. The automatic choice has its own tests in test_embedder.py.
+os.environ["SHOEBOX_CLIP_PRECISION"] = "fp32"
 
 from store.embedder import ClipEmbedder, load_embedder  # noqa: E402
 from store.library import Library  # noqa: E402
@@ -28,6 +31,7 @@ def tiny_clip_settings() -> ClipSettings:
         model="shoebox-tiny",
         pretrained=None,
         checkpoint=Path(checkpoint) if checkpoint else None,
+        precision="fp32",
         batch_size=16,
     )
 

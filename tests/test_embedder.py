@@ -45,6 +45,28 @@ def test_bf16_agrees_with_fp32() -> None:
     assert np.min(cosine) > 0.99
 
 
+def test_auto_precision_takes_bf16_only_where_it_is_native_and_faithful(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from store import embedder as embedder_module
+
+    auto = replace(tiny_clip_settings(), precision="auto")
+    monkeypatch.setattr(embedder_module, "cpu_has_native_bf16", lambda: False)
+    assert ClipEmbedder(auto).precision == "fp32"
+
+    monkeypatch.setattr(embedder_module, "cpu_has_native_bf16", lambda: True)
+    fast = ClipEmbedder(auto)
+    assert fast.precision == "bf16"
+    exact = ClipEmbedder(tiny_clip_settings())
+    texts = ["a red circle", "a blue star and a green heart"]
+    assert np.min(np.sum(fast.embed_texts(texts) * exact.embed_texts(texts), axis=1)) > 0.995
+
+    monkeypatch.setattr(embedder_module, "BF16_MIN_COSINE", 1.01)  # no bf16 can agree this well
+    careful = ClipEmbedder(auto)
+    assert careful.precision == "fp32"
+    assert np.allclose(careful.embed_texts(texts), exact.embed_texts(texts), atol=1e-6)
+
+
 def test_unreachable_pretrained_weights_raise_advice(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(ModelUnavailable) as error:
