@@ -51,6 +51,10 @@ from store.tinyclip.scenes import (
 # the model sees both crisp small renders and downscaled large ones (as real uploads would be).
 RENDER_SIDES: tuple[int, ...] = (64, 80, 96, 112, 128)
 SINGLE_FRACTION = 0.4
+# The shipped weights' recipe; `SceneStream` explains each knob.
+TWINS: tuple[float, float, float] = (0.15, 0.05, 0.15)  # shape, colour, binding twins
+MONO = 0.35  # fraction of one-colour steps
+CURRICULUM: tuple[float, float] = (0.15, 0.5)  # easy pictures until, full variety from
 
 
 def _swapped(spec: SceneSpec) -> SceneSpec | None:
@@ -90,12 +94,9 @@ class SceneStream(Dataset):
         batch: int,
         steps: int,
         transform: Any,
-        shape_twins: float = 0.15,
-        colour_twins: float = 0.05,
-        binding_twins: float = 0.15,
-        mono: float = 0.35,
-        easy_until: float = 0.15,
-        ramp_until: float = 0.5,
+        twins: tuple[float, float, float] = TWINS,
+        mono: float = MONO,
+        curriculum: tuple[float, float] = CURRICULUM,
     ) -> None:
         if batch % 2:
             raise ValueError("the batch size must be even")
@@ -104,12 +105,9 @@ class SceneStream(Dataset):
         self.steps = steps
         self.length = batch * steps
         self.transform = transform
-        self.shape_twins = shape_twins
-        self.colour_twins = colour_twins
-        self.binding_twins = binding_twins
+        self.shape_twins, self.colour_twins, self.binding_twins = twins
         self.mono = mono
-        self.easy_until = easy_until
-        self.ramp_until = ramp_until
+        self.easy_until, self.ramp_until = curriculum
         self._cache: dict[tuple[int, int, int], Any] = {}
 
     def __len__(self) -> int:
@@ -251,9 +249,9 @@ def train(
     threads: int = 2,
     eval_n: int = 500,
     log_every: int = 10,
-    twins: tuple[float, float, float] = (0.15, 0.05, 0.15),
-    mono: float = 0.35,
-    curriculum: tuple[float, float] = (0.15, 0.5),
+    twins: tuple[float, float, float] = TWINS,
+    mono: float = MONO,
+    curriculum: tuple[float, float] = CURRICULUM,
     probe_every: int = 400,
 ) -> dict[str, float]:
     """Train, report the held-out figures, save the weights; returns the figures."""
@@ -270,7 +268,7 @@ def train(
     n_params = sum(p.numel() for p in model.parameters())
     print(f"shoebox-tiny: {n_params / 1e6:.2f}M parameters; {steps} steps x batch {batch}, seed {seed}")
 
-    dataset = SceneStream(seed, batch, steps, train_transform, *twins, mono, *curriculum)
+    dataset = SceneStream(seed, batch, steps, train_transform, twins, mono, curriculum)
 
     def collate(items: Sequence[tuple[torch.Tensor, str]]) -> tuple[torch.Tensor, torch.Tensor]:
         images = torch.stack([image for image, _ in items])
@@ -357,16 +355,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--twins",
         type=float,
         nargs=3,
-        default=(0.15, 0.05, 0.15),
+        default=TWINS,
         metavar=("SHAPE", "COLOUR", "BINDING"),
         help="fractions of fresh pairs that are shape / colour / binding contrast twins",
     )
-    parser.add_argument("--mono", type=float, default=0.35, help="fraction of one-colour steps")
+    parser.add_argument("--mono", type=float, default=MONO, help="fraction of one-colour steps")
     parser.add_argument(
         "--curriculum",
         type=float,
         nargs=2,
-        default=(0.15, 0.5),
+        default=CURRICULUM,
         metavar=("EASY", "FULL"),
         help="fractions of the run: easy pictures until EASY, full variety from FULL",
     )
