@@ -211,3 +211,18 @@ def test_random_weights_fall_below_the_bar(tmp_path: Path) -> None:
     for name, bar in BAR.items():
         assert figures[name] < bar, (name, figures)
     assert painted_accuracy(embedder) < PAINTED_BAR
+
+
+def test_training_writes_weights_the_product_can_load(tmp_path: Path) -> None:
+    """A two-step run of the real training script: seeded, fp16 on disk, loadable as a checkpoint."""
+    from store.embedder import load_embedder
+    from store.settings import ClipSettings
+    from store.tinyclip.train import train
+
+    out = tmp_path / "tiny.safetensors"
+    figures = train(steps=2, batch=8, seed=1, out=out, workers=0, eval_n=10)
+    assert set(figures) >= set(BAR)
+    assert out.is_file() and out.stat().st_size <= 20 * 1024 * 1024
+    embedder = load_embedder(ClipSettings(model="shoebox-tiny", pretrained=None, checkpoint=out))
+    vectors = embedder.embed_texts(["a red circle"])
+    assert vectors.shape == (1, embedder.dim) and abs(float(np.linalg.norm(vectors)) - 1.0) < 1e-4
