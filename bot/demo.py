@@ -13,11 +13,13 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+# Things the default gallery (80 scenes, seed 2024) really contains, so the first hit of each
+# search can be checked against its file name.
 DEMO_QUERIES = (
     "a red circle",
-    "a blue star",
+    "an orange star",
     "a yellow heart",
-    "a green square and a purple triangle",
+    "a green circle and a blue star",
 )
 
 
@@ -67,6 +69,7 @@ async def run_demo(args: argparse.Namespace) -> int:
         await library.close()
     print(
         f"\nDone in {time.monotonic() - started:.0f}s. The file names tell what each scene shows; "
-        f"try `shoebox --data {settings.data_dir} search \"a white cross\"` yourself."
+        f"try `SHOEBOX_CLIP_MODEL={MODEL_NAME} shoebox --data {settings.data_dir} search \"a white cross\"` "
+        "yourself."
     )
     return 0
