@@ -81,6 +81,20 @@ def jpeg_bytes(colour: tuple[int, int, int], size: tuple[int, int] = (96, 64), m
     return buffer.getvalue()
 
 
+def scene_jpeg(colour: str, shape: str, seed: int = 0, size: int = 160, degrade: bool = False) -> bytes:
+    """A JPEG of one big coloured shape in the centre, the kind of picture the shipped small CLIP
+    knows; `degrade` adds the generator's blur, noise and JPEG artefacts."""
+    import numpy as np
+
+    from store.tinyclip.scenes import SceneObject, SceneSpec, render_scene
+
+    rng = np.random.default_rng([seed, len(colour), len(shape)])
+    spec = SceneSpec([SceneObject(colour, shape, "big", "centre")])
+    buffer = io.BytesIO()
+    render_scene(spec, rng, size=size, degrade=degrade).save(buffer, "JPEG", quality=90)
+    return buffer.getvalue()
+
+
 @pytest.fixture
 def make_jpeg() -> Callable[..., bytes]:
     return jpeg_bytes

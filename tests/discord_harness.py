@@ -36,6 +36,7 @@ from bot.discord_app import BotSettings, ShoeboxBot
 from bot.jobs import QueueSettings
 from store.library import Library
 from store.settings import Settings
+from tests.conftest import scene_jpeg
 
 DISCORD_EPOCH_MS = 1420070400000
 _sequence = itertools.count(1)
@@ -696,21 +697,6 @@ def shown_channels(harness: Harness, sent: list[Sent]) -> set[str]:
                     assert match, embed_field
                     channels.add(names[int(match.group(1))])
     return channels
-
-
-def scene_jpeg(colour: str, shape: str, seed: int = 0, size: int = 160) -> bytes:
-    """A JPEG of one coloured shape, the kind of picture the shipped small CLIP knows."""
-    import io
-
-    import numpy as np
-
-    from store.tinyclip.scenes import SceneObject, SceneSpec, render_scene
-
-    rng = np.random.default_rng([seed, len(colour), len(shape)])
-    image = render_scene(SceneSpec([SceneObject(colour, shape, "big", "centre")]), rng, size=size, degrade=False)
-    buffer = io.BytesIO()
-    image.save(buffer, "JPEG", quality=90)
-    return buffer.getvalue()
 
 
 def offline_agent(library: Library) -> Any:

@@ -6,32 +6,22 @@ pictures drawn by the scene generator, so "found the red circle" is a real claim
 
 from __future__ import annotations
 
-import io
-
-import numpy as np
 import pytest
 
 from store.library import IncomingImage, Library
-from store.tinyclip.scenes import COLOURS, SHAPES, SceneObject, SceneSpec, render_scene
+from store.tinyclip.scenes import COLOURS, SHAPES
+from tests.conftest import scene_jpeg
 from tests.test_library import discord_source
 from tools.search import Scope, find_similar, search_images
 
 COMBOS = [(c, s) for c in COLOURS for s in SHAPES]
 
 
-def scene_bytes(colour: str, shape: str, seed: int) -> bytes:
-    rng = np.random.default_rng(seed)
-    spec = SceneSpec([SceneObject(colour, shape, "big", "centre")])
-    buffer = io.BytesIO()
-    render_scene(spec, rng, size=160).save(buffer, "JPEG", quality=90)
-    return buffer.getvalue()
-
-
 @pytest.fixture
 async def gallery(library: Library) -> dict[tuple[str, str], int]:
     """One scene per colour+shape (48), alternating between channels 1 and 2."""
     items = [
-        IncomingImage(discord_source(i + 1, channel=1 + i % 2), scene_bytes(c, s, seed=1000 + i))
+        IncomingImage(discord_source(i + 1, channel=1 + i % 2), scene_jpeg(c, s, seed=1000 + i, degrade=True))
         for i, (c, s) in enumerate(COMBOS)
     ]
     outcomes = await library.index(items)
@@ -47,7 +37,7 @@ async def test_text_search_finds_the_described_scene(library: Library, gallery: 
 
 async def test_look_alike_of_a_new_drawing_finds_its_twin(library: Library, gallery: dict) -> None:
     for colour, shape in [("orange", "star"), ("black", "circle"), ("green", "heart")]:
-        results = await find_similar(library, scene_bytes(colour, shape, seed=99), k=5)
+        results = await find_similar(library, scene_jpeg(colour, shape, seed=99, degrade=True), k=5)
         assert gallery[(colour, shape)] in [r["id"] for r in results[:5]]
 
 
