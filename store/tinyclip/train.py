@@ -3,9 +3,10 @@
     python -m store.tinyclip.train [--steps N --batch B --seed S --out PATH]
 
 The model comes from `open_clip.create_model_and_transforms("shoebox-tiny", pretrained=None)`,
-images go through that call's training transform, the objective is open_clip's `ClipLoss`, and the
-result is saved as fp16 safetensors that `open_clip` loads as a checkpoint: nothing here is a
-private re-implementation of CLIP, so the product can load the weights like any other model's.
+images go through that call's training transform, the objective is open_clip's `ClipLoss` (with
+`same_subject_loss` beside it, for image-to-image search), and the result is saved as fp16
+safetensors that `open_clip` loads as a checkpoint: nothing here is a private re-implementation of
+CLIP, so the product can load the weights like any other model's.
 
 Scenes are rendered on the fly from numpy generators seeded by (seed, step, slot), so a run is
 reproducible from its seed; see `SceneStream` for how batches are composed (an easy-to-hard
@@ -55,6 +56,47 @@ SINGLE_FRACTION = 0.4
 TWINS: tuple[float, float, float] = (0.15, 0.05, 0.15)  # shape, colour, binding twins
 MONO = 0.35  # fraction of one-colour steps
 CURRICULUM: tuple[float, float] = (0.15, 0.5)  # easy pictures until, full variety from
+SAME_SUBJECT = 1.0  # weight of `same_subject_loss` beside ClipLoss
+
+# Class index of each single-object (colour, shape) pair, the label `same_subject_loss` uses.
+_CLASSES: dict[tuple[str, str], int] = {
+    (colour, shape): i for i, (colour, shape) in enumerate((c, s) for c in COLOURS for s in SHAPES)
+}
+NO_LABEL = -1
+
+
+def subject_label(spec: SceneSpec) -> int:
+    """The (colour, shape) class of a one-object scene; NO_LABEL for two objects."""
+    if len(spec.objects) != 1:
+        return NO_LABEL
+    obj = spec.objects[0]
+    return _CLASSES[(obj.colour, obj.shape)]
+
+
+def same_subject_loss(features: torch.Tensor, labels: torch.Tensor, logit_scale: torch.Tensor) -> torch.Tensor:
+    """Pull pictures of the same colour and shape together, whatever their size, place or backdrop.
+
+    ClipLoss only asks each picture to be nearer its own caption than the batch's other captions;
+    two pictures of a red star remain free to sit far apart along size, position and background,
+    and image-to-image search ("find photos like this one") sees exactly that spread: a small red
+    star's nearest pictures were often small red circles. This is the supervised contrastive loss
+    of Khosla et al. (2020) over the one-object pictures of the batch, at CLIP's temperature:
+    for every picture with a same-class partner in the batch, the mean log-probability of its
+    partners among all other pictures.
+    """
+    mask = labels != NO_LABEL
+    if int(mask.sum()) < 2:
+        return features.new_zeros(())
+    f, lab = features[mask], labels[mask]
+    others = ~torch.eye(len(lab), dtype=torch.bool)
+    logits = (logit_scale * f @ f.T).masked_fill(~others, float("-inf"))
+    log_prob = logits - torch.logsumexp(logits, dim=1, keepdim=True)
+    partners = (lab[:, None] == lab[None, :]) & others
+    anchors = partners.any(dim=1)
+    if not bool(anchors.any()):
+        return features.new_zeros(())
+    per_anchor = -(log_prob.masked_fill(~partners, 0.0)).sum(dim=1)[anchors] / partners.sum(dim=1)[anchors]
+    return per_anchor.mean()
 
 
 def _swapped(spec: SceneSpec) -> SceneSpec | None:
@@ -182,11 +224,12 @@ class SceneStream(Dataset):
                     del self._cache[stale]
         return image
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, str]:
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, str, int]:
         key = self.scene_key(index)
         spec = self.spec_for(key)
         image = self._picture(key, spec)
-        return self.transform(image), caption(spec, np.random.default_rng([self.seed, index, 4]))
+        text = caption(spec, np.random.default_rng([self.seed, index, 4]))
+        return self.transform(image), text, subject_label(spec)
 
 
 def _parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
@@ -253,6 +296,7 @@ def train(
     mono: float = MONO,
     curriculum: tuple[float, float] = CURRICULUM,
     probe_every: int = 400,
+    same_subject: float = SAME_SUBJECT,
 ) -> dict[str, float]:
     """Train, report the held-out figures, save the weights; returns the figures."""
     import open_clip
@@ -270,9 +314,12 @@ def train(
 
     dataset = SceneStream(seed, batch, steps, train_transform, twins, mono, curriculum)
 
-    def collate(items: Sequence[tuple[torch.Tensor, str]]) -> tuple[torch.Tensor, torch.Tensor]:
-        images = torch.stack([image for image, _ in items])
-        return images, tokenizer([text for _, text in items])
+    def collate(
+        items: Sequence[tuple[torch.Tensor, str, int]],
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        images = torch.stack([image for image, _, _ in items])
+        labels = torch.tensor([label for _, _, label in items], dtype=torch.long)
+        return images, tokenizer([text for _, text, _ in items]), labels
 
     loader = DataLoader(
         dataset,
@@ -291,11 +338,13 @@ def train(
     model.train()
     started = time.monotonic()
     running = 0.0
-    for step, (images, texts) in enumerate(loader):
+    for step, (images, texts, labels) in enumerate(loader):
         for group in optimizer.param_groups:
             group["lr"] = _learning_rate(step, steps, lr, warmup)
         image_features, text_features, logit_scale = model(images, texts)
         loss = loss_fn(image_features, text_features, logit_scale)
+        if same_subject:
+            loss = loss + same_subject * same_subject_loss(image_features, labels, logit_scale)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -333,6 +382,7 @@ def train(
             "steps": str(steps),
             "batch": str(batch),
             "seed": str(seed),
+            "same_subject": str(same_subject),
             "train_minutes": f"{train_seconds / 60:.1f}",
         },
     )
@@ -352,6 +402,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=2, help="torch threads for the model")
     parser.add_argument("--eval-n", type=int, default=500)
     parser.add_argument(
+        "--probe-every", type=int, default=400, help="print a small held-out check every N steps (0: never)"
+    )
+    parser.add_argument(
         "--twins",
         type=float,
         nargs=3,
@@ -360,6 +413,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="fractions of fresh pairs that are shape / colour / binding contrast twins",
     )
     parser.add_argument("--mono", type=float, default=MONO, help="fraction of one-colour steps")
+    parser.add_argument(
+        "--same-subject",
+        type=float,
+        default=SAME_SUBJECT,
+        help="weight of the loss that pulls same colour+shape pictures together (0: ClipLoss only)",
+    )
     parser.add_argument(
         "--curriculum",
         type=float,
@@ -382,6 +441,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         twins=tuple(args.twins),
         mono=args.mono,
         curriculum=tuple(args.curriculum),
+        same_subject=args.same_subject,
+        probe_every=args.probe_every,
     )
     return 0
 
