@@ -35,15 +35,16 @@ from store.settings import ClipSettings, IngestSettings, Settings  # noqa: E402
 
 
 def bare_forward(embedder: ClipEmbedder, paths: list[Path], batch: int) -> float:
-    tensors = []
+    inputs = []
     for path in paths:
         with Image.open(path) as im:
-            tensors.append(embedder.preprocess(im.convert("RGB")))
-    embedder.embed_tensors(torch.stack(tensors[:batch]))  # warm-up
+            inputs.append(embedder.preprocess(im.convert("RGB")))
+    batches = [embedder.batch_tensor(inputs[start : start + batch]) for start in range(0, len(inputs), batch)]
+    embedder.embed_tensors(batches[0])  # warm-up
     with Stopwatch() as watch:
-        for start in range(0, len(tensors), batch):
-            embedder.embed_tensors(torch.stack(tensors[start : start + batch]))
-    return len(tensors) / watch.seconds
+        for tensor in batches:
+            embedder.embed_tensors(tensor)
+    return len(inputs) / watch.seconds
 
 
 async def pipeline(settings: Settings, embedder: ClipEmbedder, paths: list[Path]) -> float:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from dataclasses import replace
 
 import numpy as np
@@ -34,6 +35,52 @@ def test_text_shortcut_matches_the_full_pass(embedder: ClipEmbedder) -> None:
     finally:
         embedder._trim_ok = True
     assert np.min(np.sum(fast * full, axis=1)) > 0.99999
+
+
+def test_split_preprocessing_gives_open_clips_exact_input(embedder: ClipEmbedder) -> None:
+    """Resize and crop on the caller's thread, tensor conversion on the torch thread: the model
+    must see exactly the tensor open_clip's own transform makes."""
+    rng = np.random.default_rng(3)
+    images = [
+        Image.fromarray(rng.integers(0, 256, size=(h, w, 3), dtype=np.uint8))
+        for h, w in ((50, 80), (300, 200), (64, 64))
+    ]
+    inputs = [embedder.preprocess(im) for im in images]
+    assert all(isinstance(x, np.ndarray) and x.dtype == np.uint8 for x in inputs)
+    ours = embedder.batch_tensor(inputs).numpy()
+    theirs = np.stack([embedder._preprocess(im).numpy() for im in images])
+    np.testing.assert_array_equal(ours, theirs)
+    np.testing.assert_allclose(embedder.embed_preprocessed(inputs), embedder.embed_images(images), atol=1e-6)
+
+
+def test_all_torch_work_runs_on_the_embedders_own_thread(
+    embedder: ClipEmbedder, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Whichever thread asks, the model runs on one thread (two OpenMP teams on a small machine
+    make every forward pass wait on sleeping threads)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    seen: set[str] = set()
+    encode_text, encode_image = embedder._model.encode_text, embedder._model.encode_image
+
+    def spy(fn):  # type: ignore[no-untyped-def]
+        def wrapper(*args, **kwargs):  # type: ignore[no-untyped-def]
+            seen.add(threading.current_thread().name)
+            return fn(*args, **kwargs)
+
+        return wrapper
+
+    monkeypatch.setattr(embedder._model, "encode_text", spy(encode_text))
+    monkeypatch.setattr(embedder._model, "encode_image", spy(encode_image))
+    embedder._trim_ok = False  # make text queries go through encode_text
+    try:
+        with ThreadPoolExecutor(3) as pool:
+            list(pool.map(lambda i: embedder.embed_texts([f"query {i}"]), range(6)))
+            list(pool.map(lambda i: embedder.embed_images([Image.new("RGB", (40, 40), "red")]), range(6)))
+        embedder.embed_texts(["from the main thread"])
+    finally:
+        embedder._trim_ok = True
+    assert len(seen) == 1 and next(iter(seen)).startswith("shoebox-torch"), seen
 
 
 def test_bf16_agrees_with_fp32() -> None:
