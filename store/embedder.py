@@ -127,7 +127,9 @@ def _split_preprocess(preprocess: Any) -> tuple[Any, Any, Any]:
     from torchvision import transforms
 
     steps = list(getattr(preprocess, "transforms", []))
-    if len(steps) < 2 or not isinstance(steps[-2], transforms.ToTensor) or not isinstance(steps[-1], transforms.Normalize):
+    if len(steps) < 2 or not (
+        isinstance(steps[-2], transforms.ToTensor) and isinstance(steps[-1], transforms.Normalize)
+    ):
         return None, None, None
     pixel_steps = transforms.Compose(steps[:-2])
     mean = torch.tensor(steps[-1].mean, dtype=torch.float32).view(1, -1, 1, 1)
@@ -153,10 +155,6 @@ class ClipEmbedder:
         if threading.current_thread() is self._worker_thread:
             return fn(*args)
         return self._worker.submit(fn, *args).result()
-
-    def close(self) -> None:
-        """Stop the torch thread (the embedder cannot be used afterwards)."""
-        self._worker.shutdown(wait=True)
 
     def _load(self, settings: ClipSettings) -> None:
         import open_clip
