@@ -25,6 +25,7 @@ are better spent on pictures.
 from __future__ import annotations
 
 import argparse
+import itertools
 import math
 import random
 import sys
@@ -59,9 +60,7 @@ CURRICULUM: tuple[float, float] = (0.15, 0.5)  # easy pictures until, full varie
 SAME_SUBJECT = 1.0  # weight of `same_subject_loss` beside ClipLoss
 
 # Class index of each single-object (colour, shape) pair, the label `same_subject_loss` uses.
-_CLASSES: dict[tuple[str, str], int] = {
-    (colour, shape): i for i, (colour, shape) in enumerate((c, s) for c in COLOURS for s in SHAPES)
-}
+_CLASSES: dict[tuple[str, str], int] = {pair: i for i, pair in enumerate(itertools.product(COLOURS, SHAPES))}
 NO_LABEL = -1
 
 
@@ -113,7 +112,8 @@ def _swapped(spec: SceneSpec) -> SceneSpec | None:
 
 
 class SceneStream(Dataset):
-    """Item `index` is a transformed picture and a caption, fixed by (seed, index).
+    """Item `index` is a transformed picture, a caption and the picture's `subject_label`, fixed
+    by (seed, index).
 
     Items are laid out batch by batch. The first half of each batch is freshly drawn scenes; the
     second half shows the previous batch's fresh scenes again, with a new crop and a new phrasing
