@@ -20,7 +20,6 @@ more clusters until it has k results, so a scope never comes back short.
 from __future__ import annotations
 
 import contextlib
-
 import json
 import logging
 import math
