@@ -9,12 +9,10 @@ from __future__ import annotations
 import pytest
 
 from store.library import IncomingImage, Library
-from store.tinyclip.scenes import COLOURS, SHAPES
+from store.tinyclip.scenes import SUBJECTS
 from tests.conftest import scene_jpeg
 from tests.test_library import discord_source
 from tools.search import Scope, find_similar, search_images
-
-COMBOS = [(c, s) for c in COLOURS for s in SHAPES]
 
 
 @pytest.fixture
@@ -22,11 +20,11 @@ async def gallery(library: Library) -> dict[tuple[str, str], int]:
     """One scene per colour+shape (48), alternating between channels 1 and 2."""
     items = [
         IncomingImage(discord_source(i + 1, channel=1 + i % 2), scene_jpeg(c, s, seed=1000 + i, degrade=True))
-        for i, (c, s) in enumerate(COMBOS)
+        for i, (c, s) in enumerate(SUBJECTS)
     ]
     outcomes = await library.index(items)
     assert all(o.status == "indexed" for o in outcomes)
-    return {combo: o.image_id or 0 for combo, o in zip(COMBOS, outcomes)}
+    return {combo: o.image_id or 0 for combo, o in zip(SUBJECTS, outcomes)}
 
 
 @pytest.mark.parametrize("colour,shape", [("red", "circle"), ("blue", "star"), ("yellow", "heart"), ("green", "square"), ("purple", "triangle"), ("white", "cross")])

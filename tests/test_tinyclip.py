@@ -143,7 +143,7 @@ def test_objects_stand_out_from_their_background() -> None:
 def painted_accuracy(embedder: object) -> float:
     """Share of painted pictures whose best-matching caption names their colour and shape."""
     labels, images = painted_set(96, seed=1)
-    names = [(c, s) for c in scenes.COLOURS for s in scenes.SHAPES]
+    names = list(scenes.SUBJECTS)
     captions = embedder.embed_texts([f"a {c} {s}" for c, s in names])  # type: ignore[attr-defined]
     best = np.argmax(embedder.embed_images(images) @ captions.T, axis=1)  # type: ignore[attr-defined]
     return float(np.mean([names[b] == label for b, label in zip(best, labels)]))

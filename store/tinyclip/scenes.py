@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import colorsys
 import io
+import itertools
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,6 +29,8 @@ COLOURS: tuple[str, ...] = ("red", "green", "blue", "yellow", "purple", "orange"
 SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "star", "heart", "cross")
 SIZES: tuple[str, ...] = ("small", "big")
 POSITIONS: tuple[str, ...] = ("left", "right", "top", "bottom", "centre")
+# Every (colour, shape) pair, in a fixed order: the subjects a one-object scene can show.
+SUBJECTS: tuple[tuple[str, str], ...] = tuple(itertools.product(COLOURS, SHAPES))
 
 RGB = tuple[float, float, float]
 

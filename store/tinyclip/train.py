@@ -25,7 +25,6 @@ are better spent on pictures.
 from __future__ import annotations
 
 import argparse
-import itertools
 import math
 import random
 import sys
@@ -42,6 +41,7 @@ from store.tinyclip.evaluate import TorchEmbedder, evaluate, format_figures
 from store.tinyclip.scenes import (
     COLOURS,
     SHAPES,
+    SUBJECTS,
     SceneObject,
     SceneSpec,
     caption,
@@ -60,7 +60,7 @@ CURRICULUM: tuple[float, float] = (0.15, 0.5)  # easy pictures until, full varie
 SAME_SUBJECT = 1.0  # weight of `same_subject_loss` beside ClipLoss
 
 # Class index of each single-object (colour, shape) pair, the label `same_subject_loss` uses.
-_CLASSES: dict[tuple[str, str], int] = {pair: i for i, pair in enumerate(itertools.product(COLOURS, SHAPES))}
+_CLASSES: dict[tuple[str, str], int] = {pair: i for i, pair in enumerate(SUBJECTS)}
 NO_LABEL = -1
 
 
