@@ -1,0 +1,66 @@
+"""The catalog's schema: old databases are upgraded in place, and scoped listings use their index."""
+
+from __future__ import annotations
+
+import sqlite3
+from pathlib import Path
+
+import pytest
+
+from store.db import MIGRATIONS, SCHEMA_VERSION, Catalog, SourceFilter
+
+
+def _plan(path: Path, sql: str, params: list[object]) -> str:
+    with sqlite3.connect(path) as conn:
+        return " | ".join(row[-1] for row in conn.execute("EXPLAIN QUERY PLAN " + sql, params))
+
+
+def _indexes(path: Path) -> set[str]:
+    with sqlite3.connect(path) as conn:
+        return {row[0] for row in conn.execute("SELECT name FROM sqlite_master WHERE type = 'index'")}
+
+
+async def test_a_first_schema_database_is_upgraded_and_keeps_its_rows(tmp_path: Path) -> None:
+    path = tmp_path / "old.sqlite3"
+    with sqlite3.connect(path) as conn:
+        conn.executescript(MIGRATIONS[0] + "\nPRAGMA user_version = 1;")
+        conn.execute(
+            "INSERT INTO images (sha256, size_bytes, width, height, format, thumb, model_id, vector, created_at)"
+            " VALUES ('abc', 1, 1, 1, 'JPEG', 't', 'm', x'00', '2026-01-01T00:00:00+00:00')"
+        )
+        conn.execute(
+            "INSERT INTO sources (image_id, kind, guild_id, channel_id, attachment_id, filename, posted_at, added_at)"
+            " VALUES (1, 'discord', 7, 70, 700, 'a.jpg', '2026-01-01T00:00:00+00:00', '2026-01-01T00:00:00+00:00')"
+        )
+    catalog = await Catalog(path).open()
+    try:
+        ids = await catalog.visible_image_ids(SourceFilter(channel_ids=frozenset({70}), include_files=False))
+        assert ids.tolist() == [1]
+        none = await catalog.visible_image_ids(SourceFilter(channel_ids=frozenset({71}), include_files=False))
+        assert none.tolist() == []
+    finally:
+        await catalog.close()
+    with sqlite3.connect(path) as conn:
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 2
+    assert "sources_scope" in _indexes(path) and "sources_channel" not in _indexes(path)
+
+
+async def test_listing_a_scope_reads_only_the_scope_index(tmp_path: Path) -> None:
+    """The query every scoped search runs must not walk all sources or read their rows."""
+    path = tmp_path / "new.sqlite3"
+    await (await Catalog(path).open()).close()
+    for flt in (
+        SourceFilter(channel_ids=frozenset({1, 2, 3}), include_files=False),
+        SourceFilter(channel_ids=frozenset({1, 2}), guild_ids=frozenset({9}), include_files=False),
+    ):
+        where, params = flt.where("s")
+        plan = _plan(path, f"SELECT DISTINCT s.image_id FROM sources s WHERE {where} ORDER BY s.image_id", params)
+        assert "COVERING INDEX sources_scope" in plan, plan
+
+
+async def test_a_database_from_a_newer_version_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "future.sqlite3"
+    with sqlite3.connect(path) as conn:
+        conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
+    with pytest.raises(RuntimeError, match="newer Shoebox"):
+        await Catalog(path).open()
