@@ -38,6 +38,11 @@ INDEX_FILE = "vectors.faiss"
 HEADER_FILE = "vectors.json"
 APPROXIMATE_FROM = 50_000
 EXACT_SUBSET = 20_000
+# Scoring a scope exactly in the clustered layout: copying one vector out of its list costs about
+# as much as scanning 40 in place with the scope's id filter (measured at 100k images: 10k visible
+# ids, 29 ms copied against 8 ms scanning every list), so a scope wider than count / 40 is scored
+# by scanning every list.
+COPY_COST_IN_SCANS = 40
 DEFAULT_NPROBE = 32
 RETRAIN_GROWTH = 8  # rebuild the clusters once the index is this many times its training size
 
@@ -182,9 +187,12 @@ class VectorIndex:
                 return self._search(query, k, None, self.nprobe)
             if len(allowed) == 0:
                 return []
-            if self.layout == "ivf" and len(allowed) <= EXACT_SUBSET:
+            exact = self.layout == "ivf" and len(allowed) <= EXACT_SUBSET
+            if exact and len(allowed) * COPY_COST_IN_SCANS < self.count:
                 return self._exact_subset(query, k, allowed)
             selector = faiss.IDSelectorBatch(_as_ids(allowed))
+            if exact:
+                return self._search(query, k, selector, self._index.nlist)  # every list: exact
             wanted = min(k, len(allowed))
             nprobe = self.nprobe
             while True:
