@@ -27,12 +27,13 @@ import os
 import threading
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator, TypeVar
 
 import faiss
 import numpy as np
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 INDEX_FILE = "vectors.faiss"
 HEADER_FILE = "vectors.json"
@@ -74,8 +75,9 @@ def _flat(dim: int) -> faiss.Index:
     return faiss.IndexIDMap2(faiss.IndexFlatIP(dim))
 
 
-def _train_ivf(vectors: np.ndarray, dim: int) -> faiss.IndexIVFFlat:
-    """Cluster a sample of the vectors into ~4·√n lists (enough points per list to train well)."""
+def _train_ivf(vectors: np.ndarray, ids: np.ndarray, dim: int) -> faiss.IndexIVFFlat:
+    """Cluster a sample of the vectors into ~4·√n lists (enough points per list to train well),
+    then file every vector in its list."""
     count = len(vectors)
     nlist = max(16, min(int(4 * math.sqrt(count)), count // 39))
     quantizer = faiss.IndexFlatIP(dim)
@@ -84,6 +86,7 @@ def _train_ivf(vectors: np.ndarray, dim: int) -> faiss.IndexIVFFlat:
     sample = vectors[rng.choice(count, size=min(count, nlist * 64), replace=False)]
     index.train(np.ascontiguousarray(sample, dtype=np.float32))
     index.set_direct_map_type(faiss.DirectMap.Hashtable)
+    index.add_with_ids(vectors, ids)
     return index
 
 
@@ -99,6 +102,32 @@ def _single_threaded() -> Iterator[None]:
         yield
     finally:
         faiss.omp_set_num_threads(before)
+
+
+def _on_passing_thread(build: Callable[[], T]) -> T:
+    """Run a multi-threaded FAISS build on a thread that ends with it.
+
+    OpenMP keeps a team of worker threads for every thread that ever ran a parallel region, for
+    as long as that thread lives, and those idle workers slow the model's own OpenMP team by half
+    (a text query took 26 ms instead of 17 while a thread that had trained an index stayed alive;
+    17 again once it ended). So builds get a thread of their own, with every core, and all other
+    FAISS calls in this module run `_single_threaded`.
+    """
+    outcome: list[T] = []
+    failure: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            outcome.append(build())
+        except BaseException as error:  # re-raised in the caller's thread
+            failure.append(error)
+
+    worker = threading.Thread(target=run, name="shoebox-faiss-build")
+    worker.start()
+    worker.join()
+    if failure:
+        raise failure[0]
+    return outcome[0]
 
 
 class VectorIndex:
@@ -126,7 +155,7 @@ class VectorIndex:
         return int(self._index.ntotal)
 
     def ids(self) -> np.ndarray:
-        with self._lock:
+        with self._lock, _single_threaded():
             if self.layout == "flat":
                 return faiss.vector_to_array(self._index.id_map).astype(np.int64)
             lists = self._index.invlists
@@ -141,17 +170,17 @@ class VectorIndex:
         if len(ids) == 0:
             return
         vectors = np.ascontiguousarray(vectors, dtype=np.float32).reshape(len(ids), self.dim)
-        with self._lock:
+        with self._lock, _single_threaded():
             self._index.add_with_ids(vectors, _as_ids(ids))
 
     def remove(self, ids: np.ndarray) -> int:
         if len(ids) == 0:
             return 0
-        with self._lock:
+        with self._lock, _single_threaded():
             return int(self._index.remove_ids(_as_ids(ids)))
 
     def vector(self, image_id: int) -> np.ndarray | None:
-        with self._lock:
+        with self._lock, _single_threaded():
             try:
                 return self._index.reconstruct(int(image_id))
             except RuntimeError:
@@ -165,11 +194,10 @@ class VectorIndex:
 
     def relayout(self) -> None:
         """Rebuild as IVF trained on the current vectors (slow: run it in an executor)."""
-        with self._lock:
+        with self._lock, _single_threaded():
             ids = self.ids()
             vectors = np.vstack([self._index.reconstruct_batch(ids[i : i + 50_000]) for i in range(0, len(ids), 50_000)])
-        index = _train_ivf(vectors, self.dim)
-        index.add_with_ids(vectors, ids)
+        index = _on_passing_thread(lambda: _train_ivf(vectors, ids, self.dim))
         with self._lock:
             self._index = index
             self._trained_on = len(ids)
@@ -182,7 +210,7 @@ class VectorIndex:
         if k <= 0 or self.count == 0:
             return []
         query = np.ascontiguousarray(query, dtype=np.float32).reshape(1, self.dim)
-        with self._lock:
+        with self._lock, _single_threaded():
             if allowed is None:
                 return self._search(query, k, None, self.nprobe)
             if len(allowed) == 0:
@@ -210,8 +238,7 @@ class VectorIndex:
                 params.sel = selector
         else:
             params = faiss.SearchParameters(sel=selector) if selector is not None else None
-        with _single_threaded():
-            scores, ids = self._index.search(query, min(k, self.count), params=params)
+        scores, ids = self._index.search(query, min(k, self.count), params=params)
         return [(int(i), float(s)) for i, s in zip(ids[0], scores[0]) if i >= 0]
 
     def _exact_subset(self, query: np.ndarray, k: int, allowed: np.ndarray) -> list[tuple[int, float]]:

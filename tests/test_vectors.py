@@ -76,3 +76,48 @@ def test_large_collections_switch_to_clusters_with_good_recall(small_threshold: 
     loaded.add(np.array([1], dtype=np.int64), data[:1])
     assert loaded.search(data[0], 1)[0][0] == 1
     assert VectorIndex.load(tmp_path, 32, "another-model") is None
+
+
+def test_faiss_builds_on_a_passing_thread_and_everything_else_single_threaded(
+    small_threshold: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """OpenMP keeps a worker team alive for each thread that ran a parallel region, and those
+    workers slow the model's own team; so the index never leaves one behind on a lasting thread."""
+    import threading
+
+    import faiss
+
+    builders: list[threading.Thread] = []
+    train = vectors_module._train_ivf
+
+    def recording_train(*args: object) -> object:
+        builders.append(threading.current_thread())
+        return train(*args)
+
+    monkeypatch.setattr(vectors_module, "_train_ivf", recording_train)
+    index, ids, data = build(3_000)
+    index.relayout()
+    assert len(builders) == 1 and builders[0] is not threading.current_thread()
+    assert not builders[0].is_alive()
+
+    class Spy:
+        """The real index, noting how many OpenMP threads each call could use."""
+
+        def __init__(self, real: object) -> None:
+            self.real, self.threads = real, []
+
+        def __getattr__(self, name: str) -> object:
+            value = getattr(self.real, name)
+            if callable(value):
+                self.threads.append(faiss.omp_get_max_threads())
+            return value
+
+    spy = Spy(index._index)
+    index._index = spy  # type: ignore[assignment]
+    monkeypatch.setattr(vectors_module.VectorIndex, "layout", property(lambda self: "ivf"))
+    index.add(np.array([1], dtype=np.int64), data[:1])
+    index.remove(np.array([1], dtype=np.int64))
+    index.search(data[0], 5)
+    index.search(data[0], 5, ids[::10])
+    index.vector(int(ids[0]))
+    assert spy.threads and set(spy.threads) == {1}, spy.threads
