@@ -92,10 +92,10 @@ def _train_ivf(vectors: np.ndarray, ids: np.ndarray, dim: int) -> faiss.IndexIVF
 
 @contextlib.contextmanager
 def _single_threaded() -> Iterator[None]:
-    """One query is a few thousand dot products: splitting it across OpenMP threads costs more
-    than it saves, and the idle threads spin on the cores the text tower needs in the same
-    search (1.1 ms instead of 3.3 ms at 10k vectors). The setting is per calling thread in
-    OpenMP, so builds running elsewhere keep every core."""
+    """Every FAISS call here but a build runs on one OpenMP thread. One query is a few thousand
+    dot products: splitting it across threads costs more than it saves (1.1 ms instead of 3.3 ms
+    at 10k vectors), and any call that forks leaves an idle team beside its thread that slows the
+    model (see `_on_passing_thread`). The setting is per calling thread in OpenMP."""
     before = faiss.omp_get_max_threads()
     faiss.omp_set_num_threads(1)
     try:
