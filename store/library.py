@@ -109,6 +109,11 @@ class Library:
         self.vectors = VectorIndex(embedder.dim, embedder.model_id)
         self._cpu = ThreadPoolExecutor(max_workers=2, thread_name_prefix="shoebox-decode")
         self._model = ThreadPoolExecutor(max_workers=1, thread_name_prefix="shoebox-model")
+        # Embedders that split preprocessing from the forward pass (ClipEmbedder) get the resize
+        # and crop done on the decoding threads; both halves must exist for that to pay.
+        self._splits_preprocessing = callable(getattr(embedder, "preprocess", None)) and callable(
+            getattr(embedder, "embed_preprocessed", None)
+        )
         self._sync_lock = asyncio.Lock()
         self._dirty_since_save = 0
         self._last_save = time.monotonic()
@@ -358,9 +363,8 @@ class Library:
             small = _downscale(decoded.image, limits.thumb_max_side)
             out.decoded = DecodedImage(small, decoded.width, decoded.height, decoded.format)
             out.thumb = make_thumbnail(small, limits.thumb_max_side)
-            preprocess = getattr(self.embedder, "preprocess", None)
-            if preprocess is not None:
-                out.model_input = preprocess(small)
+            if self._splits_preprocessing:
+                out.model_input = self.embedder.preprocess(small)  # type: ignore[attr-defined]
         except RejectedImage as error:
             out.outcome = IndexOutcome(out.incoming.source, "failed", reason=str(error))
         except MemoryError:
@@ -417,9 +421,9 @@ class Library:
         return outcome
 
     async def _embed_prepared(self, todo: list[_Prepared]) -> np.ndarray:
-        if all(p.model_input is not None for p in todo) and hasattr(self.embedder, "embed_preprocessed"):
+        if self._splits_preprocessing and all(p.model_input is not None for p in todo):
             return await asyncio.get_running_loop().run_in_executor(
-                self._model, self.embedder.embed_preprocessed, [p.model_input for p in todo]
+                self._model, self.embedder.embed_preprocessed, [p.model_input for p in todo]  # type: ignore[attr-defined]
             )
         return await self.embed_images([p.decoded.image for p in todo])  # type: ignore[union-attr]
 
