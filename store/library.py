@@ -28,7 +28,7 @@ import aiosqlite
 import numpy as np
 from PIL import Image
 
-from store.db import Catalog, ImageRecord, NewImage, SourceFilter, SourceRecord
+from store.db import Catalog, ImageRecord, NewImage, SourceFilter, SourceRecord, first_row
 from store.embedder import Embedder
 from store.ingest import (
     DecodedImage,
@@ -439,14 +439,12 @@ class Library:
         catalog = self.catalog
         old = await catalog.source_for_key(source, conn)
         if old is not None and old.image_id is not None:
-            async with conn.execute("SELECT sha256 FROM images WHERE id = ?", (old.image_id,)) as cur:
-                row = await cur.fetchone()
+            row = await first_row(conn, "SELECT sha256 FROM images WHERE id = ?", (old.image_id,))
             if row is not None and row[0] == item.sha256:
                 return IndexOutcome(old, "unchanged", old.image_id)
             # The same file path (or attachment) now holds other bytes: the old image goes.
             removed.extend(await self._delete_sources(conn, [old]))
-        async with conn.execute("SELECT id FROM images WHERE sha256 = ?", (item.sha256,)) as cur:
-            row = await cur.fetchone()
+        row = await first_row(conn, "SELECT id FROM images WHERE sha256 = ?", (item.sha256,))
         if row is not None:
             image_id = int(row[0])
             await catalog.insert_source(conn, image_id, source)
