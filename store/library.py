@@ -21,6 +21,7 @@ import sqlite3
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
@@ -31,11 +32,13 @@ from PIL import Image
 from store.db import Catalog, ImageRecord, NewImage, SourceFilter, SourceRecord, first_row
 from store.embedder import Embedder
 from store.ingest import (
+    THUMBNAIL_EXTENSION,
     DecodedImage,
     RejectedImage,
     decode_image,
-    make_thumbnail,
     read_limited,
+    save_thumbnail,
+    thumbnail_of,
     too_large_reason,
 )
 from store.settings import Settings
@@ -77,7 +80,8 @@ class _Prepared:
     size: int = 0
     data: bytes | None = None
     decoded: DecodedImage | None = None
-    thumb: tuple[bytes, str] | None = None
+    copy: Image.Image | None = None  # the stored copy to write, until it is written
+    copy_path: str | OSError | None = None  # where it was written, or why it could not be
     model_input: object | None = None
     outcome: IndexOutcome | None = None
 
@@ -362,7 +366,7 @@ class Library:
             decoded = decode_image(out.data, limits, min_side=limits.thumb_max_side)
             small = _downscale(decoded.image, limits.thumb_max_side)
             out.decoded = DecodedImage(small, decoded.width, decoded.height, decoded.format)
-            out.thumb = make_thumbnail(small, limits.thumb_max_side)
+            out.copy = thumbnail_of(small, limits.thumb_max_side)
             if self._splits_preprocessing:
                 out.model_input = self.embedder.preprocess(small)  # type: ignore[attr-defined]
         except RejectedImage as error:
@@ -382,6 +386,7 @@ class Library:
         added: list[tuple[int, np.ndarray]] = []
         removed: list[tuple[int, str]] = []
         async with self.catalog.transaction() as conn:
+            await self._store_copies(todo)
             for item in prepared:
                 if item.outcome is not None and item.outcome.status == "failed":
                     await self.catalog.record_failure(conn, item.incoming.source.key, item.outcome.reason or "")
@@ -393,6 +398,27 @@ class Library:
         if removed:
             await self._drop_copies(removed)
         return [p.outcome for p in prepared if p.outcome is not None]
+
+    async def _store_copies(self, items: list[_Prepared]) -> None:
+        """Write the batch's stored copies side by side, inside the write transaction.
+
+        Inside it, because the sweep of orphaned copies on open runs under the same lock and
+        must not take a copy whose row is about to be committed. Side by side, because each is
+        encoded straight into its file, where Pillow lets go of the GIL.
+        """
+        loop = asyncio.get_running_loop()
+        pending = [item for item in items if item.copy is not None]
+        results = await asyncio.gather(
+            *(loop.run_in_executor(self._cpu, self._store_copy, item.sha256, item.copy) for item in pending),
+            return_exceptions=True,
+        )
+        for item, result in zip(pending, results):
+            if isinstance(result, BaseException) and not isinstance(result, OSError):
+                raise result
+            item.copy, item.copy_path = None, result
+
+    def _store_copy(self, sha256: str, copy: Image.Image) -> str:
+        return self.thumbs.write_with(sha256, THUMBNAIL_EXTENSION, partial(save_thumbnail, copy))
 
     async def _commit_isolated(
         self,
@@ -451,13 +477,12 @@ class Library:
             await catalog.refresh_fts(conn, image_id)
             await catalog.clear_failure(conn, source.key)
             return IndexOutcome(source, "duplicate", image_id)
-        if item.decoded is None or item.thumb is None or vector is None:
+        if item.decoded is None or item.copy_path is None or vector is None:
             # Its bytes were indexed when the batch was read, and gone by the time it committed.
             return IndexOutcome(source, "failed", reason="removed while being indexed; index it again")
-        thumb_bytes, extension = item.thumb
-        relative = await asyncio.get_running_loop().run_in_executor(
-            self._cpu, self.thumbs.write, item.sha256, extension, thumb_bytes
-        )
+        if isinstance(item.copy_path, OSError):
+            raise item.copy_path  # this image alone fails, with the reason
+        relative = item.copy_path
         new = NewImage(
             sha256=item.sha256,
             size_bytes=item.size,

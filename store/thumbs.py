@@ -9,7 +9,9 @@ a `.tmp` file that `sweep` removes.
 from __future__ import annotations
 
 import os
+import threading
 from pathlib import Path
+from typing import BinaryIO, Callable
 
 THUMB_DIR = "thumbs"
 
@@ -26,18 +28,30 @@ class ThumbStore:
         return self.data_dir / relative
 
     def write(self, sha256: str, extension: str, data: bytes) -> str:
-        """Write atomically (temp file, fsync, rename) and return the path relative to the data dir."""
+        """Write `data` atomically and return the path relative to the data dir."""
+        return self.write_with(sha256, extension, lambda handle: handle.write(data))
+
+    def write_with(self, sha256: str, extension: str, fill: Callable[[BinaryIO], object]) -> str:
+        """Let `fill` write the copy into a temp file, then fsync and rename it into place.
+
+        Returns the path relative to the data dir. A copy that already exists is kept (the name
+        is the content's hash), and a failed `fill` leaves nothing behind.
+        """
         relative = self.relative_path(sha256, extension)
         target = self.absolute(relative)
         if target.exists():
             return relative
         target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = target.with_name(target.name + f".{os.getpid()}.tmp")
-        with tmp.open("wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, target)
+        tmp = target.with_name(target.name + f".{os.getpid()}.{threading.get_ident()}.tmp")
+        try:
+            with tmp.open("wb") as handle:
+                fill(handle)
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.replace(tmp, target)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
         return relative
 
     def delete(self, relative: str) -> None:

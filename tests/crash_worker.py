@@ -15,7 +15,7 @@ library rather than at the model load.
 
 A run may also name a crash point, for the windows too narrow to hit with a timer: the child
 then SIGKILLs itself right before or right after the N-th call of one function, e.g.
-{"module": "store.thumbs", "attribute": "ThumbStore.write", "call": 5, "when": "after"}.
+{"module": "store.thumbs", "attribute": "ThumbStore.write_with", "call": 5, "when": "after"}.
 
 Protocol, one JSON object per line each way:
 

@@ -491,7 +491,7 @@ def test_sigkill_during_index_at_random_moments_loses_and_duplicates_nothing(
 CRASH_POINTS: dict[str, tuple[str, str, dict[str, Any]]] = {
     # batch 2 is being committed: 4 of its stored copies are written, its rows are not committed
     "copies-written-rows-not-committed": (
-        "nothing", "index", {"module": "store.thumbs", "attribute": "ThumbStore.write", "call": 20, "when": "after"}
+        "nothing", "index", {"module": "store.thumbs", "attribute": "ThumbStore.write_with", "call": 20, "when": "after"}
     ),
     # batch 2's rows are all inserted, its transaction is one statement away from COMMIT
     "rows-inserted-not-committed": (

@@ -32,7 +32,9 @@ from store.ingest import (
     decode_image,
     make_thumbnail,
     read_limited,
+    save_thumbnail,
     sniff_format,
+    thumbnail_of,
     too_large_reason,
 )
 from store.settings import IngestSettings
@@ -632,6 +634,28 @@ def test_thumbnail_drops_metadata() -> None:
     with Image.open(io.BytesIO(data)) as thumb:
         assert "exif" not in thumb.info
         assert len(thumb.getexif()) == 0
+
+
+def test_a_copy_that_already_fits_is_written_without_any_metadata() -> None:
+    """A picture small enough is stored as it is, so the encoder, not a resize, must leave out
+    EXIF, the ICC profile and the comment (Pillow copies a source's comment unless told not to)."""
+    from PIL import ImageCms
+
+    exif = Image.Exif()
+    exif[0x010F] = "Camera maker with GPS"
+    icc = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()
+    original = encode(Image.new("RGB", (64, 48), "teal"), "JPEG", exif=exif.tobytes(), icc_profile=icc, comment=b"at home")
+    source = Image.open(io.BytesIO(original))
+    source.load()
+    assert {"exif", "icc_profile", "comment"} <= set(source.info)
+    copy = thumbnail_of(source, 768)
+    assert copy.size == (64, 48)
+    target = io.BytesIO()
+    save_thumbnail(copy, target)
+    data = target.getvalue()
+    assert b"at home" not in data and b"Camera maker" not in data
+    with Image.open(io.BytesIO(data)) as thumb:
+        assert not {"exif", "icc_profile", "comment"} & set(thumb.info)
 
 
 def test_thumbnail_of_an_extreme_aspect_keeps_one_pixel() -> None:
