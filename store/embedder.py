@@ -8,8 +8,9 @@ All of torch's work happens on one thread that the embedder owns, whoever calls 
 every thread that starts parallel work its own team of workers; once two teams exist on a
 two-core machine, libgomp counts more threads than cores and stops spinning at its barriers, and
 every layer then waits on a sleeping thread: one text query measured 26 ms instead of 14 ms when
-the model was loaded on one thread and queried from another. Pixel preprocessing that needs no
-torch (resize, crop) still runs on the caller's thread, so decoding threads stay parallel.
+the model was loaded on one thread and queried from another. The resize and crop for the model
+still run on the caller's thread, so decoding threads stay parallel, but with that thread's
+OpenMP limit at 1 (`store.resample`), so they never start a team of their own.
 """
 
 from __future__ import annotations
@@ -20,13 +21,17 @@ import logging
 import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Protocol, Sequence, TypeVar, runtime_checkable
+from typing import TYPE_CHECKING, Any, Callable, Protocol, Sequence, TypeVar, runtime_checkable
 
 import numpy as np
 from PIL import Image
 
 from store.settings import TINY_MODEL, ClipSettings
+
+if TYPE_CHECKING:
+    from store.resample import Filter
 
 log = logging.getLogger(__name__)
 
@@ -119,22 +124,57 @@ def _unavailable_message(settings: ClipSettings, error: BaseException) -> str:
     )
 
 
-def _split_preprocess(preprocess: Any) -> tuple[Any, Any, Any]:
-    """Split open_clip's transform into its PIL steps and the mean/std of its final
-    ToTensor + Normalize, or (None, None, None) when it has another shape (then the whole
-    transform runs on the torch thread)."""
+@dataclass(frozen=True)
+class _CropSteps:
+    """open_clip's usual pixel steps, `Resize(side)` then `CenterCrop(crop)`, and the
+    mean/std of its final ToTensor + Normalize."""
+
+    side: int
+    crop: tuple[int, int]
+    mode: "Filter"
+    mean: Any
+    std: Any
+
+
+_FILTERS = {"bicubic": "bicubic", "bilinear": "bilinear"}
+
+
+def _crop_steps(preprocess: Any) -> _CropSteps | None:
+    """Recognise open_clip's transform (resize the short side, centre crop, RGB, ToTensor,
+    Normalize) so it can run on torch's uint8 kernels; None for any other shape, which then
+    runs as open_clip wrote it, on the torch thread."""
     import torch
     from torchvision import transforms
 
     steps = list(getattr(preprocess, "transforms", []))
-    if len(steps) < 2 or not (
-        isinstance(steps[-2], transforms.ToTensor) and isinstance(steps[-1], transforms.Normalize)
+    if len(steps) < 4:
+        return None
+    resize, crop, *middle, to_tensor, normalize = steps
+    size = resize.size if isinstance(resize, transforms.Resize) else None
+    if isinstance(size, (list, tuple)) and len(size) == 1:
+        size = size[0]
+    mode = _FILTERS.get(getattr(getattr(resize, "interpolation", None), "value", ""))
+    if (
+        not isinstance(size, int)
+        or mode is None
+        or resize.max_size is not None
+        or resize.antialias is False
+        or not isinstance(crop, transforms.CenterCrop)
+        or not all(type(step).__name__ in ("MaybeConvertMode", "function") for step in middle)
+        or not isinstance(to_tensor, transforms.ToTensor)
+        or not isinstance(normalize, transforms.Normalize)
     ):
-        return None, None, None
-    pixel_steps = transforms.Compose(steps[:-2])
-    mean = torch.tensor(steps[-1].mean, dtype=torch.float32).view(1, -1, 1, 1)
-    std = torch.tensor(steps[-1].std, dtype=torch.float32).view(1, -1, 1, 1)
-    return pixel_steps, mean, std
+        return None
+    crop_size = tuple(int(v) for v in crop.size)
+    if len(crop_size) != 2 or crop_size[0] > size or crop_size[1] > size:
+        return None
+    return _CropSteps(
+        side=size,
+        crop=(crop_size[0], crop_size[1]),
+        mode=mode,  # type: ignore[arg-type]
+        mean=torch.tensor(normalize.mean, dtype=torch.float32).view(1, -1, 1, 1),
+        std=torch.tensor(normalize.std, dtype=torch.float32).view(1, -1, 1, 1),
+    )
 
 
 class ClipEmbedder:
@@ -193,7 +233,7 @@ class ClipEmbedder:
         self._dtype = torch.float32
         self._model = model
         self._preprocess = preprocess
-        self._pixel_steps, self._mean, self._std = _split_preprocess(preprocess)
+        self._crop = _crop_steps(preprocess)
         self._tokenizer = tokenizer
         self._trim_ok = False
         try:
@@ -239,14 +279,27 @@ class ClipEmbedder:
         return int(size[0] if isinstance(size, (tuple, list)) else size)
 
     def preprocess(self, image: Image.Image) -> "object":
-        """Prepare one RGB image for `embed_preprocessed` (thread-safe, any thread).
-
-        The resize and crop happen here, on the calling thread, with PIL only; turning the pixels
-        into a normalised tensor waits for the torch thread, where a whole batch is done at once.
-        """
-        if self._pixel_steps is None:
+        """Prepare one RGB image for `embed_preprocessed` (thread-safe, any thread)."""
+        if self._crop is None:
             return self._on_worker(self._preprocess, image)
-        return np.asarray(self._pixel_steps(image), dtype=np.uint8)
+        from store import resample
+
+        rgb = image if image.mode == "RGB" else image.convert("RGB")  # as open_clip converts
+        return self.preprocess_pixels(resample.as_tensor(rgb))
+
+    def preprocess_pixels(self, pixels: "object") -> "object":
+        """`preprocess` for a (1, 3, H, W) uint8 tensor (see `store.resample.as_tensor`).
+
+        The resize and crop happen here, on the calling thread and without an OpenMP team;
+        turning the pixels into a normalised tensor waits for the torch thread, where a whole
+        batch is done at once.
+        """
+        from store import resample
+
+        crop = self._crop
+        if crop is None:
+            return self._on_worker(self._preprocess, resample.to_image(pixels))  # type: ignore[arg-type]
+        return resample.resize_and_center_crop(pixels, crop.side, crop.crop, crop.mode)  # type: ignore[arg-type]
 
     def embed_preprocessed(self, inputs: Sequence["object"]) -> np.ndarray:
         """Vectors of images already passed through `preprocess`."""
@@ -258,12 +311,11 @@ class ClipEmbedder:
 
     def _batch_tensor(self, inputs: list["object"]) -> "object":
         torch = self._torch
-        if self._pixel_steps is None:
+        if self._crop is None:
             return torch.stack(inputs)  # type: ignore[arg-type]
         # What torchvision's ToTensor and Normalize do, for the whole batch in one go.
-        pixels = torch.from_numpy(np.stack(inputs)).permute(0, 3, 1, 2).contiguous()
-        batch = pixels.to(torch.float32).div(255)
-        return batch.sub_(self._mean).div_(self._std)
+        batch = torch.stack(inputs).to(torch.float32).div_(255)  # type: ignore[arg-type]
+        return batch.sub_(self._crop.mean).div_(self._crop.std)
 
     def embed_tensors(self, batch: "object") -> np.ndarray:
         """Run the image tower on an already preprocessed (n, 3, H, W) tensor."""

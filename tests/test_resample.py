@@ -1,0 +1,139 @@
+"""Resizing on torch's uint8 kernels: same sizes and pixels as Pillow, and no OpenMP team."""
+
+from __future__ import annotations
+
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from store import resample
+from store.resample import as_tensor, fit_within, resize_and_center_crop, shrink_to_fit, to_image
+
+
+def _photo(width: int, height: int, seed: int = 0) -> Image.Image:
+    """Smooth colour fields plus grain: resampling differences show up on both."""
+    rng = np.random.default_rng(seed)
+    coarse = Image.fromarray(rng.integers(0, 256, size=(6, 8, 3), dtype=np.uint8)).resize((width, height))
+    grain = rng.normal(0, 12, size=(height, width, 3))
+    return Image.fromarray(np.clip(np.asarray(coarse, dtype=np.float64) + grain, 0, 255).astype(np.uint8))
+
+
+def test_fit_within_keeps_the_shape_and_never_enlarges() -> None:
+    assert fit_within(1024, 768, 768) == (768, 576)
+    assert fit_within(768, 1024, 768) == (576, 768)
+    assert fit_within(10_000, 1, 768) == (768, 1)
+    assert fit_within(500, 300, 768) == (500, 300)
+    assert fit_within(769, 769, 768) == (768, 768)
+
+
+def test_pixels_survive_the_round_trip_in_either_layout() -> None:
+    image = _photo(37, 23)
+    pixels = as_tensor(image)
+    assert pixels.shape == (1, 3, 23, 37) and pixels.dtype == torch.uint8
+    assert np.array_equal(np.asarray(to_image(pixels)), np.asarray(image))
+    planar = pixels.contiguous()
+    assert np.array_equal(np.asarray(to_image(planar)), np.asarray(image))
+    with pytest.raises(ValueError, match="RGB"):
+        as_tensor(image.convert("L"))
+
+
+def test_shrink_to_fit_sizes_and_leaves_small_pictures_alone() -> None:
+    big = as_tensor(_photo(1024, 768))
+    small = shrink_to_fit(big, 768)
+    assert small.shape == (1, 3, 576, 768)
+    tall = shrink_to_fit(as_tensor(_photo(300, 2000)), 768)
+    assert tall.shape == (1, 3, 768, 115)
+    fits = as_tensor(_photo(640, 480))
+    assert shrink_to_fit(fits, 768) is fits
+
+
+def test_shrinking_averages_like_pillow() -> None:
+    """Bilinear with antialiasing is Pillow's triangle filter: within a level of it."""
+    image = _photo(1024, 768, seed=1)
+    ours = np.asarray(to_image(shrink_to_fit(as_tensor(image), 768)), dtype=np.int16)
+    pillows = np.asarray(image.resize((768, 576), Image.Resampling.BILINEAR), dtype=np.int16)
+    assert np.max(np.abs(ours - pillows)) <= 1
+
+
+@pytest.mark.parametrize("size", [(1024, 768), (300, 1000), (64, 64), (50, 80), (211, 937)])
+def test_resize_and_center_crop_is_torchvisions_on_pillow(size: tuple[int, int]) -> None:
+    """What open_clip's `Resize(side, bicubic)` + `CenterCrop(side)` make, to within 2 levels
+    and a fraction of a level on average (the two round their intermediate pass differently),
+    including pictures smaller than the crop (enlarged)."""
+    from torchvision import transforms
+
+    image = _photo(*size, seed=2)
+    theirs = np.asarray(
+        transforms.Compose([transforms.Resize(224, transforms.InterpolationMode.BICUBIC), transforms.CenterCrop(224)])(
+            image
+        ),
+        dtype=np.int16,
+    )
+    ours = resize_and_center_crop(as_tensor(image), 224, (224, 224), "bicubic")
+    assert ours.shape == (3, 224, 224)
+    ours_hwc = ours.permute(1, 2, 0).numpy().astype(np.int16)
+    difference = np.abs(ours_hwc - theirs)
+    assert difference.max() <= 2
+    assert difference.mean() < 0.3
+
+
+def test_crop_larger_than_the_picture_is_refused() -> None:
+    with pytest.raises(ValueError, match="larger"):
+        resize_and_center_crop(as_tensor(_photo(80, 50)), 32, (40, 40), "bicubic")
+
+
+def test_resizing_runs_on_one_openmp_thread_and_restores_the_limit(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A decoding thread must not fork an OpenMP team beside the model's. Torch forks only when
+    the calling thread's limit is above 1, so every resize must see exactly 1 on a fresh thread,
+    and the thread's own limit (and every other thread's) must be what it was afterwards."""
+    seen: list[int] = []
+    interpolate = resample.F.interpolate
+
+    def spy(*args: object, **kwargs: object) -> torch.Tensor:
+        seen.append(torch.get_num_threads())
+        return interpolate(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(resample.F, "interpolate", spy)
+    before_here = torch.get_num_threads()
+    limits_after: list[int] = []
+
+    def decode_like() -> None:
+        before = torch.get_num_threads()
+        pixels = as_tensor(_photo(1024, 768))
+        resize_and_center_crop(shrink_to_fit(pixels, 768), 224, (224, 224), "bicubic")
+        limits_after.append(torch.get_num_threads() - before)
+
+    with ThreadPoolExecutor(2, thread_name_prefix="decode-like") as pool:
+        list(pool.map(lambda _: decode_like(), range(4)))
+    assert seen and set(seen) == {1}, seen
+    assert limits_after == [0, 0, 0, 0]
+    assert torch.get_num_threads() == before_here
+
+
+def test_the_limit_is_per_thread() -> None:
+    """While one thread resizes on one OpenMP thread, another keeps its own limit."""
+    if torch.get_num_threads() < 2:
+        pytest.skip("torch runs single-threaded here, so there is no other limit to keep")
+    inside = threading.Event()
+    release = threading.Event()
+    observed: list[int] = []
+
+    def hold() -> None:
+        with resample.one_openmp_thread():
+            observed.append(torch.get_num_threads())
+            inside.set()
+            release.wait(10)
+
+    worker = threading.Thread(target=hold)
+    worker.start()
+    try:
+        assert inside.wait(10)
+        assert torch.get_num_threads() >= 2
+    finally:
+        release.set()
+        worker.join(10)
+    assert observed == [1]
