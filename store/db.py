@@ -179,6 +179,9 @@ _SOURCE_COLUMNS = (
     "kind, filename, posted_at, path, guild_id, channel_id, message_id, attachment_id, "
     "author_id, author_name, channel_name, posted_text, id, image_id"
 )
+_SOURCE_COLUMNS_OF_S = ", ".join(f"s.{column.strip()}" for column in _SOURCE_COLUMNS.split(","))
+# Values per `IN (...)` list: far below SQLite's limit on bound parameters.
+_IN_CHUNK = 500
 _IMAGE_COLUMNS = (
     "id, sha256, size_bytes, width, height, format, thumb, description, description_source, "
     "model_id, created_at"
@@ -389,6 +392,38 @@ class Catalog:
             sql, arg = "kind = 'discord' AND attachment_id = ?", source.attachment_id
         row = await first_row(conn or self.reader, f"SELECT {_SOURCE_COLUMNS} FROM sources WHERE {sql}", (arg,))
         return None if row is None else _source_from_row(row)
+
+    async def sources_with_sha(self, sources: Sequence[SourceRecord]) -> dict[str, tuple[SourceRecord, str]]:
+        """For each source already stored (same file path or attachment), the stored record and
+        the sha256 of its image, keyed by `SourceRecord.key`: a batch's worth in a few queries."""
+        found: dict[str, tuple[SourceRecord, str]] = {}
+        by_kind = (
+            ("kind = 'file' AND s.path", [src.path for src in sources if src.kind == "file"]),
+            ("kind = 'discord' AND s.attachment_id", [src.attachment_id for src in sources if src.kind != "file"]),
+        )
+        for condition, values in by_kind:
+            for start in range(0, len(values), _IN_CHUNK):
+                chunk = values[start : start + _IN_CHUNK]
+                rows = await self.reader.execute_fetchall(
+                    f"SELECT {_SOURCE_COLUMNS_OF_S}, i.sha256 FROM sources s JOIN images i ON i.id = s.image_id "
+                    f"WHERE s.{condition} IN ({','.join('?' * len(chunk))})",
+                    chunk,
+                )
+                for row in rows:
+                    record = _source_from_row(row[:-1])
+                    found[record.key] = (record, str(row[-1]))
+        return found
+
+    async def known_shas(self, shas: Sequence[str]) -> set[str]:
+        """Which of these sha256s are already stored."""
+        known: set[str] = set()
+        for start in range(0, len(shas), _IN_CHUNK):
+            chunk = list(shas[start : start + _IN_CHUNK])
+            rows = await self.reader.execute_fetchall(
+                f"SELECT sha256 FROM images WHERE sha256 IN ({','.join('?' * len(chunk))})", chunk
+            )
+            known.update(str(row[0]) for row in rows)
+        return known
 
     async def get_image(self, image_id: int) -> ImageRecord | None:
         row = await first_row(self.reader, f"SELECT {_IMAGE_COLUMNS} FROM images WHERE id = ?", (image_id,))
@@ -613,6 +648,17 @@ class Catalog:
             await conn.execute(
                 "INSERT INTO images_fts (rowid, body) VALUES (?, ?)", (image_id, body)
             )
+
+    @staticmethod
+    async def index_new_image_text(conn: aiosqlite.Connection, image_id: int, parts: Sequence[str]) -> None:
+        """`refresh_fts` for an image inserted just now with its first source, in one statement:
+        its text is already known (`parts`: the description and the posted text), so it is not
+        read back from the rows."""
+        body = "\n".join(part for part in parts if part)
+        if body:
+            await conn.execute("INSERT OR REPLACE INTO images_fts (rowid, body) VALUES (?, ?)", (image_id, body))
+        else:
+            await conn.execute("DELETE FROM images_fts WHERE rowid = ?", (image_id,))
 
     @staticmethod
     async def delete_image(conn: aiosqlite.Connection, image_id: int) -> None:

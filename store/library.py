@@ -81,8 +81,8 @@ class _Prepared:
     size: int = 0
     data: bytes | None = None
     decoded: DecodedImage | None = None
-    copy: Image.Image | None = None  # the stored copy to write, until it is written
-    copy_path: str | OSError | None = None  # where it was written, or why it could not be
+    copy: Image.Image | None = None  # the stored copy to write, until its write starts
+    copy_written: asyncio.Future[str] | None = None  # its path relative to the data dir
     model_input: object | None = None
     outcome: IndexOutcome | None = None
 
@@ -113,6 +113,9 @@ class Library:
         self.thumbs = ThumbStore(self.data_dir)
         self.vectors = VectorIndex(embedder.dim, embedder.model_id)
         self._cpu = ThreadPoolExecutor(max_workers=2, thread_name_prefix="shoebox-decode")
+        # Stored copies are written on threads of their own: each ends in an fsync, and a
+        # decoding thread blocked on the disk would leave its core idle.
+        self._writers = ThreadPoolExecutor(max_workers=2, thread_name_prefix="shoebox-copies")
         self._model = ThreadPoolExecutor(max_workers=1, thread_name_prefix="shoebox-model")
         # Embedders that split preprocessing from the forward pass (ClipEmbedder) get the resize
         # and crop done on the decoding threads; both halves must exist for that to pay.
@@ -174,6 +177,7 @@ class Library:
         finally:
             await self.catalog.close()
             self._cpu.shutdown(wait=True)
+            self._writers.shutdown(wait=True)
             self._model.shutdown(wait=True)
 
     async def __aenter__(self) -> "Library":
@@ -323,18 +327,15 @@ class Library:
         prepared = list(await asyncio.gather(
             *(loop.run_in_executor(self._cpu, self._read_one, item) for item in batch)
         ))
-        fresh = []
-        for item in prepared:
-            if item.outcome is not None:
-                continue
-            existing = await self.catalog.source_for_key(item.incoming.source)
-            if existing is not None and existing.image_id is not None:
-                record = await self.catalog.get_image(existing.image_id)
-                if record is not None and record.sha256 == item.sha256:
-                    item.outcome = IndexOutcome(existing, "unchanged", record.id)
-                    continue
-            if await self.catalog.image_id_for_sha(item.sha256) is None:
-                fresh.append(item)  # new bytes: they need decoding and a vector
+        readable = [item for item in prepared if item.outcome is None]
+        stored = await self.catalog.sources_with_sha([item.incoming.source for item in readable])
+        for item in readable:
+            existing, sha256 = stored.get(item.incoming.source.key, (None, None))
+            if existing is not None and sha256 == item.sha256:
+                item.outcome = IndexOutcome(existing, "unchanged", existing.image_id)
+        known = await self.catalog.known_shas([item.sha256 for item in readable if item.outcome is None])
+        # New bytes need decoding and a vector; known ones only a new source, at commit.
+        fresh = [item for item in readable if item.outcome is None and item.sha256 not in known]
         await asyncio.gather(*(loop.run_in_executor(self._cpu, self._decode_one, item) for item in fresh))
         for item in prepared:
             item.data = None
@@ -391,36 +392,39 @@ class Library:
         added: list[tuple[int, np.ndarray]] = []
         removed: list[tuple[int, str]] = []
         async with self.catalog.transaction() as conn:
-            await self._store_copies(todo)
-            for item in prepared:
-                if item.outcome is not None and item.outcome.status == "failed":
-                    await self.catalog.record_failure(conn, item.incoming.source.key, item.outcome.reason or "")
-            for item, vector in zip(todo, vectors):
-                item.outcome = await self._commit_isolated(conn, item, vector, added, removed)
-            if added or removed or any(p.outcome and p.outcome.status == "duplicate" for p in todo):
-                await self.catalog.bump_generation(conn)
+            copies = self._start_copies(todo)
+            try:
+                for item in prepared:
+                    if item.outcome is not None and item.outcome.status == "failed":
+                        await self.catalog.record_failure(conn, item.incoming.source.key, item.outcome.reason or "")
+                for item, vector in zip(todo, vectors):
+                    item.outcome = await self._commit_isolated(conn, item, vector, added, removed)
+                if added or removed or any(p.outcome and p.outcome.status == "duplicate" for p in todo):
+                    await self.catalog.bump_generation(conn)
+            finally:
+                # No write may still be running once the transaction ends (committed or not).
+                await asyncio.gather(*copies, return_exceptions=True)
         await self._after_commit(added, [image_id for image_id, _ in removed])
         if removed:
             await self._drop_copies(removed)
         return [p.outcome for p in prepared if p.outcome is not None]
 
-    async def _store_copies(self, items: list[_Prepared]) -> None:
-        """Write the batch's stored copies side by side, inside the write transaction.
+    def _start_copies(self, items: list[_Prepared]) -> list[asyncio.Future[str]]:
+        """Start writing the batch's stored copies, side by side, inside the write transaction.
 
         Inside it, because the sweep of orphaned copies on open runs under the same lock and
-        must not take a copy whose row is about to be committed. Side by side, because each is
-        encoded straight into its file, where Pillow lets go of the GIL.
+        must not take a copy whose row is about to be committed. Side by side, and while the
+        rows are being written, because each copy is encoded straight into its file, where
+        Pillow lets go of the GIL, and then waits on the disk. Each image's row waits for its own.
         """
         loop = asyncio.get_running_loop()
-        pending = [item for item in items if item.copy is not None]
-        results = await asyncio.gather(
-            *(loop.run_in_executor(self._cpu, self._store_copy, item.sha256, item.copy) for item in pending),
-            return_exceptions=True,
-        )
-        for item, result in zip(pending, results):
-            if isinstance(result, BaseException) and not isinstance(result, OSError):
-                raise result
-            item.copy, item.copy_path = None, result
+        started = []
+        for item in items:
+            if item.copy is not None:
+                item.copy_written = loop.run_in_executor(self._writers, self._store_copy, item.sha256, item.copy)
+                item.copy = None
+                started.append(item.copy_written)
+        return started
 
     def _store_copy(self, sha256: str, copy: Image.Image) -> str:
         return self.thumbs.write_with(sha256, THUMBNAIL_EXTENSION, partial(save_thumbnail, copy))
@@ -482,12 +486,10 @@ class Library:
             await catalog.refresh_fts(conn, image_id)
             await catalog.clear_failure(conn, source.key)
             return IndexOutcome(source, "duplicate", image_id)
-        if item.decoded is None or item.copy_path is None or vector is None:
+        if item.decoded is None or item.copy_written is None or vector is None:
             # Its bytes were indexed when the batch was read, and gone by the time it committed.
             return IndexOutcome(source, "failed", reason="removed while being indexed; index it again")
-        if isinstance(item.copy_path, OSError):
-            raise item.copy_path  # this image alone fails, with the reason
-        relative = item.copy_path
+        relative = await item.copy_written  # an OSError fails this image alone, with the reason
         new = NewImage(
             sha256=item.sha256,
             size_bytes=item.size,
@@ -501,7 +503,7 @@ class Library:
         )
         image_id = await catalog.insert_image(conn, new)
         await catalog.insert_source(conn, image_id, source)
-        await catalog.refresh_fts(conn, image_id)
+        await catalog.index_new_image_text(conn, image_id, [new.description or "", source.posted_text])
         await catalog.clear_failure(conn, source.key)
         added.append((image_id, vector))
         return IndexOutcome(source, "indexed", image_id)

@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import errno
+import hashlib
 import json
+import os
 from pathlib import Path
+from typing import BinaryIO, Callable
 
 import numpy as np
 import pytest
 
 from store.db import SourceRecord
-from store.library import IncomingImage, Library, ModelMismatch
+from store.library import IncomingImage, Library, ModelMismatch, file_source
+from store.thumbs import ThumbStore
 from store.vectors import HEADER_FILE, INDEX_FILE
 from tests.conftest import jpeg_bytes
 from tools.search import Filters, Scope, ToolError, find_similar, get_description, search_images
@@ -248,3 +253,64 @@ async def test_changed_file_replaces_its_old_image_and_repeats_count_once(librar
     assert (await library.catalog.all_image_ids()).tolist() == [second[0].image_id]
     assert library.vectors.ids().tolist() == [second[0].image_id]
     assert (await library.verify(repair=False)).ok
+
+
+async def test_a_copy_that_cannot_be_written_fails_its_image_alone(
+    library: Library, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A full disk while writing one stored copy: that image is refused with the reason, the
+    rest of its batch lands, nothing half-written stays, and indexing it again works."""
+    folder = tmp_path / "batch"
+    folder.mkdir()
+    colours = [(200, 30, 30), (30, 200, 30), (30, 30, 200), (200, 200, 30)]
+    for number, colour in enumerate(colours):
+        (folder / f"p{number}.jpg").write_bytes(jpeg_bytes(colour, size=(900, 600)))
+    doomed = hashlib.sha256((folder / "p2.jpg").read_bytes()).hexdigest()
+    write_with = ThumbStore.write_with
+
+    def half_then_disk_full(handle: BinaryIO) -> None:
+        handle.write(b"half a picture")
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    def full_disk_for_one(self: ThumbStore, sha256: str, extension: str, fill: Callable[[BinaryIO], object]) -> str:
+        return write_with(self, sha256, extension, half_then_disk_full if sha256 == doomed else fill)
+
+    monkeypatch.setattr(ThumbStore, "write_with", full_disk_for_one)
+    outcomes = {Path(o.source.path or "").name: o for o in await library.index_paths([folder])}
+    assert {name: o.status for name, o in outcomes.items()} == {
+        "p0.jpg": "indexed", "p1.jpg": "indexed", "p2.jpg": "failed", "p3.jpg": "indexed",
+    }
+    assert "could not be stored" in (outcomes["p2.jpg"].reason or "") and "No space" in (outcomes["p2.jpg"].reason or "")
+    assert len(library.thumbs.all_relative()) == 3 and len(await library.catalog.all_image_ids()) == 3
+    assert (await library.verify(repair=False)).ok
+
+    monkeypatch.setattr(ThumbStore, "write_with", write_with)
+    again = {Path(o.source.path or "").name: o.status for o in await library.index_paths([folder])}
+    assert again == {"p0.jpg": "unchanged", "p1.jpg": "unchanged", "p2.jpg": "indexed", "p3.jpg": "unchanged"}
+    assert len(library.thumbs.all_relative()) == 4 and (await library.verify(repair=False)).ok
+
+
+async def test_a_batch_is_settled_in_a_few_queries(library: Library, tmp_path: Path) -> None:
+    """Re-running over known files, renamed copies and new files: each gets the right outcome
+    from the batched lookups (same source and bytes: unchanged; known bytes: a new source)."""
+    folder = tmp_path / "mix"
+    folder.mkdir()
+    for number in range(5):
+        (folder / f"known{number}.jpg").write_bytes(jpeg_bytes((40 * number, 90, 160)))
+    first = await library.index_paths([folder])
+    assert [o.status for o in first] == ["indexed"] * 5
+    (folder / "again0.jpg").write_bytes((folder / "known0.jpg").read_bytes())
+    (folder / "new.jpg").write_bytes(jpeg_bytes((250, 250, 250)))
+    discord = discord_source(77, 7)
+    outcomes = await library.index(
+        [IncomingImage(source=discord, data=(folder / "known3.jpg").read_bytes())]
+        + [IncomingImage(source=file_source(path)) for path in sorted(folder.iterdir())]
+    )
+    statuses = {o.source.key: o.status for o in outcomes}
+    assert statuses[discord.key] == "duplicate"
+    assert statuses[f"file:{folder / 'again0.jpg'}"] == "duplicate"
+    assert statuses[f"file:{folder / 'new.jpg'}"] == "indexed"
+    assert [statuses[f"file:{folder / f'known{n}.jpg'}"] for n in range(5)] == ["unchanged"] * 5
+    stored = await library.catalog.sources_with_sha([discord, *(file_source(p) for p in sorted(folder.iterdir()))])
+    assert len(stored) == 8 and stored[discord.key][1] == stored[f"file:{folder / 'known3.jpg'}"][1]
+    assert await library.catalog.known_shas(["0" * 64, stored[discord.key][1]]) == {stored[discord.key][1]}
