@@ -179,6 +179,13 @@ _SOURCE_COLUMNS = (
     "kind, filename, posted_at, path, guild_id, channel_id, message_id, attachment_id, "
     "author_id, author_name, channel_name, posted_text, id, image_id"
 )
+def _same_source(source: SourceRecord) -> tuple[str, object]:
+    """WHERE clause (over `sources s`) and argument matching the stored copy of `source`."""
+    if source.kind == "file":
+        return "s.kind = 'file' AND s.path = ?", source.path
+    return "s.kind = 'discord' AND s.attachment_id = ?", source.attachment_id
+
+
 _SOURCE_COLUMNS_OF_S = ", ".join(f"s.{column.strip()}" for column in _SOURCE_COLUMNS.split(","))
 # Values per `IN (...)` list: far below SQLite's limit on bound parameters.
 _IN_CHUNK = 500
@@ -386,12 +393,26 @@ class Catalog:
         self, source: SourceRecord, conn: aiosqlite.Connection | None = None
     ) -> SourceRecord | None:
         """The stored source for the same file path or attachment (inside `conn`'s transaction if given)."""
-        if source.kind == "file":
-            sql, arg = "kind = 'file' AND path = ?", source.path
-        else:
-            sql, arg = "kind = 'discord' AND attachment_id = ?", source.attachment_id
-        row = await first_row(conn or self.reader, f"SELECT {_SOURCE_COLUMNS} FROM sources WHERE {sql}", (arg,))
+        sql, arg = _same_source(source)
+        row = await first_row(conn or self.reader, f"SELECT {_SOURCE_COLUMNS_OF_S} FROM sources s WHERE {sql}", (arg,))
         return None if row is None else _source_from_row(row)
+
+    @staticmethod
+    async def source_and_sha_for_key(
+        conn: aiosqlite.Connection, source: SourceRecord
+    ) -> tuple[SourceRecord | None, str | None]:
+        """`source_for_key` inside `conn`'s transaction, with the sha256 of the stored source's
+        image (None if that image row is missing), in one query."""
+        sql, arg = _same_source(source)
+        row = await first_row(
+            conn,
+            f"SELECT {_SOURCE_COLUMNS_OF_S}, i.sha256 FROM sources s LEFT JOIN images i ON i.id = s.image_id "
+            f"WHERE {sql}",
+            (arg,),
+        )
+        if row is None:
+            return None, None
+        return _source_from_row(row[:-1]), (None if row[-1] is None else str(row[-1]))
 
     async def sources_with_sha(self, sources: Sequence[SourceRecord]) -> dict[str, tuple[SourceRecord, str]]:
         """For each source already stored (same file path or attachment), the stored record and
@@ -676,3 +697,10 @@ class Catalog:
     @staticmethod
     async def clear_failure(conn: aiosqlite.Connection, key: str) -> None:
         await conn.execute("DELETE FROM failures WHERE source_key = ?", (key,))
+
+    @staticmethod
+    async def clear_failures(conn: aiosqlite.Connection, keys: Sequence[str]) -> None:
+        """`clear_failure` for many sources at once (a batch that indexed them)."""
+        for start in range(0, len(keys), _IN_CHUNK):
+            chunk = list(keys[start : start + _IN_CHUNK])
+            await conn.execute(f"DELETE FROM failures WHERE source_key IN ({','.join('?' * len(chunk))})", chunk)

@@ -399,6 +399,8 @@ class Library:
                         await self.catalog.record_failure(conn, item.incoming.source.key, item.outcome.reason or "")
                 for item, vector in zip(todo, vectors):
                     item.outcome = await self._commit_isolated(conn, item, vector, added, removed)
+                stored = [p.incoming.source.key for p in todo if p.outcome and p.outcome.status in ("indexed", "duplicate")]
+                await self.catalog.clear_failures(conn, stored)
                 if added or removed or any(p.outcome and p.outcome.status == "duplicate" for p in todo):
                     await self.catalog.bump_generation(conn)
             finally:
@@ -472,10 +474,9 @@ class Library:
     ) -> IndexOutcome:
         source = item.incoming.source
         catalog = self.catalog
-        old = await catalog.source_for_key(source, conn)
+        old, old_sha = await catalog.source_and_sha_for_key(conn, source)
         if old is not None and old.image_id is not None:
-            row = await first_row(conn, "SELECT sha256 FROM images WHERE id = ?", (old.image_id,))
-            if row is not None and row[0] == item.sha256:
+            if old_sha == item.sha256:
                 return IndexOutcome(old, "unchanged", old.image_id)
             # The same file path (or attachment) now holds other bytes: the old image goes.
             removed.extend(await self._delete_sources(conn, [old]))
@@ -484,7 +485,6 @@ class Library:
             image_id = int(row[0])
             await catalog.insert_source(conn, image_id, source)
             await catalog.refresh_fts(conn, image_id)
-            await catalog.clear_failure(conn, source.key)
             return IndexOutcome(source, "duplicate", image_id)
         if item.decoded is None or item.copy_written is None or vector is None:
             # Its bytes were indexed when the batch was read, and gone by the time it committed.
@@ -504,7 +504,6 @@ class Library:
         image_id = await catalog.insert_image(conn, new)
         await catalog.insert_source(conn, image_id, source)
         await catalog.index_new_image_text(conn, image_id, [new.description or "", source.posted_text])
-        await catalog.clear_failure(conn, source.key)
         added.append((image_id, vector))
         return IndexOutcome(source, "indexed", image_id)
 
