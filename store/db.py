@@ -179,11 +179,13 @@ _SOURCE_COLUMNS = (
     "kind, filename, posted_at, path, guild_id, channel_id, message_id, attachment_id, "
     "author_id, author_name, channel_name, posted_text, id, image_id"
 )
-def _same_source(source: SourceRecord) -> tuple[str, object]:
-    """WHERE clause (over `sources s`) and argument matching the stored copy of `source`."""
+
+
+def _key_of(source: SourceRecord) -> tuple[str, str, object]:
+    """(kind, column, value) that identify where `source` was seen: its file path or attachment."""
     if source.kind == "file":
-        return "s.kind = 'file' AND s.path = ?", source.path
-    return "s.kind = 'discord' AND s.attachment_id = ?", source.attachment_id
+        return "file", "path", source.path
+    return "discord", "attachment_id", source.attachment_id
 
 
 _SOURCE_COLUMNS_OF_S = ", ".join(f"s.{column.strip()}" for column in _SOURCE_COLUMNS.split(","))
@@ -385,16 +387,16 @@ class Catalog:
 
     # ---- reads ------------------------------------------------------------------------------
 
-    async def image_id_for_sha(self, sha256: str) -> int | None:
-        row = await first_row(self.reader, "SELECT id FROM images WHERE sha256 = ?", (sha256,))
-        return None if row is None else int(row[0])
-
     async def source_for_key(
         self, source: SourceRecord, conn: aiosqlite.Connection | None = None
     ) -> SourceRecord | None:
         """The stored source for the same file path or attachment (inside `conn`'s transaction if given)."""
-        sql, arg = _same_source(source)
-        row = await first_row(conn or self.reader, f"SELECT {_SOURCE_COLUMNS_OF_S} FROM sources s WHERE {sql}", (arg,))
+        kind, column, value = _key_of(source)
+        row = await first_row(
+            conn or self.reader,
+            f"SELECT {_SOURCE_COLUMNS_OF_S} FROM sources s WHERE s.kind = ? AND s.{column} = ?",
+            (kind, value),
+        )
         return None if row is None else _source_from_row(row)
 
     @staticmethod
@@ -403,12 +405,12 @@ class Catalog:
     ) -> tuple[SourceRecord | None, str | None]:
         """`source_for_key` inside `conn`'s transaction, with the sha256 of the stored source's
         image (None if that image row is missing), in one query."""
-        sql, arg = _same_source(source)
+        kind, column, value = _key_of(source)
         row = await first_row(
             conn,
             f"SELECT {_SOURCE_COLUMNS_OF_S}, i.sha256 FROM sources s LEFT JOIN images i ON i.id = s.image_id "
-            f"WHERE {sql}",
-            (arg,),
+            f"WHERE s.kind = ? AND s.{column} = ?",
+            (kind, value),
         )
         if row is None:
             return None, None
@@ -418,17 +420,17 @@ class Catalog:
         """For each source already stored (same file path or attachment), the stored record and
         the sha256 of its image, keyed by `SourceRecord.key`: a batch's worth in a few queries."""
         found: dict[str, tuple[SourceRecord, str]] = {}
-        by_kind = (
-            ("kind = 'file' AND s.path", [src.path for src in sources if src.kind == "file"]),
-            ("kind = 'discord' AND s.attachment_id", [src.attachment_id for src in sources if src.kind != "file"]),
-        )
-        for condition, values in by_kind:
+        by_key: dict[tuple[str, str], list[object]] = {}
+        for source in sources:
+            kind, column, value = _key_of(source)
+            by_key.setdefault((kind, column), []).append(value)
+        for (kind, column), values in by_key.items():
             for start in range(0, len(values), _IN_CHUNK):
                 chunk = values[start : start + _IN_CHUNK]
                 rows = await self.reader.execute_fetchall(
                     f"SELECT {_SOURCE_COLUMNS_OF_S}, i.sha256 FROM sources s JOIN images i ON i.id = s.image_id "
-                    f"WHERE s.{condition} IN ({','.join('?' * len(chunk))})",
-                    chunk,
+                    f"WHERE s.kind = ? AND s.{column} IN ({','.join('?' * len(chunk))})",
+                    [kind, *chunk],
                 )
                 for row in rows:
                     record = _source_from_row(row[:-1])
@@ -695,12 +697,8 @@ class Catalog:
         )
 
     @staticmethod
-    async def clear_failure(conn: aiosqlite.Connection, key: str) -> None:
-        await conn.execute("DELETE FROM failures WHERE source_key = ?", (key,))
-
-    @staticmethod
     async def clear_failures(conn: aiosqlite.Connection, keys: Sequence[str]) -> None:
-        """`clear_failure` for many sources at once (a batch that indexed them)."""
+        """Forget the recorded failures of these sources (a batch that has now stored them)."""
         for start in range(0, len(keys), _IN_CHUNK):
             chunk = list(keys[start : start + _IN_CHUNK])
             await conn.execute(f"DELETE FROM failures WHERE source_key IN ({','.join('?' * len(chunk))})", chunk)

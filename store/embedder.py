@@ -136,9 +136,6 @@ class _CropSteps:
     std: Any
 
 
-_FILTERS = {"bicubic": "bicubic", "bilinear": "bilinear"}
-
-
 def _crop_steps(preprocess: Any) -> _CropSteps | None:
     """Recognise open_clip's transform (resize the short side, centre crop, RGB, ToTensor,
     Normalize) so it can run on torch's uint8 kernels; None for any other shape, which then
@@ -153,10 +150,10 @@ def _crop_steps(preprocess: Any) -> _CropSteps | None:
     size = resize.size if isinstance(resize, transforms.Resize) else None
     if isinstance(size, (list, tuple)) and len(size) == 1:
         size = size[0]
-    mode = _FILTERS.get(getattr(getattr(resize, "interpolation", None), "value", ""))
+    mode = getattr(getattr(resize, "interpolation", None), "value", None)
     if (
         not isinstance(size, int)
-        or mode is None
+        or mode not in ("bicubic", "bilinear")
         or resize.max_size is not None
         or resize.antialias is False
         or not isinstance(crop, transforms.CenterCrop)

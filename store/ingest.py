@@ -616,27 +616,19 @@ def save_thumbnail(thumb: Image.Image, target: BinaryIO) -> None:
     thumb.save(target, "JPEG", quality=THUMBNAIL_QUALITY, comment=b"")
 
 
-def make_thumbnail(image: Image.Image, max_side: int) -> tuple[bytes, str]:
-    """`thumbnail_of` encoded by `save_thumbnail`, and the file extension for it."""
-    buffer = io.BytesIO()
-    save_thumbnail(thumbnail_of(image, max_side), buffer)
-    return buffer.getvalue(), THUMBNAIL_EXTENSION
-
-
 __all__ = [
     "CORRUPT_REASON",
+    "THUMBNAIL_EXTENSION",
     "DecodedImage",
     "RejectedImage",
     "decode_file",
     "decode_image",
     "declared_size",
     "describe_non_image",
-    "THUMBNAIL_EXTENSION",
-    "make_thumbnail",
-    "save_thumbnail",
-    "thumbnail_of",
     "read_limited",
+    "save_thumbnail",
     "sniff_format",
+    "thumbnail_of",
     "to_rgb",
     "too_large_reason",
 ]

@@ -27,10 +27,6 @@ class ThumbStore:
     def absolute(self, relative: str) -> Path:
         return self.data_dir / relative
 
-    def write(self, sha256: str, extension: str, data: bytes) -> str:
-        """Write `data` atomically and return the path relative to the data dir."""
-        return self.write_with(sha256, extension, lambda handle: handle.write(data))
-
     def write_with(self, sha256: str, extension: str, fill: Callable[[BinaryIO], object]) -> str:
         """Let `fill` write the copy into a temp file, then fsync and rename it into place.
 

@@ -27,10 +27,10 @@ from PIL import Image, ImageFile, features
 from store import ingest
 from store.ingest import (
     CORRUPT_REASON,
+    THUMBNAIL_EXTENSION,
     DecodedImage,
     RejectedImage,
     decode_image,
-    make_thumbnail,
     read_limited,
     save_thumbnail,
     sniff_format,
@@ -602,13 +602,20 @@ def test_decoded_image_is_loaded_and_detached() -> None:
 
 
 # ------------------------------------------------------------------------------------------------
-# make_thumbnail
+# Stored copies
 # ------------------------------------------------------------------------------------------------
 
 
+def stored_copy(image: Image.Image, max_side: int) -> bytes:
+    """The bytes the library stores as a picture's copy."""
+    buffer = io.BytesIO()
+    save_thumbnail(thumbnail_of(image, max_side), buffer)
+    return buffer.getvalue()
+
+
 def test_thumbnail_fits_and_is_a_quality_85_jpeg() -> None:
-    data, extension = make_thumbnail(corpus_mod._photo(2000, 1000, 3), 768)
-    assert extension == "jpg"
+    data = stored_copy(corpus_mod._photo(2000, 1000, 3), 768)
+    assert THUMBNAIL_EXTENSION == "jpg"
     with Image.open(io.BytesIO(data)) as thumb:
         assert thumb.format == "JPEG" and thumb.mode == "RGB"
         assert thumb.size == (768, 384)
@@ -617,7 +624,7 @@ def test_thumbnail_fits_and_is_a_quality_85_jpeg() -> None:
 
 
 def test_thumbnail_never_upscales_and_handles_alpha() -> None:
-    data, _ = make_thumbnail(Image.new("RGBA", (100, 50), (0, 0, 0, 0)), 768)
+    data = stored_copy(Image.new("RGBA", (100, 50), (0, 0, 0, 0)), 768)
     with Image.open(io.BytesIO(data)) as thumb:
         assert thumb.size == (100, 50)
         assert close_to(thumb.getpixel((50, 25)), WHITE, 2)  # type: ignore[arg-type]
@@ -630,7 +637,7 @@ def test_thumbnail_drops_metadata() -> None:
     source = Image.open(io.BytesIO(encode(Image.new("RGB", (64, 64)), "JPEG", exif=exif.tobytes())))
     source.load()
     assert "exif" in source.info
-    data, _ = make_thumbnail(source, 32)
+    data = stored_copy(source, 32)
     with Image.open(io.BytesIO(data)) as thumb:
         assert "exif" not in thumb.info
         assert len(thumb.getexif()) == 0
@@ -659,7 +666,7 @@ def test_a_copy_that_already_fits_is_written_without_any_metadata() -> None:
 
 
 def test_thumbnail_of_an_extreme_aspect_keeps_one_pixel() -> None:
-    data, _ = make_thumbnail(Image.new("RGB", (10_000, 1)), 768)
+    data = stored_copy(Image.new("RGB", (10_000, 1)), 768)
     with Image.open(io.BytesIO(data)) as thumb:
         assert thumb.size == (768, 1)
 

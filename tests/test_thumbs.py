@@ -35,7 +35,7 @@ def test_a_failed_write_leaves_nothing_behind(tmp_path: Path) -> None:
 
 def test_an_existing_copy_is_kept(tmp_path: Path) -> None:
     store = ThumbStore(tmp_path)
-    store.write(SHA, "jpg", b"first")
+    store.write_with(SHA, "jpg", lambda handle: handle.write(b"first"))
     calls: list[int] = []
     store.write_with(SHA, "jpg", lambda handle: calls.append(1))
     assert calls == [] and store.absolute(store.relative_path(SHA, "jpg")).read_bytes() == b"first"
