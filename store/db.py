@@ -387,24 +387,18 @@ class Catalog:
 
     # ---- reads ------------------------------------------------------------------------------
 
-    async def source_for_key(
-        self, source: SourceRecord, conn: aiosqlite.Connection | None = None
-    ) -> SourceRecord | None:
-        """The stored source for the same file path or attachment (inside `conn`'s transaction if given)."""
-        kind, column, value = _key_of(source)
-        row = await first_row(
-            conn or self.reader,
-            f"SELECT {_SOURCE_COLUMNS_OF_S} FROM sources s WHERE s.kind = ? AND s.{column} = ?",
-            (kind, value),
-        )
-        return None if row is None else _source_from_row(row)
+    async def source_for_key(self, source: SourceRecord) -> SourceRecord | None:
+        """The stored source for the same file path or attachment."""
+        stored, _ = await self.source_and_sha_for_key(self.reader, source)
+        return stored
 
     @staticmethod
     async def source_and_sha_for_key(
         conn: aiosqlite.Connection, source: SourceRecord
     ) -> tuple[SourceRecord | None, str | None]:
-        """`source_for_key` inside `conn`'s transaction, with the sha256 of the stored source's
-        image (None if that image row is missing), in one query."""
+        """The stored source for the same file path or attachment, read through `conn` (inside
+        its transaction, when committing), with the sha256 of that source's image (None if the
+        image row is missing), in one query."""
         kind, column, value = _key_of(source)
         row = await first_row(
             conn,
