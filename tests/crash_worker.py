@@ -36,6 +36,7 @@ import json
 import os
 import signal
 import sys
+import threading
 import time
 import traceback
 from pathlib import Path
@@ -83,14 +84,19 @@ def _arm_crash(point: dict[str, Any]) -> None:
     wanted, when = int(point["call"]), str(point["when"])
     assert when in ("before", "after"), when
     calls = 0
+    counting = threading.Lock()
 
     def crash_here(*args: Any, **kwargs: Any) -> Any:
+        # Calls may come from several threads at once (stored copies are written two at a
+        # time): each call takes its number under a lock and checks its own number afterwards.
         nonlocal calls
-        calls += 1
-        if calls == wanted and when == "before":
+        with counting:
+            calls += 1
+            number = calls
+        if number == wanted and when == "before":
             os.kill(os.getpid(), signal.SIGKILL)
         result = real(*args, **kwargs)
-        if calls == wanted and when == "after":
+        if number == wanted and when == "after":
             os.kill(os.getpid(), signal.SIGKILL)
         return result
 
