@@ -4,13 +4,15 @@ Everything that needs a vector goes through `Embedder`, so the store, tools and 
 torch directly. Calls are synchronous and CPU-bound: async callers run them in an executor
 (`Library` does), so the event loop never waits on a forward pass.
 
-All of torch's work happens on one thread that the embedder owns, whoever calls it. OpenMP gives
-every thread that starts parallel work its own team of workers; once two teams exist on a
-two-core machine, libgomp counts more threads than cores and stops spinning at its barriers, and
-every layer then waits on a sleeping thread: one text query measured 26 ms instead of 14 ms when
-the model was loaded on one thread and queried from another. The resize and crop for the model
-still run on the caller's thread, so decoding threads stay parallel, but with that thread's
-OpenMP limit at 1 (`store.resample`), so they never start a team of their own.
+Torch's work on all the model's threads happens on one thread that the embedder owns, whoever
+calls it. OpenMP gives every thread that starts parallel work its own team of workers; once two
+teams exist on a two-core machine, libgomp counts more threads than cores and stops spinning at
+its barriers, and every layer then waits on a sleeping thread: one text query measured 26 ms
+instead of 14 ms when the model was loaded on one thread and queried from another. What runs on
+a caller's thread runs with that thread's OpenMP limit lowered (`store.resample`): the resize and
+crop for the model with one thread, so decoding threads stay parallel without a team of their
+own, and the indexer's side-by-side passes (`embed_preprocessed_in_lane`) with their share of the
+threads, which is one each on two cores.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import logging
 import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Protocol, Sequence, TypeVar, runtime_checkable
@@ -175,7 +178,8 @@ def _crop_steps(preprocess: Any) -> _CropSteps | None:
 
 
 class ClipEmbedder:
-    """open_clip model + transforms on the CPU. Thread-safe: one forward pass at a time."""
+    """open_clip model + transforms on the CPU. Thread-safe: one pass at a time on the torch
+    thread, and lane passes beside it on their callers' threads."""
 
     def __init__(self, settings: ClipSettings) -> None:
         self.settings = settings
@@ -201,6 +205,7 @@ class ClipEmbedder:
         self._torch = torch
         if settings.threads:
             torch.set_num_threads(settings.threads)
+        self._threads = torch.get_num_threads()
         weights: str | None = settings.pretrained
         if settings.checkpoint is not None:
             if not settings.checkpoint.is_file():
@@ -317,6 +322,28 @@ class ClipEmbedder:
     def embed_tensors(self, batch: "object") -> np.ndarray:
         """Run the image tower on an already preprocessed (n, 3, H, W) tensor."""
         return self._on_worker(self._embed_batch, batch)
+
+    def embed_preprocessed_in_lane(self, inputs: Sequence["object"], lanes: int) -> np.ndarray:
+        """`embed_preprocessed` on the calling thread, with the model's threads split `lanes` ways.
+
+        For a caller that keeps `lanes` batches in the model side by side (the indexer). On two
+        cores two passes of one thread each keep both cores as busy as one pass of two, with no
+        barrier inside a pass where one thread waits for the other: so the decoding, copying
+        and committing of other batches can share the cores with the model without stalling it,
+        which a pass on the torch thread's two-thread team cannot (see `store.library`).
+        """
+        with self._lane_threads(lanes):
+            return self._embed_batch(self._batch_tensor(list(inputs)))
+
+    def embed_tensors_in_lane(self, batch: "object", lanes: int) -> np.ndarray:
+        """`embed_tensors` on the calling thread, with the model's threads split `lanes` ways."""
+        with self._lane_threads(lanes):
+            return self._embed_batch(batch)
+
+    def _lane_threads(self, lanes: int) -> "AbstractContextManager[None]":
+        from store import resample
+
+        return resample.openmp_threads(max(1, self._threads // max(1, lanes)))
 
     def _embed_batch(self, batch: "object") -> np.ndarray:
         torch = self._torch

@@ -19,6 +19,7 @@ import hashlib
 import logging
 import sqlite3
 import time
+from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import partial
@@ -51,6 +52,9 @@ log = logging.getLogger(__name__)
 DB_FILE = "shoebox.sqlite3"
 FUSION_RANK_CONSTANT = 60  # reciprocal-rank fusion: 1 / (c + rank); 60 is the customary value
 SAVE_INTERVAL = 30.0  # seconds between saves of the vector index file while writes go on
+# Batches in the model at once while indexing, each with its share of the model's threads
+# (one each on two cores); one more batch is read and decoded meanwhile (see `Library.index`).
+MODEL_LANES = 2
 Progress = Callable[[int, int], None]
 
 
@@ -118,10 +122,11 @@ class Library:
         self._writers = ThreadPoolExecutor(max_workers=2, thread_name_prefix="shoebox-copies")
         self._model = ThreadPoolExecutor(max_workers=1, thread_name_prefix="shoebox-model")
         # Embedders that split preprocessing from the forward pass (ClipEmbedder) get the resize
-        # and crop done on the decoding threads; both halves must exist for that to pay.
+        # and crop done on the decoding threads, and index in lanes (see `index`).
         self._splits_preprocessing = callable(getattr(embedder, "preprocess_pixels", None)) and callable(
-            getattr(embedder, "embed_preprocessed", None)
+            getattr(embedder, "embed_preprocessed_in_lane", None)
         )
+        self._lanes = ThreadPoolExecutor(max_workers=MODEL_LANES, thread_name_prefix="shoebox-lane")
         self._sync_lock = asyncio.Lock()
         self._dirty_since_save = 0
         self._last_save = time.monotonic()
@@ -179,6 +184,7 @@ class Library:
             self._cpu.shutdown(wait=True)
             self._writers.shutdown(wait=True)
             self._model.shutdown(wait=True)
+            self._lanes.shutdown(wait=True)
 
     async def __aenter__(self) -> "Library":
         return self
@@ -281,41 +287,51 @@ class Library:
         progress: Progress | None = None,
         batch_size: int | None = None,
     ) -> list[IndexOutcome]:
-        """Index images, a batch at a time, decoding the next batch while this one commits.
+        """Index images a batch at a time, several batches on their way at once.
 
-        Each batch commits in one transaction, so an interruption keeps whole batches only. One bad
-        file never stops the others: it gets an outcome with a reason.
+        Each batch commits in one transaction, in order, so an interruption keeps whole batches
+        only. One bad file never stops the others: it gets an outcome with a reason.
 
-        The model gets the CPU to itself: decoding the next batch *during* the forward pass (the
-        obvious pipeline) measured slower on a 2-core machine, because the model's threads wait
-        at every layer for the one that shares its core with a decoder; it runs during the commit
-        instead, which is mostly waiting on the disk.
+        With an embedder that splits preprocessing from the model (ClipEmbedder), `MODEL_LANES`
+        batches are in the model side by side, each forward pass on a lane thread with its share
+        of the model's threads, while one more batch is read and decoded and the one before them
+        commits. On two cores that is two one-thread passes, with no barrier inside a pass where
+        one thread waits for another that a decoder has taken the core from; so decoding and
+        committing share the cores with the model instead of waiting for it (beside a single
+        two-thread pass, decoding measured slower than decoding between passes), and a pass that
+        ends finds the next batch ready. Other embedders get one batch at a time, the next one
+        read and decoded while this one commits.
         """
         items = _unique_sources(items)
         size = batch_size or max(8, getattr(getattr(self.embedder, "settings", None), "batch_size", 16))
-        batches = [list(items[i : i + size]) for i in range(0, len(items), size)]
+        upcoming = iter([list(items[i : i + size]) for i in range(0, len(items), size)])
+        on_the_way: deque[asyncio.Future[tuple[list[_Prepared], dict[int, np.ndarray]]]] = deque()
+
+        def start_next() -> None:
+            batch = next(upcoming, None)
+            if batch is not None:
+                on_the_way.append(asyncio.ensure_future(self._prepare_and_embed(batch)))
+
         outcomes: list[IndexOutcome] = []
-        done = 0
-        prepared = await self._prepare(batches[0]) if batches else []
-        for number in range(len(batches)):
-            vectors = await self._embed_batch(prepared)
-            following = (
-                asyncio.ensure_future(self._prepare(batches[number + 1])) if number + 1 < len(batches) else None
-            )
-            try:
+        try:
+            for _ in range(MODEL_LANES + 1 if self._splits_preprocessing else 1):
+                start_next()
+            while on_the_way:
+                prepared, vectors = await on_the_way.popleft()
+                start_next()
                 outcomes.extend(await self._commit_batch(prepared, vectors))
-                done += len(prepared)
                 if progress:
-                    progress(done, len(items))
+                    progress(len(outcomes), len(items))
                 await self._maybe_save()
-            except BaseException:
-                if following is not None:
-                    following.cancel()
-                    await asyncio.gather(following, return_exceptions=True)
-                raise
-            if following is not None:
-                prepared = await following
+        finally:
+            for unfinished in on_the_way:
+                unfinished.cancel()
+            await asyncio.gather(*on_the_way, return_exceptions=True)
         return outcomes
+
+    async def _prepare_and_embed(self, batch: list[IncomingImage]) -> tuple[list[_Prepared], dict[int, np.ndarray]]:
+        prepared = await self._prepare(batch)
+        return prepared, await self._embed_batch(prepared)
 
     async def _prepare(self, batch: list[IncomingImage]) -> list[_Prepared]:
         """Read and hash the batch, settle what is already known, then decode only what is new.
@@ -460,7 +476,10 @@ class Library:
     async def _embed_prepared(self, todo: list[_Prepared]) -> np.ndarray:
         if self._splits_preprocessing and all(p.model_input is not None for p in todo):
             return await asyncio.get_running_loop().run_in_executor(
-                self._model, self.embedder.embed_preprocessed, [p.model_input for p in todo]  # type: ignore[attr-defined]
+                self._lanes,
+                self.embedder.embed_preprocessed_in_lane,  # type: ignore[attr-defined]
+                [p.model_input for p in todo],
+                MODEL_LANES,
             )
         return await self.embed_images([p.decoded.image for p in todo])  # type: ignore[union-attr]
 

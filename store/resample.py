@@ -15,11 +15,10 @@ team is untouched.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import logging
-import threading
 from collections.abc import Iterator
-from contextlib import contextmanager
 from functools import lru_cache
 from pathlib import Path
 from typing import Literal
@@ -32,7 +31,6 @@ from PIL import Image
 log = logging.getLogger(__name__)
 
 Filter = Literal["bilinear", "bicubic"]
-_local = threading.local()
 
 
 @lru_cache(maxsize=1)
@@ -56,26 +54,31 @@ def _openmp() -> ctypes.CDLL | None:
     return None
 
 
-@contextmanager
-def one_openmp_thread() -> Iterator[None]:
-    """Run torch work on the calling thread without forking an OpenMP team.
+@contextlib.contextmanager
+def openmp_threads(count: int) -> Iterator[None]:
+    """Run torch work on the calling thread with at most `count` OpenMP threads.
 
     Torch reads the thread's OpenMP limit lazily the first time a thread does parallel work, and
     would then overwrite a limit set before; asking for the thread count first makes it settle.
+    The limit is the calling thread's own, so other threads' teams are untouched; nested uses
+    restore each other's limits in turn.
     """
     library = _openmp()
-    if library is None or getattr(_local, "inside", False):
+    if library is None:
         yield
         return
     torch.get_num_threads()
     before = library.omp_get_max_threads()
-    library.omp_set_num_threads(1)
-    _local.inside = True
+    library.omp_set_num_threads(max(1, count))
     try:
         yield
     finally:
-        _local.inside = False
         library.omp_set_num_threads(before)
+
+
+def one_openmp_thread() -> "contextlib.AbstractContextManager[None]":
+    """Run torch work on the calling thread without forking an OpenMP team."""
+    return openmp_threads(1)
 
 
 def as_tensor(image: Image.Image) -> torch.Tensor:
@@ -152,6 +155,7 @@ __all__ = [
     "as_tensor",
     "fit_within",
     "one_openmp_thread",
+    "openmp_threads",
     "resize_and_center_crop",
     "shortest_side_size",
     "shrink_to_fit",

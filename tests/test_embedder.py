@@ -112,6 +112,43 @@ def test_all_torch_work_runs_on_the_embedders_own_thread(
     assert len(seen) == 1 and next(iter(seen)).startswith("shoebox-torch"), seen
 
 
+def test_lane_passes_run_on_the_callers_thread_with_their_share_of_threads(
+    embedder: ClipEmbedder, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The indexer's side-by-side passes run where they are called, each with the model's
+    threads divided among the lanes (so two lanes on two cores never fork a team), give the
+    same vectors as a pass on the torch thread, and leave the caller's limit as it was."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    here = threading.local()
+    encode_image = embedder._model.encode_image
+
+    def spy(*args, **kwargs):  # type: ignore[no-untyped-def]
+        here.seen.append((threading.current_thread().name, torch.get_num_threads()))
+        return encode_image(*args, **kwargs)
+
+    rng = np.random.default_rng(5)
+    images = [Image.fromarray(rng.integers(0, 256, size=(70, 90, 3), dtype=np.uint8)) for _ in range(3)]
+    inputs = [embedder.preprocess(im) for im in images]
+    reference = embedder.embed_preprocessed(inputs)
+    monkeypatch.setattr(embedder._model, "encode_image", spy)
+    monkeypatch.setattr(embedder, "_threads", 4)  # as if on four cores, whatever this machine has
+
+    def lane(lanes: int) -> tuple[np.ndarray, list[tuple[str, int]], int, int]:
+        here.seen = []
+        before = torch.get_num_threads()
+        vectors = embedder.embed_preprocessed_in_lane(inputs, lanes)
+        return vectors, here.seen, before, torch.get_num_threads()
+
+    with ThreadPoolExecutor(2, thread_name_prefix="lane-like") as pool:
+        results = list(pool.map(lane, [2, 2, 4, 8]))
+    assert [[threads for _, threads in seen] for _, seen, _, _ in results] == [[2], [2], [1], [1]]
+    for vectors, seen, before, after in results:
+        assert seen[0][0].startswith("lane-like"), seen
+        np.testing.assert_allclose(vectors, reference, atol=1e-5)
+        assert before == after
+
+
 def test_bf16_agrees_with_fp32() -> None:
     fp32 = ClipEmbedder(tiny_clip_settings())
     bf16 = ClipEmbedder(replace(tiny_clip_settings(), precision="bf16"))

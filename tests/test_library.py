@@ -314,3 +314,53 @@ async def test_a_batch_is_settled_in_a_few_queries(library: Library, tmp_path: P
     stored = await library.catalog.sources_with_sha([discord, *(file_source(p) for p in sorted(folder.iterdir()))])
     assert len(stored) == 8 and stored[discord.key][1] == stored[f"file:{folder / 'known3.jpg'}"][1]
     assert await library.catalog.known_shas(["0" * 64, stored[discord.key][1]]) == {stored[discord.key][1]}
+
+
+async def test_batches_share_the_model_in_lanes_and_commit_in_order(
+    library: Library, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Up to MODEL_LANES batches are in the model at once, on the lane threads, and still commit
+    one after another in input order; bytes met again in a batch decoded before the first one
+    committed become a second source of the same image."""
+    import threading
+    import time
+
+    from store.library import MODEL_LANES
+
+    folder = tmp_path / "lanes"
+    folder.mkdir()
+    for number in range(20):
+        (folder / f"p{number:02d}.jpg").write_bytes(jpeg_bytes((12 * number, 255 - 12 * number, 90)))
+    (folder / "p09.jpg").write_bytes((folder / "p01.jpg").read_bytes())  # batch 2 repeats batch 0
+    inside, most, threads = 0, 0, set()
+    lock = threading.Lock()
+    embed_in_lane = library.embedder.embed_preprocessed_in_lane  # type: ignore[attr-defined]
+
+    def counting(inputs: list[object], lanes: int) -> np.ndarray:
+        nonlocal inside, most
+        with lock:
+            inside += 1
+            most = max(most, inside)
+            threads.add(threading.current_thread().name)
+        try:
+            time.sleep(0.2)  # long enough for the next batch to catch up
+            return embed_in_lane(inputs, lanes)
+        finally:
+            with lock:
+                inside -= 1
+
+    monkeypatch.setattr(library.embedder, "embed_preprocessed_in_lane", counting)
+    seen: list[int] = []
+    paths = sorted(folder.iterdir())
+    outcomes = await library.index(
+        [IncomingImage(file_source(path)) for path in paths], progress=lambda done, _: seen.append(done), batch_size=4
+    )
+    assert most == MODEL_LANES == 2
+    assert all(name.startswith("shoebox-lane") for name in threads), threads
+    assert [o.source.path for o in outcomes] == [str(p) for p in paths]
+    assert [o.status for o in outcomes] == ["indexed"] * 9 + ["duplicate"] + ["indexed"] * 10
+    assert outcomes[9].image_id == outcomes[1].image_id
+    new_ids = [o.image_id for o in outcomes if o.status == "indexed"]
+    assert new_ids == sorted(new_ids)  # committed batch by batch, in order
+    assert seen == [4, 8, 12, 16, 20]
+    assert (await library.verify(repair=False)).ok
