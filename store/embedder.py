@@ -290,7 +290,7 @@ class ClipEmbedder:
         return self.preprocess_pixels(resample.as_tensor(rgb))
 
     def preprocess_pixels(self, pixels: "object") -> "object":
-        """`preprocess` for a (1, 3, H, W) uint8 tensor (see `store.resample.as_tensor`).
+        """`preprocess` for pixels from `store.resample.as_tensor`.
 
         The resize and crop happen here, on the calling thread and without an OpenMP team;
         turning the pixels into a normalised tensor waits for the torch thread, where a whole

@@ -33,10 +33,13 @@ def test_fit_within_keeps_the_shape_and_never_enlarges() -> None:
 def test_pixels_survive_the_round_trip_in_either_layout() -> None:
     image = _photo(37, 23)
     pixels = as_tensor(image)
-    assert pixels.shape == (1, 3, 23, 37) and pixels.dtype == torch.uint8
+    assert pixels.shape == (1, 4, 23, 37) and pixels.dtype == torch.uint8
+    assert np.array_equal(pixels[0, :3].permute(1, 2, 0).numpy(), np.asarray(image))
     assert np.array_equal(np.asarray(to_image(pixels)), np.asarray(image))
     planar = pixels.contiguous()
     assert np.array_equal(np.asarray(to_image(planar)), np.asarray(image))
+    for three_channels in (pixels[:, :3], planar[:, :3].contiguous()):
+        assert np.array_equal(np.asarray(to_image(three_channels)), np.asarray(image))
     with pytest.raises(ValueError, match="RGB"):
         as_tensor(image.convert("L"))
 
@@ -44,9 +47,9 @@ def test_pixels_survive_the_round_trip_in_either_layout() -> None:
 def test_shrink_to_fit_sizes_and_leaves_small_pictures_alone() -> None:
     big = as_tensor(_photo(1024, 768))
     small = shrink_to_fit(big, 768)
-    assert small.shape == (1, 3, 576, 768)
+    assert small.shape == (1, 4, 576, 768)
     tall = shrink_to_fit(as_tensor(_photo(300, 2000)), 768)
-    assert tall.shape == (1, 3, 768, 115)
+    assert tall.shape == (1, 4, 768, 115)
     fits = as_tensor(_photo(640, 480))
     assert shrink_to_fit(fits, 768) is fits
 
