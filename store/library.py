@@ -388,8 +388,8 @@ class Library:
             out.decoded = DecodedImage(small, decoded.width, decoded.height, decoded.format)
             out.copy = thumbnail_of(small, limits.thumb_max_side)
             if self._splits_preprocessing:
-                # From the decoded picture, not the copy: what open_clip would see, and cheaper
-                # (torch's kernels read the interleaved pixels faster than the copy's planes).
+                # From the decoded picture, not the copy: what open_clip's own transform would
+                # see, rather than a resize of a resize.
                 out.model_input = self.embedder.preprocess_pixels(pixels)  # type: ignore[attr-defined]
         except RejectedImage as error:
             out.outcome = IndexOutcome(out.incoming.source, "failed", reason=str(error))
