@@ -299,22 +299,25 @@ class Library:
         one thread waits for another that a decoder has taken the core from; so decoding and
         committing share the cores with the model instead of waiting for it (beside a single
         two-thread pass, decoding measured slower than decoding between passes), and a pass that
-        ends finds the next batch ready. Other embedders get one batch at a time, the next one
-        read and decoded while this one commits.
+        ends finds the next batch ready. A job of one batch (a chat post of a few photos) has
+        nothing to share the cores with, so its pass gets all of the model's threads. Other
+        embedders get one batch at a time, the next one read and decoded while this one commits.
         """
         items = _unique_sources(items)
         size = batch_size or max(8, getattr(getattr(self.embedder, "settings", None), "batch_size", 16))
-        upcoming = iter([list(items[i : i + size]) for i in range(0, len(items), size)])
+        batches = [list(items[i : i + size]) for i in range(0, len(items), size)]
+        lanes = min(MODEL_LANES, len(batches))
+        upcoming = iter(batches)
         on_the_way: deque[asyncio.Future[tuple[list[_Prepared], dict[int, np.ndarray]]]] = deque()
 
         def start_next() -> None:
             batch = next(upcoming, None)
             if batch is not None:
-                on_the_way.append(asyncio.ensure_future(self._prepare_and_embed(batch)))
+                on_the_way.append(asyncio.ensure_future(self._prepare_and_embed(batch, lanes)))
 
         outcomes: list[IndexOutcome] = []
         try:
-            for _ in range(MODEL_LANES + 1 if self._splits_preprocessing else 1):
+            for _ in range(lanes + 1 if self._splits_preprocessing else 1):
                 start_next()
             while on_the_way:
                 prepared, vectors = await on_the_way.popleft()
@@ -329,9 +332,11 @@ class Library:
             await asyncio.gather(*on_the_way, return_exceptions=True)
         return outcomes
 
-    async def _prepare_and_embed(self, batch: list[IncomingImage]) -> tuple[list[_Prepared], dict[int, np.ndarray]]:
+    async def _prepare_and_embed(
+        self, batch: list[IncomingImage], lanes: int
+    ) -> tuple[list[_Prepared], dict[int, np.ndarray]]:
         prepared = await self._prepare(batch)
-        return prepared, await self._embed_batch(prepared)
+        return prepared, await self._embed_batch(prepared, lanes)
 
     async def _prepare(self, batch: list[IncomingImage]) -> list[_Prepared]:
         """Read and hash the batch, settle what is already known, then decode only what is new.
@@ -396,10 +401,11 @@ class Library:
         except MemoryError:
             out.outcome = IndexOutcome(out.incoming.source, "failed", reason="image too large to decode")
 
-    async def _embed_batch(self, prepared: list[_Prepared]) -> dict[int, np.ndarray]:
-        """Vectors of the batch's decoded images, keyed by `id()` of their `_Prepared`."""
+    async def _embed_batch(self, prepared: list[_Prepared], lanes: int) -> dict[int, np.ndarray]:
+        """Vectors of the batch's decoded images, keyed by `id()` of their `_Prepared`; the pass
+        runs with the model's threads split `lanes` ways."""
         to_embed = [p for p in prepared if p.outcome is None and p.decoded is not None]
-        embedded = await self._embed_prepared(to_embed) if to_embed else []
+        embedded = await self._embed_prepared(to_embed, lanes) if to_embed else []
         return {id(p): v for p, v in zip(to_embed, embedded)}
 
     async def _commit_batch(self, prepared: list[_Prepared], by_item: dict[int, np.ndarray]) -> list[IndexOutcome]:
@@ -473,13 +479,13 @@ class Library:
         removed.extend(mine_removed)
         return outcome
 
-    async def _embed_prepared(self, todo: list[_Prepared]) -> np.ndarray:
+    async def _embed_prepared(self, todo: list[_Prepared], lanes: int) -> np.ndarray:
         if self._splits_preprocessing and all(p.model_input is not None for p in todo):
             return await asyncio.get_running_loop().run_in_executor(
                 self._lanes,
                 self.embedder.embed_preprocessed_in_lane,  # type: ignore[attr-defined]
                 [p.model_input for p in todo],
-                MODEL_LANES,
+                lanes,
             )
         return await self.embed_images([p.decoded.image for p in todo])  # type: ignore[union-attr]
 

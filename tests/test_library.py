@@ -332,7 +332,7 @@ async def test_batches_share_the_model_in_lanes_and_commit_in_order(
     for number in range(20):
         (folder / f"p{number:02d}.jpg").write_bytes(jpeg_bytes((12 * number, 255 - 12 * number, 90)))
     (folder / "p09.jpg").write_bytes((folder / "p01.jpg").read_bytes())  # batch 2 repeats batch 0
-    inside, most, threads = 0, 0, set()
+    inside, most, threads, splits = 0, 0, set(), set()
     lock = threading.Lock()
     embed_in_lane = library.embedder.embed_preprocessed_in_lane  # type: ignore[attr-defined]
 
@@ -342,6 +342,7 @@ async def test_batches_share_the_model_in_lanes_and_commit_in_order(
             inside += 1
             most = max(most, inside)
             threads.add(threading.current_thread().name)
+            splits.add(lanes)
         try:
             time.sleep(0.2)  # long enough for the next batch to catch up
             return embed_in_lane(inputs, lanes)
@@ -356,6 +357,7 @@ async def test_batches_share_the_model_in_lanes_and_commit_in_order(
         [IncomingImage(file_source(path)) for path in paths], progress=lambda done, _: seen.append(done), batch_size=4
     )
     assert most == MODEL_LANES == 2
+    assert splits == {MODEL_LANES}
     assert all(name.startswith("shoebox-lane") for name in threads), threads
     assert [o.source.path for o in outcomes] == [str(p) for p in paths]
     assert [o.status for o in outcomes] == ["indexed"] * 9 + ["duplicate"] + ["indexed"] * 10
@@ -364,3 +366,25 @@ async def test_batches_share_the_model_in_lanes_and_commit_in_order(
     assert new_ids == sorted(new_ids)  # committed batch by batch, in order
     assert seen == [4, 8, 12, 16, 20]
     assert (await library.verify(repair=False)).ok
+
+
+async def test_a_job_of_one_batch_gives_its_pass_all_the_model_threads(
+    library: Library, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A chat post of a few photos is one batch with nothing beside it in the model, so its
+    pass is not split into lanes (splitting would leave a core idle)."""
+    splits: list[int] = []
+    embed_in_lane = library.embedder.embed_preprocessed_in_lane  # type: ignore[attr-defined]
+
+    def recording(inputs: list[object], lanes: int) -> np.ndarray:
+        splits.append(lanes)
+        return embed_in_lane(inputs, lanes)
+
+    monkeypatch.setattr(library.embedder, "embed_preprocessed_in_lane", recording)
+    folder = tmp_path / "post"
+    folder.mkdir()
+    for number in range(3):
+        (folder / f"p{number}.jpg").write_bytes(jpeg_bytes((80 * number, 40, 200 - 60 * number)))
+    outcomes = await library.index([IncomingImage(file_source(path)) for path in sorted(folder.iterdir())])
+    assert [o.status for o in outcomes] == ["indexed"] * 3
+    assert splits == [1]
