@@ -368,23 +368,36 @@ async def test_batches_share_the_model_in_lanes_and_commit_in_order(
     assert (await library.verify(repair=False)).ok
 
 
-async def test_a_job_of_one_batch_gives_its_pass_all_the_model_threads(
+async def test_a_job_of_one_batch_runs_its_pass_on_the_torch_thread(
     library: Library, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A chat post of a few photos is one batch with nothing beside it in the model, so its
-    pass is not split into lanes (splitting would leave a core idle)."""
-    splits: list[int] = []
-    embed_in_lane = library.embedder.embed_preprocessed_in_lane  # type: ignore[attr-defined]
+    """A chat post of a few photos (or a batch from the bot's queue) is one batch with nothing
+    beside it in the model: its pass gets all the model's threads on the embedder's own torch
+    thread, not a lane (a one-thread lane would leave a core idle; a lane with all the threads
+    would leave a second OpenMP team behind)."""
+    import threading
 
-    def recording(inputs: list[object], lanes: int) -> np.ndarray:
-        splits.append(lanes)
+    embedder = library.embedder
+    lane_calls: list[int] = []
+    pass_threads: list[str] = []
+    embed_in_lane, embed_batch = embedder.embed_preprocessed_in_lane, embedder._embed_batch  # type: ignore[attr-defined]
+
+    def lane(inputs: list[object], lanes: int) -> np.ndarray:
+        lane_calls.append(lanes)
         return embed_in_lane(inputs, lanes)
 
-    monkeypatch.setattr(library.embedder, "embed_preprocessed_in_lane", recording)
+    def forward(batch: object) -> np.ndarray:
+        pass_threads.append(threading.current_thread().name)
+        return embed_batch(batch)
+
+    monkeypatch.setattr(embedder, "embed_preprocessed_in_lane", lane)
+    monkeypatch.setattr(embedder, "_embed_batch", forward)
     folder = tmp_path / "post"
     folder.mkdir()
     for number in range(3):
         (folder / f"p{number}.jpg").write_bytes(jpeg_bytes((80 * number, 40, 200 - 60 * number)))
     outcomes = await library.index([IncomingImage(file_source(path)) for path in sorted(folder.iterdir())])
     assert [o.status for o in outcomes] == ["indexed"] * 3
-    assert splits == [1]
+    assert lane_calls == []
+    assert len(pass_threads) == 1 and pass_threads[0].startswith("shoebox-torch"), pass_threads
+    assert (await library.verify(repair=False)).ok
