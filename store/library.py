@@ -123,8 +123,9 @@ class Library:
         self._model = ThreadPoolExecutor(max_workers=1, thread_name_prefix="shoebox-model")
         # Embedders that split preprocessing from the forward pass (ClipEmbedder) get the resize
         # and crop done on the decoding threads, and index in lanes (see `index`).
-        self._splits_preprocessing = callable(getattr(embedder, "preprocess_pixels", None)) and callable(
-            getattr(embedder, "embed_preprocessed_in_lane", None)
+        self._splits_preprocessing = all(
+            callable(getattr(embedder, name, None))
+            for name in ("preprocess_pixels", "embed_preprocessed", "embed_preprocessed_in_lane")
         )
         self._lanes = ThreadPoolExecutor(max_workers=MODEL_LANES, thread_name_prefix="shoebox-lane")
         self._sync_lock = asyncio.Lock()
