@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
@@ -42,6 +43,43 @@ def test_pixels_survive_the_round_trip_in_either_layout() -> None:
         assert np.array_equal(np.asarray(to_image(three_channels)), np.asarray(image))
     with pytest.raises(ValueError, match="RGB"):
         as_tensor(image.convert("L"))
+
+
+def _copied(image: Image.Image) -> np.ndarray:
+    return np.asarray(image.convert("RGB"), dtype=np.uint8).copy()
+
+
+@pytest.mark.skipif(
+    not hasattr(Image.Image, "__arrow_c_array__"), reason="Pillow before 11.2 has no Arrow export to lend pixels"
+)
+def test_pixels_are_lent_without_a_copy_and_outlive_the_picture(monkeypatch: pytest.MonkeyPatch) -> None:
+    image = _photo(1024, 768, seed=3)
+    expected = _copied(image)
+
+    def no_copy(*args: object) -> bytes:
+        raise AssertionError("the pixels were copied out")
+
+    monkeypatch.setattr(image, "tobytes", no_copy)
+    pixels = as_tensor(image)
+    assert pixels.shape == (1, 4, 768, 1024)
+    assert np.array_equal(pixels[0, :3].permute(1, 2, 0).numpy(), expected)
+    # The view keeps Pillow's memory alive after the picture is closed and collected.
+    view = pixels[:, :3, 100:200]
+    image.close()
+    del image, pixels
+    gc.collect()
+    churn = [_photo(1024, 768, seed=s) for s in range(4, 8)]
+    assert np.array_equal(view[0].permute(1, 2, 0).numpy(), expected[100:200])
+    assert churn
+
+
+def test_pixels_are_copied_where_pillow_cannot_lend_them(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Pictures over Pillow's block size, older Pillows, and any layout not read here."""
+    large = _photo(2100, 2100, seed=4)  # 17.6 MB of pixels: more than one 16 MB block
+    assert np.array_equal(as_tensor(large)[0, :3].permute(1, 2, 0).numpy(), _copied(large))
+    monkeypatch.setattr(resample, "_lent_pixels", lambda image: None)
+    image = _photo(64, 48, seed=5)
+    assert np.array_equal(as_tensor(image)[0, :3].permute(1, 2, 0).numpy(), _copied(image))
 
 
 def test_shrink_to_fit_sizes_and_leaves_small_pictures_alone() -> None:
