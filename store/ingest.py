@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import Image, ImageFile, ImageOps
 
 from store.settings import IngestSettings
 
@@ -466,17 +466,37 @@ def _maybe_draft(image: Image.Image, format_name: str, min_side: int) -> None:
         image.draft("RGB", _draft_target(width, height, min_side))
 
 
-def _apply_orientation(image: Image.Image) -> Image.Image:
-    """Rotate as the EXIF orientation says; broken EXIF means "leave it as stored".
+def _apply_orientation(image: Image.Image) -> None:
+    """Rotate in place as the EXIF orientation says; broken EXIF means "leave it as stored".
 
     A photo whose metadata is damaged is still a good photo, so EXIF problems never reject it.
-    The returned image is always a new object, detached from the file it came from.
+    In place, because `exif_transpose` otherwise returns a copy of every photo that needs no
+    turning (most of them): 3 MB of pixels copied for nothing at 1024x768.
     """
     try:
-        return ImageOps.exif_transpose(image)
+        ImageOps.exif_transpose(image, in_place=True)
     except Exception as error:  # noqa: BLE001 - corrupt EXIF must not cost the picture
         log.debug("ignoring unreadable EXIF orientation: %r", error)
-        return image.copy()
+
+
+def _detached(image: Image.Image) -> Image.Image:
+    """A plain `Image` with the picture's pixels, tied to neither the file nor its frames.
+
+    An `ImageFile` keeps the input (and, for animations, the means to seek other frames); the
+    rest of Shoebox should hold only pixels. Pillow 11.2+ can hand the same pixel memory to a
+    new image through its Arrow export, so nothing is copied; older versions, and pictures
+    over Pillow's 16 MB block size (whose rows are not in one piece), get a copy. The shared
+    image is read-only to Pillow: anything that would write to it copies first.
+    """
+    if not isinstance(image, ImageFile.ImageFile):
+        return image
+    fromarrow = getattr(Image, "fromarrow", None)
+    if fromarrow is not None:
+        try:
+            return fromarrow(image, image.mode, image.size)
+        except ValueError:
+            pass
+    return image.copy()
 
 
 def _scale_to_uint8(values: np.ndarray, low: float, high: float) -> np.ndarray:
@@ -558,10 +578,10 @@ def _decode_opened(
     loaded_size = image.size
     if loaded_size[0] <= 0 or loaded_size[1] <= 0:
         raise RejectedImage(f"image has no pixels ({loaded_size[0]}x{loaded_size[1]})")
-    oriented = _apply_orientation(image)
-    if _swapped_axes(loaded_size, oriented.size):
+    _apply_orientation(image)
+    if _swapped_axes(loaded_size, image.size):
         width, height = height, width
-    return DecodedImage(image=to_rgb(oriented), width=width, height=height, format=format_name)
+    return DecodedImage(image=_detached(to_rgb(image)), width=width, height=height, format=format_name)
 
 
 def decode_image(data: bytes, limits: IngestSettings, *, min_side: int = 0) -> DecodedImage:

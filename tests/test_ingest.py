@@ -7,6 +7,7 @@ outcome matches its label, so the corpus and the decoder cannot drift apart.
 from __future__ import annotations
 
 import importlib.util
+import gc
 import io
 import os
 import resource
@@ -599,6 +600,35 @@ def test_decoded_image_is_loaded_and_detached() -> None:
     assert not isinstance(decoded.image, ImageFile.ImageFile)
     assert decoded.image.mode == "RGB"
     assert decoded.image.getpixel((0, 0)) == (1, 2, 3)
+
+
+@pytest.mark.skipif(not hasattr(Image, "fromarrow"), reason="Pillow before 11.2 cannot share pixels, so it copies")
+def test_a_decoded_photo_shares_its_pixels_instead_of_copying_them(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The common case (an RGB JPEG that needs no turning) is detached without a pixel copy."""
+    photo = corpus_mod._photo(1024, 768, 7)
+    data = encode(photo, "JPEG", quality=95)
+
+    def no_copy(self: Image.Image) -> Image.Image:
+        raise AssertionError("the decoded pixels were copied")
+
+    monkeypatch.setattr(Image.Image, "copy", no_copy)
+    decoded = decode_image(data, LIMITS)
+    monkeypatch.undo()
+    assert not isinstance(decoded.image, ImageFile.ImageFile)
+    with Image.open(io.BytesIO(data)) as reference:
+        expected = np.asarray(reference.convert("RGB"))
+    gc.collect()  # the ImageFile it came from is gone; the pixels are not
+    assert np.array_equal(np.asarray(decoded.image), expected)
+    decoded.image.paste((0, 0, 0), (0, 0, 4, 4))  # writing copies first
+    assert decoded.image.getpixel((0, 0)) == (0, 0, 0)
+
+
+def test_a_picture_over_one_memory_block_is_still_decoded_whole() -> None:
+    """Pillow keeps pictures over 16 MB in several blocks, which cannot be shared: copied."""
+    decoded = decode_image(encode(Image.new("RGB", (2100, 2100), (9, 8, 7)), "PNG"), LIMITS)
+    assert not isinstance(decoded.image, ImageFile.ImageFile)
+    assert decoded.image.size == (2100, 2100)
+    assert decoded.image.getpixel((2099, 2099)) == (9, 8, 7)
 
 
 # ------------------------------------------------------------------------------------------------
