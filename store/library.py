@@ -24,7 +24,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import Callable, Iterable, Sequence
+from typing import Callable, Iterable, Sequence, TypeVar
 
 import aiosqlite
 import numpy as np
@@ -56,6 +56,7 @@ SAVE_INTERVAL = 30.0  # seconds between saves of the vector index file while wri
 # (one each on two cores); one more batch is read and decoded meanwhile (see `Library.index`).
 MODEL_LANES = 2
 Progress = Callable[[int, int], None]
+Item = TypeVar("Item")
 
 
 class ModelMismatch(RuntimeError):
@@ -302,12 +303,15 @@ class Library:
         two-thread pass, decoding measured slower than decoding between passes), and a pass that
         ends finds the next batch ready. A job of one batch (a chat post, or the bot's queue,
         which hands over a batch at a time) has nothing to share the cores with, so its pass runs
-        on the embedder's torch thread with all of the model's threads. Other embedders get one
-        batch at a time, the next one read and decoded while this one commits.
+        on the embedder's torch thread with all of the model's threads. A job of several batches
+        is cut into a multiple of `MODEL_LANES` batches of even size (17 photos: 9 and 8, not 16
+        and 1), so that no batch is left to run on one thread while the other lane has nothing to
+        do. Other embedders get one batch at a time, the next one read and decoded while this one
+        commits.
         """
         items = _unique_sources(items)
         size = batch_size or max(8, getattr(getattr(self.embedder, "settings", None), "batch_size", 16))
-        batches = [list(items[i : i + size]) for i in range(0, len(items), size)]
+        batches = _even_batches(items, size, MODEL_LANES if self._splits_preprocessing else 1)
         lanes = min(MODEL_LANES, len(batches))
         upcoming = iter(batches)
         on_the_way: deque[asyncio.Future[tuple[list[_Prepared], dict[int, np.ndarray]]]] = deque()
@@ -861,6 +865,29 @@ class Library:
                 log.warning("Cannot re-embed %s: %s", relative, error)
                 out.append(None)
         return out
+
+
+def _even_batches(items: Sequence[Item], size: int, multiple_of: int) -> list[list[Item]]:
+    """`items` in batches of at most `size`, as few as possible but, past one, a multiple of
+    `multiple_of` batches, with sizes that differ by at most one.
+
+    With batches side by side in lanes, a job whose last batch is alone in the model runs that
+    batch on one thread while the other core has little to do. Measured with ViT-B-32 on two
+    cores (1024x768 photos, median of 4): 17 photos took 1.18 s as 16 + 1 and 0.60 s as 9 + 8;
+    48 photos 1.91 s as 3 x 16 and 1.54 s as 4 x 12.
+    """
+    if not items:
+        return []
+    count = -(-len(items) // size)
+    if count > 1:
+        count = min(len(items), count + (-count % multiple_of))
+    smaller, larger = divmod(len(items), count)
+    batches, start = [], 0
+    for number in range(count):
+        end = start + smaller + (number < larger)
+        batches.append(list(items[start:end]))
+        start = end
+    return batches
 
 
 def _unique_sources(items: Sequence[IncomingImage]) -> list[IncomingImage]:

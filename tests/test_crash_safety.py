@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import itertools
 import json
 import os
 import random
@@ -43,7 +44,7 @@ import pytest
 from PIL import Image
 
 from store.embedder import ClipEmbedder, load_embedder
-from store.library import DB_FILE, Library, ModelMismatch, expand_paths
+from store.library import DB_FILE, MODEL_LANES, Library, ModelMismatch, _even_batches, expand_paths
 from store.settings import IngestSettings, Settings
 from store.vectors import VectorIndex
 from tools.search import find_similar, search_images
@@ -52,7 +53,8 @@ REPO = Path(__file__).resolve().parents[1]
 WORKER = Path(__file__).with_name("crash_worker.py")
 
 IMAGES = 120  # files in the folder the indexer is killed over
-BATCH = 16  # the indexer's batch (max(8, SHOEBOX_CLIP_BATCH=16)): the unit of atomicity
+BATCH = 16  # the indexer's batch size (max(8, SHOEBOX_CLIP_BATCH=16)); its batches, the unit of
+# atomicity, are the job cut evenly into batches of at most this many (`_even_batches`)
 KILLS_REQUIRED = 20
 MID_INDEX_KILLS_REQUIRED = 5  # kills that must land with some but not all batches committed
 DISTINCT_KILL_POINTS_REQUIRED = 4  # different numbers of committed images seen at the kills
@@ -304,7 +306,8 @@ def check_catalog(
 
     if whole_batches:
         count = len(state.sources)
-        assert count % BATCH == 0 or count == len(ordered_files), f"{count} sources: a batch was split"
+        ends = set(itertools.accumulate(len(batch) for batch in _even_batches(ordered_files, BATCH, MODEL_LANES)))
+        assert count == 0 or count in ends, f"{count} sources: a batch was split (batches end at {sorted(ends)})"
         assert set(paths) == {str(p) for p in ordered_files[:count]}, "committed files are not whole leading batches"
 
     for row in state.images.values():

@@ -316,6 +316,25 @@ async def test_a_batch_is_settled_in_a_few_queries(library: Library, tmp_path: P
     assert await library.catalog.known_shas(["0" * 64, stored[discord.key][1]]) == {stored[discord.key][1]}
 
 
+def test_jobs_are_cut_into_even_batches_a_multiple_of_the_lanes() -> None:
+    from store.library import _even_batches
+
+    def sizes(count: int, size: int, multiple_of: int = 2) -> list[int]:
+        batches = _even_batches(list(range(count)), size, multiple_of)
+        assert [n for batch in batches for n in batch] == list(range(count))  # all, in order
+        return [len(batch) for batch in batches]
+
+    assert sizes(0, 16) == []
+    assert sizes(5, 16) == [5]
+    assert sizes(16, 16) == [16]
+    assert sizes(17, 16) == [9, 8]
+    assert sizes(48, 16) == [12, 12, 12, 12]
+    assert sizes(50, 16) == [13, 13, 12, 12]
+    assert sizes(480, 16) == [16] * 30
+    assert sizes(3, 1) == [1, 1, 1]  # never over the batch size, even to pair them up
+    assert sizes(33, 16, multiple_of=1) == [11, 11, 11]
+
+
 async def test_batches_share_the_model_in_lanes_and_commit_in_order(
     library: Library, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -364,7 +383,7 @@ async def test_batches_share_the_model_in_lanes_and_commit_in_order(
     assert outcomes[9].image_id == outcomes[1].image_id
     new_ids = [o.image_id for o in outcomes if o.status == "indexed"]
     assert new_ids == sorted(new_ids)  # committed batch by batch, in order
-    assert seen == [4, 8, 12, 16, 20]
+    assert seen == [4, 8, 11, 14, 17, 20]  # five batches of 4 would leave the last alone: six
     assert (await library.verify(repair=False)).ok
 
 
