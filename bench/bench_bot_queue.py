@@ -89,7 +89,7 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
             await asyncio.sleep(0)  # a real download yields to the loop too
             return by_url[job.url]
 
-        queue_settings = QueueSettings(max_pending=args.max_pending, batch_size=clip.batch_size)
+        queue_settings = QueueSettings(max_pending=args.max_pending, batch_size=args.queue_batch)
         queue = IndexQueue(store, library, download, queue_settings)
         jobs = [
             IndexJob(attachment_id=10_000 + i, guild_id=1, channel_id=2, message_id=20_000 + i,
@@ -154,6 +154,8 @@ def main() -> None:
     parser.add_argument("--size", default="800x600", help="photo size, WIDTHxHEIGHT (default 800x600)")
     parser.add_argument("--max-pending", type=int, default=256, help="queue bound (default 256)")
     parser.add_argument("--model", default=None, help="an open_clip architecture, random weights")
+    parser.add_argument("--queue-batch", type=int, default=QueueSettings().batch_size,
+                        help=f"jobs the worker takes at a time (default {QueueSettings().batch_size})")
     args = parser.parse_args()
     result = asyncio.run(run(args))
     lag = result["loop_lag_ms"]
