@@ -49,19 +49,20 @@ from bench.common import Stopwatch, write_photos  # noqa: E402
 from store import resample  # noqa: E402
 from store.embedder import ClipEmbedder  # noqa: E402
 from store.ingest import decode_image, save_thumbnail, thumbnail_of  # noqa: E402
-from store.library import MODEL_LANES, IncomingImage, Library, file_source, sha256_of  # noqa: E402
+from store.library import MODEL_LANES, IncomingImage, Library, _even_batches, file_source, sha256_of  # noqa: E402
 from store.settings import ClipSettings, IngestSettings, Settings  # noqa: E402
 
 T = TypeVar("T")
 
 
 def model_inputs(embedder: ClipEmbedder, paths: list[Path], batch: int) -> list[torch.Tensor]:
-    """The photos as the model's input batches, made before any timing starts."""
+    """The photos as the model's input batches, cut the way the indexer cuts a job, made before
+    any timing starts."""
     inputs = []
     for path in paths:
         with Image.open(path) as im:
             inputs.append(embedder.preprocess(im.convert("RGB")))
-    return [embedder.batch_tensor(inputs[start : start + batch]) for start in range(0, len(inputs), batch)]
+    return [embedder.batch_tensor(group) for group in _even_batches(inputs, batch, MODEL_LANES)]
 
 
 def bare_one_pass(embedder: ClipEmbedder, batches: list[torch.Tensor]) -> float:
