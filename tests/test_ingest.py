@@ -25,7 +25,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageFile, features
 
-from store import ingest
+from store import ingest, resample
 from store.ingest import (
     CORRUPT_REASON,
     THUMBNAIL_EXTENSION,
@@ -619,6 +619,7 @@ def test_a_decoded_photo_shares_its_pixels_instead_of_copying_them(monkeypatch: 
         expected = np.asarray(reference.convert("RGB"))
     gc.collect()  # the ImageFile it came from is gone; the pixels are not
     assert np.array_equal(np.asarray(decoded.image), expected)
+    assert resample._lent_pixels(decoded.image) is not None  # and the resizes can borrow them in turn
     decoded.image.paste((0, 0, 0), (0, 0, 4, 4))  # writing copies first
     assert decoded.image.getpixel((0, 0)) == (0, 0, 0)
 
