@@ -53,8 +53,12 @@ DB_FILE = "shoebox.sqlite3"
 FUSION_RANK_CONSTANT = 60  # reciprocal-rank fusion: 1 / (c + rank); 60 is the customary value
 SAVE_INTERVAL = 30.0  # seconds between saves of the vector index file while writes go on
 # Batches in the model at once while indexing, each with its share of the model's threads
-# (one each on two cores); one more batch is read and decoded meanwhile (see `Library.index`).
+# (one each on two cores); more are read and decoded meanwhile (see `Library.index`).
 MODEL_LANES = 2
+# Batches read and decoded ahead of the lanes. Two, because lanes that finish together (they
+# start together, and equal batches keep them in step) each need one: with only one ready,
+# the second lane waited 60-100 ms for its next batch to be decoded, once in every few batches.
+BATCHES_AHEAD = 2
 Progress = Callable[[int, int], None]
 Item = TypeVar("Item")
 
@@ -296,8 +300,8 @@ class Library:
 
         With an embedder that splits preprocessing from the model (ClipEmbedder), `MODEL_LANES`
         batches are in the model side by side, each forward pass on a lane thread with its share
-        of the model's threads, while one more batch is read and decoded and the one before them
-        commits. On two cores that is two one-thread passes, with no barrier inside a pass where
+        of the model's threads, while `BATCHES_AHEAD` more are read and decoded and the one before
+        them commits. On two cores that is two one-thread passes, with no barrier inside a pass where
         one thread waits for another that a decoder has taken the core from; so decoding and
         committing share the cores with the model instead of waiting for it (beside a single
         two-thread pass, decoding measured slower than decoding between passes), and a pass that
@@ -323,7 +327,7 @@ class Library:
 
         outcomes: list[IndexOutcome] = []
         try:
-            for _ in range(lanes + 1 if self._splits_preprocessing else 1):
+            for _ in range(lanes + BATCHES_AHEAD if self._splits_preprocessing else 1):
                 start_next()
             while on_the_way:
                 prepared, vectors = await on_the_way.popleft()

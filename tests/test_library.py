@@ -387,6 +387,53 @@ async def test_batches_share_the_model_in_lanes_and_commit_in_order(
     assert (await library.verify(repair=False)).ok
 
 
+async def test_batches_are_decoded_ahead_of_busy_lanes_but_no_further(
+    library: Library, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """While both lanes are in the model, BATCHES_AHEAD more batches get read and decoded, so
+    lanes that finish together each find one ready; more than that would only hold memory."""
+    import asyncio
+    import threading
+
+    from store.library import BATCHES_AHEAD, MODEL_LANES
+
+    folder = tmp_path / "ahead"
+    folder.mkdir()
+    for number in range(24):
+        (folder / f"p{number:02d}.jpg").write_bytes(jpeg_bytes((10 * number, 250 - 10 * number, 30)))
+    release = threading.Event()
+    prepared = 0
+    prepare, embed_in_lane = library._prepare, library.embedder.embed_preprocessed_in_lane  # type: ignore[attr-defined]
+
+    async def counting_prepare(batch: list[IncomingImage]) -> object:
+        nonlocal prepared
+        done = await prepare(batch)
+        prepared += 1
+        return done
+
+    def held_lane(inputs: list[object], lanes: int) -> np.ndarray:
+        assert release.wait(timeout=30), "the test never released the lanes"
+        return embed_in_lane(inputs, lanes)
+
+    monkeypatch.setattr(library, "_prepare", counting_prepare)
+    monkeypatch.setattr(library.embedder, "embed_preprocessed_in_lane", held_lane)
+    job = asyncio.ensure_future(
+        library.index([IncomingImage(file_source(p)) for p in sorted(folder.iterdir())], batch_size=4)
+    )
+    try:
+        for _ in range(300):
+            if prepared >= MODEL_LANES + BATCHES_AHEAD:
+                break
+            await asyncio.sleep(0.05)
+        await asyncio.sleep(0.3)  # time for any further batch to be decoded, were it started
+        assert prepared == MODEL_LANES + BATCHES_AHEAD == 4
+    finally:
+        release.set()
+        outcomes = await job
+    assert [o.status for o in outcomes] == ["indexed"] * 24
+    assert prepared == 6
+
+
 async def test_a_job_of_one_batch_runs_its_pass_on_the_torch_thread(
     library: Library, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
