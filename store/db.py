@@ -191,6 +191,61 @@ def _key_of(source: SourceRecord) -> tuple[str, str, object]:
 _SOURCE_COLUMNS_OF_S = ", ".join(f"s.{column.strip()}" for column in _SOURCE_COLUMNS.split(","))
 # Values per `IN (...)` list: far below SQLite's limit on bound parameters.
 _IN_CHUNK = 500
+
+_INSERT_IMAGE = (
+    "INSERT INTO images (sha256, size_bytes, width, height, format, thumb, description, "
+    "description_source, model_id, vector, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+)
+_INSERT_SOURCE = (
+    "INSERT INTO sources (image_id, kind, path, guild_id, channel_id, message_id, attachment_id, "
+    "author_id, author_name, channel_name, filename, posted_text, posted_at, added_at) "
+    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+)
+_SET_TEXT = "INSERT OR REPLACE INTO images_fts (rowid, body) VALUES (?, ?)"
+_DELETE_TEXT = "DELETE FROM images_fts WHERE rowid = ?"
+
+
+def _image_row(new: NewImage) -> tuple[object, ...]:
+    """`new` as the parameters of `_INSERT_IMAGE`."""
+    return (
+        new.sha256,
+        new.size_bytes,
+        new.width,
+        new.height,
+        new.format,
+        new.thumb,
+        new.description,
+        new.description_source,
+        new.model_id,
+        vector_to_blob(new.vector),
+        utc_now(),
+    )
+
+
+def _source_row(image_id: int, src: SourceRecord) -> tuple[object, ...]:
+    """`src`, seen for image `image_id`, as the parameters of `_INSERT_SOURCE`."""
+    return (
+        image_id,
+        src.kind,
+        src.path,
+        src.guild_id,
+        src.channel_id,
+        src.message_id,
+        src.attachment_id,
+        src.author_id,
+        src.author_name,
+        src.channel_name,
+        src.filename,
+        src.posted_text,
+        src.posted_at,
+        utc_now(),
+    )
+
+
+def _text_body(parts: Sequence[str]) -> str:
+    """An image's searchable text: its description and posted texts, one per line."""
+    return "\n".join(part for part in parts if part)
+
 _IMAGE_COLUMNS = (
     "id, sha256, size_bytes, width, height, format, thumb, description, description_source, "
     "model_id, created_at"
@@ -606,50 +661,43 @@ class Catalog:
 
     @staticmethod
     async def insert_source(conn: aiosqlite.Connection, image_id: int, src: SourceRecord) -> int:
-        cur = await conn.execute(
-            "INSERT INTO sources (image_id, kind, path, guild_id, channel_id, message_id, "
-            "attachment_id, author_id, author_name, channel_name, filename, posted_text, posted_at, "
-            "added_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            (
-                image_id,
-                src.kind,
-                src.path,
-                src.guild_id,
-                src.channel_id,
-                src.message_id,
-                src.attachment_id,
-                src.author_id,
-                src.author_name,
-                src.channel_name,
-                src.filename,
-                src.posted_text,
-                src.posted_at,
-                utc_now(),
-            ),
-        )
+        cur = await conn.execute(_INSERT_SOURCE, _source_row(image_id, src))
         return int(cur.lastrowid or 0)
 
     @staticmethod
     async def insert_image(conn: aiosqlite.Connection, new: NewImage) -> int:
-        cur = await conn.execute(
-            "INSERT INTO images (sha256, size_bytes, width, height, format, thumb, description, "
-            "description_source, model_id, vector, created_at) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            (
-                new.sha256,
-                new.size_bytes,
-                new.width,
-                new.height,
-                new.format,
-                new.thumb,
-                new.description,
-                new.description_source,
-                new.model_id,
-                vector_to_blob(new.vector),
-                utc_now(),
-            ),
-        )
+        cur = await conn.execute(_INSERT_IMAGE, _image_row(new))
         return int(cur.lastrowid or 0)
+
+    @staticmethod
+    async def insert_new_images(conn: aiosqlite.Connection, news: Sequence[NewImage]) -> list[int]:
+        """Insert images that are all new, each with its first source and its searchable text,
+        in a few statements for the lot; returns their ids in order.
+
+        A batch of a backfill costs four or five trips to the connection's thread this way
+        instead of three per image (each trip wakes two threads). Raises sqlite3.IntegrityError, having
+        written part of the batch, when any image or source is already stored: the caller runs
+        this inside a savepoint and falls back to storing the images one by one.
+        """
+        if not news:
+            return []
+        await conn.executemany(_INSERT_IMAGE, [_image_row(new) for new in news])
+        shas = [new.sha256 for new in news]
+        ids: dict[str, int] = {}
+        for start in range(0, len(shas), _IN_CHUNK):
+            chunk = shas[start : start + _IN_CHUNK]
+            rows = await conn.execute_fetchall(
+                f"SELECT sha256, id FROM images WHERE sha256 IN ({','.join('?' * len(chunk))})", chunk
+            )
+            ids.update((str(sha), int(image_id)) for sha, image_id in rows)
+        image_ids = [ids[sha] for sha in shas]
+        await conn.executemany(_INSERT_SOURCE, [_source_row(i, new.source) for i, new in zip(image_ids, news)])
+        bodies = [(i, _text_body([new.description or "", new.source.posted_text])) for i, new in zip(image_ids, news)]
+        if any(body for _, body in bodies):
+            await conn.executemany(_SET_TEXT, [(i, body) for i, body in bodies if body])
+        if not all(body for _, body in bodies):
+            await conn.executemany(_DELETE_TEXT, [(i,) for i, body in bodies if not body])
+        return image_ids
 
     @staticmethod
     async def refresh_fts(conn: aiosqlite.Connection, image_id: int) -> None:
@@ -660,7 +708,7 @@ class Catalog:
             return
         rows = await conn.execute_fetchall("SELECT posted_text FROM sources WHERE image_id = ?", (image_id,))
         texts = [str(r[0]) for r in rows if r[0]]
-        body = "\n".join(part for part in [row[0] or "", *texts] if part)
+        body = _text_body([row[0] or "", *texts])
         if body:
             await conn.execute(
                 "INSERT INTO images_fts (rowid, body) VALUES (?, ?)", (image_id, body)
@@ -671,11 +719,11 @@ class Catalog:
         """`refresh_fts` for an image inserted just now with its first source, in one statement:
         its text is already known (`parts`: the description and the posted text), so it is not
         read back from the rows."""
-        body = "\n".join(part for part in parts if part)
+        body = _text_body(parts)
         if body:
-            await conn.execute("INSERT OR REPLACE INTO images_fts (rowid, body) VALUES (?, ?)", (image_id, body))
+            await conn.execute(_SET_TEXT, (image_id, body))
         else:
-            await conn.execute("DELETE FROM images_fts WHERE rowid = ?", (image_id,))
+            await conn.execute(_DELETE_TEXT, (image_id,))
 
     @staticmethod
     async def delete_image(conn: aiosqlite.Connection, image_id: int) -> None:

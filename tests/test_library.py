@@ -255,6 +255,52 @@ async def test_changed_file_replaces_its_old_image_and_repeats_count_once(librar
     assert (await library.verify(repair=False)).ok
 
 
+async def test_a_batch_of_new_images_is_stored_together_and_one_with_a_known_image_one_by_one(
+    library: Library, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """New images are inserted a batch at a time; a batch holding an image or source that is
+    already stored falls back to one by one, and both ways store the same rows."""
+    calls: list[tuple[int, str]] = []
+    insert_new_images = library.catalog.insert_new_images
+
+    async def spying(conn: object, news: list[object]) -> list[int]:
+        try:
+            ids = await insert_new_images(conn, news)  # type: ignore[arg-type]
+        except Exception as error:
+            calls.append((len(news), type(error).__name__))
+            raise
+        calls.append((len(news), "stored"))
+        return ids
+
+    monkeypatch.setattr(library.catalog, "insert_new_images", spying)
+    texts = ["sunset over the harbour", "", "a snowman with a carrot nose"]
+    first = await library.index(
+        [IncomingImage(discord_source(n, 3, text=text), jpeg_bytes((70 * n, 20, 90))) for n, text in enumerate(texts)]
+    )
+    assert calls == [(3, "stored")]
+    assert [o.status for o in first] == ["indexed"] * 3
+    ids = [o.image_id for o in first]
+    assert ids == sorted(ids) and len(set(ids)) == 3
+    assert (await search_images(library, "snowman", k=1))[0]["id"] == ids[2]
+    assert (await search_images(library, "harbour", k=1))[0]["id"] == ids[0]
+    for outcome in first:
+        assert (await library.catalog.find_sources("image_id", outcome.image_id or 0))[0].key == outcome.source.key
+
+    # Attachment 1 again, now with other bytes: its source is already stored, so the batch
+    # goes one by one, which replaces that image and stores the new one beside it.
+    second = await library.index(
+        [
+            IncomingImage(discord_source(1, 3), jpeg_bytes((250, 250, 0))),
+            IncomingImage(discord_source(9, 3, text="a red kite"), jpeg_bytes((0, 250, 250))),
+        ]
+    )
+    assert calls == [(3, "stored"), (2, "IntegrityError")]
+    assert [o.status for o in second] == ["indexed", "indexed"]
+    assert sorted((await library.catalog.all_image_ids()).tolist()) == sorted([ids[0], ids[2], *(o.image_id for o in second)])
+    assert (await search_images(library, "kite", k=1))[0]["id"] == second[1].image_id
+    assert (await library.verify(repair=False)).ok
+
+
 async def test_a_copy_that_cannot_be_written_fails_its_image_alone(
     library: Library, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
