@@ -476,7 +476,7 @@ class Library:
         or a write fails, and the caller then stores them one by one (`_commit_isolated`).
 
         One by one costs seven trips to the database thread per image, each waking it and the
-        event loop while both cores are busy with the model; together, six for the batch.
+        event loop while both cores are busy with the model; together, six or seven for the batch.
         Whether an image is new is left to the UNIQUE constraints on sha256 and on each file
         path or attachment: an image or source already stored fails the insert, and the savepoint
         takes the batch back.
