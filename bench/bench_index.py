@@ -15,7 +15,7 @@ the model, step by step on one thread, follows the ratio.
 The default job, 480 photos (30 batches), is long enough to measure the pipeline's steady rate,
 the one a backfill sees. Filling the pipeline costs nothing (both cores decode the first batches),
 but at the end one lane finishes its last batch while the other still runs, leaving a core idle
-for 0.1-0.2 s: about 2% of a 160-photo job, under 1% of this one. A shorter `--images` shows it.
+for 0.1-0.3 s: about 2% of a 160-photo job, about 1% of this one. A shorter `--images` shows it.
 
 Both sides run in the precision the product would pick (`auto`: bf16 where the CPU has it and
 it agrees with fp32). Each bare measurement runs the model both ways the machine allows, one

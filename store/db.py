@@ -693,10 +693,12 @@ class Catalog:
         image_ids = [ids[sha] for sha in shas]
         await conn.executemany(_INSERT_SOURCE, [_source_row(i, new.source) for i, new in zip(image_ids, news)])
         bodies = [(i, _text_body([new.description or "", new.source.posted_text])) for i, new in zip(image_ids, news)]
-        if any(body for _, body in bodies):
-            await conn.executemany(_SET_TEXT, [(i, body) for i, body in bodies if body])
-        if not all(body for _, body in bodies):
-            await conn.executemany(_DELETE_TEXT, [(i,) for i, body in bodies if not body])
+        with_text = [(i, body) for i, body in bodies if body]
+        without_text = [(i,) for i, body in bodies if not body]
+        if with_text:
+            await conn.executemany(_SET_TEXT, with_text)
+        if without_text:
+            await conn.executemany(_DELETE_TEXT, without_text)
         return image_ids
 
     @staticmethod
