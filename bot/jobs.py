@@ -33,7 +33,7 @@ from typing import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 import aiosqlite
 
 from bot.scope import KnownThread
-from store.db import SourceRecord, utc_now
+from store.db import DatabaseUnavailable, SourceRecord, open_connection, utc_now
 from store.library import IncomingImage, IndexOutcome, Library
 
 log = logging.getLogger(__name__)
@@ -184,12 +184,12 @@ class JobStore:
     async def open(cls, path: Path) -> "JobStore":
         store = cls(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        conn = await aiosqlite.connect(path, isolation_level=None)
-        await conn.execute("PRAGMA busy_timeout = 30000")
-        await conn.execute("PRAGMA journal_mode = WAL")
-        await conn.execute("PRAGMA synchronous = NORMAL")
-        store._conn = conn
-        await store._migrate()
+        store._conn = await open_connection(path)
+        try:
+            await store._migrate()
+        except BaseException:
+            await store.close()  # an open connection would keep the process from exiting
+            raise
         return store
 
     async def close(self) -> None:
@@ -207,7 +207,7 @@ class JobStore:
             row = await cur.fetchone()
         version = int(row[0]) if row else 0
         if version > SCHEMA_VERSION:
-            raise RuntimeError(
+            raise DatabaseUnavailable(
                 f"{self.path} was written by a newer Shoebox (schema {version}); upgrade Shoebox."
             )
         for step in range(version, SCHEMA_VERSION):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import sqlite3
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -341,6 +342,38 @@ def fts_query(text: str) -> str | None:
     return " OR ".join(f'"{word}"' for word in words[:16])
 
 
+class DatabaseUnavailable(RuntimeError):
+    """A database file Shoebox cannot use: damaged, not a database at all, or from a newer version.
+
+    The message is for the person running Shoebox: which file, what is wrong with it, what to do.
+    """
+
+
+async def open_connection(path: Path, *, foreign_keys: bool = False) -> aiosqlite.Connection:
+    """An autocommit connection to `path` in WAL mode, waiting up to 30 s for other writers.
+
+    A connection's thread keeps the process from exiting until the connection is closed, so one
+    that fails to set up (the file is damaged, or not a database) is closed before the error is
+    raised: a command that cannot open its database says so and exits instead of hanging.
+    """
+    conn = await aiosqlite.connect(path, isolation_level=None)
+    try:
+        await conn.execute("PRAGMA busy_timeout = 30000")
+        await conn.execute("PRAGMA journal_mode = WAL")
+        await conn.execute("PRAGMA synchronous = NORMAL")
+        if foreign_keys:
+            await conn.execute("PRAGMA foreign_keys = ON")
+    except BaseException as error:
+        await conn.close()
+        if isinstance(error, sqlite3.DatabaseError):
+            raise DatabaseUnavailable(
+                f"{path} cannot be opened as a database ({error}). If it was damaged, restore it "
+                "from a backup; moving it aside makes Shoebox start a new, empty one."
+            ) from error
+        raise
+    return conn
+
+
 class Catalog:
     """Async access to the SQLite catalog.
 
@@ -367,12 +400,7 @@ class Catalog:
         return self
 
     async def _connect(self) -> aiosqlite.Connection:
-        conn = await aiosqlite.connect(self.path, isolation_level=None)
-        await conn.execute("PRAGMA busy_timeout = 30000")
-        await conn.execute("PRAGMA journal_mode = WAL")
-        await conn.execute("PRAGMA synchronous = NORMAL")
-        await conn.execute("PRAGMA foreign_keys = ON")
-        return conn
+        return await open_connection(self.path, foreign_keys=True)
 
     async def close(self) -> None:
         for conn in (self._reader, self._writer):
@@ -391,7 +419,7 @@ class Catalog:
             row = await cur.fetchone()
         version = int(row[0]) if row else 0
         if version > SCHEMA_VERSION:
-            raise RuntimeError(
+            raise DatabaseUnavailable(
                 f"{self.path} was written by a newer Shoebox (schema {version}, this one knows "
                 f"{SCHEMA_VERSION}); upgrade Shoebox to open it."
             )

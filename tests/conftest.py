@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import io
 import os
+import threading
+import time
 from pathlib import Path
 from typing import AsyncIterator, Callable
 
@@ -98,3 +100,21 @@ def scene_jpeg(colour: str, shape: str, seed: int = 0, size: int = 160, degrade:
 @pytest.fixture
 def make_jpeg() -> Callable[..., bytes]:
     return jpeg_bytes
+
+
+def sqlite_threads() -> set[threading.Thread]:
+    """The running aiosqlite connection threads (one per open connection)."""
+    return {t for t in threading.enumerate() if "_connection_worker_thread" in t.name}
+
+
+def sqlite_threads_left(before: set[threading.Thread], wait: float = 5.0) -> list[threading.Thread]:
+    """Connection threads started since `before` that are still running after up to `wait`
+    seconds: each belongs to a connection nobody closed, which keeps the process from exiting."""
+    deadline = time.monotonic() + wait
+    new = sqlite_threads() - before
+    for thread in new:
+        thread.join(timeout=max(0.0, deadline - time.monotonic()))
+    return [thread for thread in new if thread.is_alive()]
+
+
+NOT_A_DATABASE = b"these bytes are not an SQLite database\n" * 200

@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from store.db import MIGRATIONS, SCHEMA_VERSION, Catalog, SourceFilter
+from store.db import MIGRATIONS, SCHEMA_VERSION, Catalog, DatabaseUnavailable, SourceFilter
+from tests.conftest import NOT_A_DATABASE, sqlite_threads, sqlite_threads_left
 
 
 def _plan(path: Path, sql: str, params: list[object]) -> str:
@@ -62,5 +63,19 @@ async def test_a_database_from_a_newer_version_is_refused(tmp_path: Path) -> Non
     path = tmp_path / "future.sqlite3"
     with sqlite3.connect(path) as conn:
         conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
-    with pytest.raises(RuntimeError, match="newer Shoebox"):
+    before = sqlite_threads()
+    with pytest.raises(DatabaseUnavailable, match="newer Shoebox") as refused:
         await Catalog(path).open()
+    # Checked while the error (and the frames it holds) is alive, as it is while a command reports it.
+    assert not sqlite_threads_left(before), refused.value
+
+
+async def test_a_file_that_is_not_a_database_is_refused_and_no_connection_stays_open(tmp_path: Path) -> None:
+    path = tmp_path / "shoebox.sqlite3"
+    path.write_bytes(NOT_A_DATABASE)
+    before = sqlite_threads()
+    with pytest.raises(DatabaseUnavailable, match=r"shoebox.sqlite3 cannot be opened as a database \(file is not a database\)") as refused:
+        await Catalog(path).open()
+    # Checked while the error (and the frames it holds) is alive, as it is while a command reports it.
+    assert not sqlite_threads_left(before), refused.value
+    assert path.read_bytes() == NOT_A_DATABASE  # refused, not overwritten

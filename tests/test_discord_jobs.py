@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import sqlite3
 from pathlib import Path
 
 import pytest
@@ -10,7 +11,8 @@ import pytest
 from bot.jobs import KEEP_ERRORS, BackfillState, IndexJob, IndexQueue, JobStore, QueueSettings
 from bot.scope import KnownThread
 from store.library import Library
-from tests.conftest import jpeg_bytes
+from store.db import DatabaseUnavailable
+from tests.conftest import NOT_A_DATABASE, jpeg_bytes, sqlite_threads, sqlite_threads_left
 
 
 def job(n: int, message: int | None = None) -> IndexJob:
@@ -40,6 +42,21 @@ async def test_jobs_are_deduplicated_and_survive_reopening(tmp_path: Path) -> No
         assert await again.pending() == 1
     finally:
         await again.close()
+
+
+async def test_a_job_file_that_cannot_be_used_is_refused_and_no_connection_stays_open(tmp_path: Path) -> None:
+    damaged = tmp_path / "damaged.sqlite3"
+    damaged.write_bytes(NOT_A_DATABASE)
+    future = tmp_path / "future.sqlite3"
+    with sqlite3.connect(future) as conn:
+        conn.execute("PRAGMA user_version = 999")
+    before = sqlite_threads()
+    with pytest.raises(DatabaseUnavailable, match="cannot be opened as a database") as damaged_refused:
+        await JobStore.open(damaged)
+    with pytest.raises(DatabaseUnavailable, match="newer Shoebox") as future_refused:
+        await JobStore.open(future)
+    # Checked while the errors (and the frames they hold) are alive, as they are while reported.
+    assert not sqlite_threads_left(before), (damaged_refused.value, future_refused.value)
 
 
 async def test_rules_backfill_threads_and_errors_are_kept(store: JobStore) -> None:
