@@ -146,7 +146,14 @@ class Library:
         cls, settings: Settings, embedder: Embedder, *, allow_other_model: bool = False
     ) -> "Library":
         library = cls(settings, embedder)
-        await library._open(allow_other_model)
+        try:
+            await library._open(allow_other_model)
+        except BaseException:
+            # The caller never gets the library to close: release its connections and threads
+            # here, or they keep the process from exiting after it has reported the error.
+            library._closed = True
+            await library._release()
+            raise
         return library
 
     async def _open(self, allow_other_model: bool) -> None:
@@ -159,7 +166,6 @@ class Library:
                 await self.catalog.set_meta(conn, "dim", str(self.embedder.dim))
         elif stored_model != self.embedder.model_id:
             if not allow_other_model:
-                await self.catalog.close()
                 raise ModelMismatch(
                     f"This library was indexed with the CLIP model '{stored_model}', but "
                     f"'{self.embedder.model_id}' is loaded. Run `shoebox reindex` to re-embed every "
@@ -186,11 +192,13 @@ class Library:
             if self._dirty_since_save:
                 await self.save_vectors()
         finally:
-            await self.catalog.close()
-            self._cpu.shutdown(wait=True)
-            self._writers.shutdown(wait=True)
-            self._model.shutdown(wait=True)
-            self._lanes.shutdown(wait=True)
+            await self._release()
+
+    async def _release(self) -> None:
+        """Close the catalog and stop the worker threads, saving nothing."""
+        await self.catalog.close()
+        for pool in (self._cpu, self._writers, self._model, self._lanes):
+            pool.shutdown(wait=True)
 
     async def __aenter__(self) -> "Library":
         return self

@@ -12,11 +12,13 @@ from typing import BinaryIO, Callable
 import numpy as np
 import pytest
 
-from store.db import SourceRecord
-from store.library import IncomingImage, Library, ModelMismatch, file_source
+from store.db import DatabaseUnavailable, SourceRecord
+from store.embedder import ClipEmbedder
+from store.library import DB_FILE, IncomingImage, Library, ModelMismatch, file_source
+from store.settings import Settings
 from store.thumbs import ThumbStore
 from store.vectors import HEADER_FILE, INDEX_FILE
-from tests.conftest import jpeg_bytes
+from tests.conftest import NOT_A_DATABASE, jpeg_bytes, sqlite_threads, sqlite_threads_left
 from tools.search import Filters, Scope, ToolError, find_similar, get_description, search_images
 
 
@@ -513,3 +515,28 @@ async def test_a_job_of_one_batch_runs_its_pass_on_the_torch_thread(
     assert lane_calls == []
     assert len(pass_threads) == 1 and pass_threads[0].startswith("shoebox-torch"), pass_threads
     assert (await library.verify(repair=False)).ok
+
+
+async def test_a_library_that_fails_to_open_leaves_nothing_running(
+    settings: Settings, embedder: ClipEmbedder, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Whether the catalog itself is unusable or a later step of opening fails, the caller gets
+    the error and no connection is left open (it would keep the process from exiting)."""
+    before = sqlite_threads()
+    settings.data_dir.mkdir(parents=True)
+    catalog = settings.data_dir / DB_FILE
+    catalog.write_bytes(NOT_A_DATABASE)
+    with pytest.raises(DatabaseUnavailable, match="cannot be opened as a database") as refused:
+        await Library.open(settings, embedder)
+    # Checked while each error (and the frames it holds) is alive, as it is while it is reported.
+    assert not sqlite_threads_left(before), refused.value
+
+    catalog.unlink()
+
+    async def failing_sweep(self: Library) -> int:
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(Library, "sweep_stored_copies", failing_sweep)
+    with pytest.raises(OSError, match="Input/output error") as failed:
+        await Library.open(settings, embedder)
+    assert not sqlite_threads_left(before), failed.value
