@@ -104,14 +104,20 @@ def load_model(clip_settings: Any) -> Any:
 
 
 @asynccontextmanager
-async def open_library(args: argparse.Namespace) -> AsyncIterator[Any]:
+async def open_library(
+    args: argparse.Namespace, embedder: Any = None, *, allow_other_model: bool = False
+) -> AsyncIterator[Any]:
+    """The library the command line points at, with the configured model unless `embedder` is
+    given; a library that cannot be opened becomes a one-line error."""
+    from store.db import DatabaseUnavailable
     from store.library import Library, ModelMismatch
 
     settings = load_settings(args)
-    embedder = load_model(settings.clip)
+    if embedder is None:
+        embedder = load_model(settings.clip)
     try:
-        library = await Library.open(settings, embedder)
-    except ModelMismatch as error:
+        library = await Library.open(settings, embedder, allow_other_model=allow_other_model)
+    except (ModelMismatch, DatabaseUnavailable) as error:
         raise UserError(str(error)) from None
     try:
         yield library
@@ -273,8 +279,6 @@ async def cmd_verify(args: argparse.Namespace) -> int:
 async def cmd_reindex(args: argparse.Namespace) -> int:
     from dataclasses import replace
 
-    from store.library import Library
-
     settings = load_settings(args)
     clip = settings.clip
     if args.model:
@@ -282,11 +286,8 @@ async def cmd_reindex(args: argparse.Namespace) -> int:
     elif args.pretrained:
         clip = replace(clip, pretrained=args.pretrained, checkpoint=None)
     new_embedder = load_model(clip)
-    library = await Library.open(settings, new_embedder, allow_other_model=True)
-    try:
+    async with open_library(args, new_embedder, allow_other_model=True) as library:
         total = await library.reindex(new_embedder, ProgressBar("Re-embedding"))
-    finally:
-        await library.close()
     message = f"Re-embedded {total} image(s) with {new_embedder.model_id}."
     if args.model or args.pretrained:
         message += " Set SHOEBOX_CLIP_MODEL/SHOEBOX_CLIP_PRETRAINED to match before the next run."

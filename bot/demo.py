@@ -32,6 +32,7 @@ def add_command(sub: Any) -> None:
 
 async def run_demo(args: argparse.Namespace) -> int:
     from bot.cli import ProgressBar, UserError, format_result, load_model, load_settings
+    from store.db import DatabaseUnavailable
     from store.library import IncomingImage, Library, ModelMismatch, expand_paths, file_source
     from store.tinyclip import MODEL_NAME
     from store.tinyclip.scenes import generate_gallery
@@ -50,7 +51,7 @@ async def run_demo(args: argparse.Namespace) -> int:
     embedder = load_model(clip)
     try:
         library = await Library.open(settings, embedder)
-    except ModelMismatch as error:
+    except (ModelMismatch, DatabaseUnavailable) as error:
         raise UserError(f"{error} (or delete {settings.data_dir} to start the demo afresh)") from None
     try:
         items = [IncomingImage(file_source(p)) for p in expand_paths([gallery])]

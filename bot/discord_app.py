@@ -266,6 +266,7 @@ class ShoeboxBot(commands.Bot):
 
 async def run_bot(settings: Settings, config: BotSettings) -> int:
     """Run until stopped; 0 on a clean stop, 1 (with one log line saying why) when it cannot start."""
+    from store.db import DatabaseUnavailable
     from store.embedder import ModelUnavailable
     from store.library import ModelMismatch
 
@@ -293,7 +294,7 @@ async def run_bot(settings: Settings, config: BotSettings) -> int:
             "(your application > Bot > Privileged Gateway Intents), then start the bot again."
         )
         return 1
-    except (ModelUnavailable, ModelMismatch) as error:
+    except (ModelUnavailable, ModelMismatch, DatabaseUnavailable) as error:
         log.error("%s", error)
         return 1
     except (OSError, discord.GatewayNotFound, discord.ConnectionClosed) as error:

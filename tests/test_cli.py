@@ -146,3 +146,16 @@ def test_kill_minus_9_mid_index_then_resume_is_exact_and_consistent(tmp_path: Pa
     assert report == {"ok": True, "problems": [], "repaired": []}
     code, stats = run_cli(capsys, "--data", str(data), "stats", "--json")
     assert stats["images"] == 240 and stats["vector_index"]["count"] == 240
+
+
+def test_a_damaged_catalog_is_one_line_and_the_command_exits(tmp_path: Path) -> None:
+    """Run as a user runs it: an error that still held an open connection used to print a
+    traceback and then keep the process from exiting."""
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "shoebox.sqlite3").write_bytes(b"these bytes are not an SQLite database\n" * 200)
+    command = [sys.executable, "-m", "bot.cli", "--data", str(data), "stats"]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=120, env=os.environ.copy())
+    assert done.returncode == 1, done.stderr
+    assert "cannot be opened as a database (file is not a database)" in done.stderr
+    assert "Traceback" not in done.stderr

@@ -11,6 +11,7 @@ import pytest
 from bot.discord_app import BotSettings, ShoeboxBot, run_bot
 from bot.cli import main
 from store.settings import Settings
+from tests.conftest import NOT_A_DATABASE, sqlite_threads, sqlite_threads_left
 
 
 def only_error(caplog: pytest.LogCaptureFixture) -> logging.LogRecord:
@@ -108,3 +109,23 @@ async def test_setup_hook_builds_everything_and_close_releases_it(
     assert bot.get_cog("Indexing") is None
     with pytest.raises(AssertionError):
         bot.jobs.conn  # closed
+
+
+async def test_a_damaged_job_file_is_one_line_and_leaves_nothing_open(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Start-up as `login` runs it (the hooks after Discord accepted the token), with the bot's
+    job file damaged: the library opened before it is closed again, and the error is one line."""
+
+    async def start_without_network(self: ShoeboxBot, token: str, *, reconnect: bool = True) -> None:
+        await self._async_setup_hook()
+        await self.setup_hook()
+
+    settings.data_dir.mkdir(parents=True)
+    (settings.data_dir / "bot.sqlite3").write_bytes(NOT_A_DATABASE)
+    monkeypatch.setattr(ShoeboxBot, "start", start_without_network)
+    before = sqlite_threads()
+    caplog.set_level(logging.INFO)
+    assert await run_bot(settings, BotSettings(token="token", sync_commands=False)) == 1
+    assert "bot.sqlite3 cannot be opened as a database" in only_error(caplog).getMessage()
+    assert not sqlite_threads_left(before)
