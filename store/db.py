@@ -356,7 +356,10 @@ async def open_connection(path: Path, *, foreign_keys: bool = False) -> aiosqlit
     that fails to set up (the file is damaged, or not a database) is closed before the error is
     raised: a command that cannot open its database says so and exits instead of hanging.
     """
-    conn = await aiosqlite.connect(path, isolation_level=None)
+    try:
+        conn = await aiosqlite.connect(path, isolation_level=None)
+    except sqlite3.DatabaseError as error:
+        raise _unusable(path, error) from error
     try:
         await conn.execute("PRAGMA busy_timeout = 30000")
         await conn.execute("PRAGMA journal_mode = WAL")
@@ -366,12 +369,16 @@ async def open_connection(path: Path, *, foreign_keys: bool = False) -> aiosqlit
     except BaseException as error:
         await conn.close()
         if isinstance(error, sqlite3.DatabaseError):
-            raise DatabaseUnavailable(
-                f"{path} cannot be opened as a database ({error}). If it was damaged, restore it "
-                "from a backup; moving it aside makes Shoebox start a new, empty one."
-            ) from error
+            raise _unusable(path, error) from error
         raise
     return conn
+
+
+def _unusable(path: Path, error: sqlite3.DatabaseError) -> DatabaseUnavailable:
+    return DatabaseUnavailable(
+        f"{path} cannot be opened as a database ({error}). If it was damaged, restore it from a "
+        "backup; moving it aside makes Shoebox start a new, empty one."
+    )
 
 
 class Catalog:

@@ -79,3 +79,10 @@ async def test_a_file_that_is_not_a_database_is_refused_and_no_connection_stays_
     # Checked while the error (and the frames it holds) is alive, as it is while a command reports it.
     assert not sqlite_threads_left(before), refused.value
     assert path.read_bytes() == NOT_A_DATABASE  # refused, not overwritten
+
+
+async def test_a_database_path_that_cannot_be_opened_at_all_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "shoebox.sqlite3"
+    path.mkdir()  # a folder where the file should be
+    with pytest.raises(DatabaseUnavailable, match=r"shoebox.sqlite3 cannot be opened as a database \(unable to open"):
+        await Catalog(path).open()
