@@ -16,7 +16,7 @@ import pytest
 from PIL import Image
 
 from bot.cli import main
-from tests.conftest import jpeg_bytes
+from tests.conftest import NOT_A_DATABASE, jpeg_bytes
 
 pytestmark = pytest.mark.usefixtures("cli_env")
 
@@ -153,7 +153,7 @@ def test_a_damaged_catalog_is_one_line_and_the_command_exits(tmp_path: Path) -> 
     traceback and then keep the process from exiting."""
     data = tmp_path / "data"
     data.mkdir()
-    (data / "shoebox.sqlite3").write_bytes(b"these bytes are not an SQLite database\n" * 200)
+    (data / "shoebox.sqlite3").write_bytes(NOT_A_DATABASE)
     command = [sys.executable, "-m", "bot.cli", "--data", str(data), "stats"]
     done = subprocess.run(command, capture_output=True, text=True, timeout=120, env=os.environ.copy())
     assert done.returncode == 1, done.stderr
