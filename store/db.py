@@ -357,6 +357,10 @@ async def open_connection(path: Path, *, foreign_keys: bool = False) -> aiosqlit
     raised: a command that cannot open its database says so and exits instead of hanging.
     """
     try:
+        # Tried on a plain thread first: when SQLite cannot open the path at all, aiosqlite stops
+        # its connection thread without waiting for it, and that thread then reports to an event
+        # loop that may be closed by then (a traceback after the one-line error).
+        await asyncio.to_thread(_open_and_close, path)
         conn = await aiosqlite.connect(path, isolation_level=None)
     except sqlite3.DatabaseError as error:
         raise _unusable(path, error) from error
@@ -372,6 +376,10 @@ async def open_connection(path: Path, *, foreign_keys: bool = False) -> aiosqlit
             raise _unusable(path, error) from error
         raise
     return conn
+
+
+def _open_and_close(path: Path) -> None:
+    sqlite3.connect(path).close()
 
 
 def _unusable(path: Path, error: sqlite3.DatabaseError) -> DatabaseUnavailable:
