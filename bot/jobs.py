@@ -285,13 +285,19 @@ class JobStore:
     async def pending(self) -> int:
         return await self._scalar("SELECT COUNT(*) FROM jobs")
 
-    async def drop_messages(self, message_ids: Iterable[int]) -> int:
+    async def drop_messages(self, message_ids: Iterable[int], guild_id: int | None = None) -> int:
+        """Drop the pending jobs of these messages (only those posted in `guild_id`, if given)."""
         ids = [(int(i),) for i in message_ids]
         if not ids:
             return 0
         async with self._transaction() as conn:
             before = conn.total_changes
-            await conn.executemany("DELETE FROM jobs WHERE message_id = ?", ids)
+            if guild_id is None:
+                await conn.executemany("DELETE FROM jobs WHERE message_id = ?", ids)
+            else:
+                await conn.executemany(
+                    "DELETE FROM jobs WHERE message_id = ? AND guild_id = ?", [(i, guild_id) for (i,) in ids]
+                )
             return conn.total_changes - before
 
     async def drop_attachments(self, attachment_ids: Iterable[int]) -> int:
@@ -569,14 +575,23 @@ class IndexQueue:
             if predicate(job):
                 self._in_flight.gone.add(attachment_id)
 
-    async def forget_messages(self, message_ids: Iterable[int]) -> list[int]:
-        """Messages were deleted: drop their pending jobs and their photos. Returns image ids gone."""
+    async def forget_messages(self, message_ids: Iterable[int], *, guild_id: int | None = None) -> list[int]:
+        """Messages were deleted: drop their pending jobs and their photos. Returns image ids gone.
+
+        With `guild_id`, only what was posted in that server is touched: a member names a message
+        by pasting a link, and a link written in one server can carry another server's message id.
+        """
         ids = {int(i) for i in message_ids}
         if not ids:
             return []
-        self._mark_gone(lambda job: job.message_id in ids)
-        await self.store.drop_messages(ids)
-        return await self.library.forget_messages(ids)
+
+        def in_scope(job_guild: int | None) -> bool:
+            return guild_id is None or job_guild == guild_id
+
+        self._mark_gone(lambda job: job.message_id in ids and in_scope(job.guild_id))
+        await self.store.drop_messages(ids, guild_id)
+        sources = await self.library.catalog.sources_for_messages(ids)
+        return await self.library.remove_sources([s for s in sources if in_scope(s.guild_id)])
 
     async def forget_attachments(self, message_id: int, keep: set[int]) -> list[int]:
         """A message was edited: forget its attachments that are no longer in `keep`."""

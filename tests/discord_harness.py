@@ -336,8 +336,19 @@ def deny(**perms: bool) -> tuple[discord.Permissions, discord.Permissions]:
     return discord.Permissions.none(), discord.Permissions(**perms)
 
 
+@dataclass(frozen=True)
+class GuildView:
+    """One of the harness's servers, by name: `Harness.use_guild` makes it the one acted in."""
+
+    guild_id: int
+    role_ids: dict[str, int]
+    channel_ids: dict[str, int]
+    user_ids: dict[str, int]
+
+
 class Harness:
-    """One guild, its people and channels, and the bot running against them."""
+    """One guild (or several, see `add_guild`), its people and channels, and the bot running
+    against them."""
 
     def __init__(self, bot: ShoeboxBot, world: World, http: FakeDiscordHttp, adapter: FakeInteractionApi) -> None:
         self.bot = bot
@@ -408,6 +419,22 @@ class Harness:
                 pass  # set in the test's context, stopped from the fixture's: nothing leaks either way
 
     # ---- building the guild -------------------------------------------------------------------
+
+    def guild_view(self) -> GuildView:
+        return GuildView(self.guild_id, dict(self.role_ids), dict(self.channel_ids), dict(self.user_ids))
+
+    def use_guild(self, view: GuildView) -> None:
+        """Act in `view`'s server from now on: names in `post`, `slash`, ... mean its members and channels."""
+        self.guild_id = view.guild_id
+        self.role_ids, self.channel_ids, self.user_ids = dict(view.role_ids), dict(view.channel_ids), dict(view.user_ids)
+
+    def add_guild(self, layout: Layout, name: str) -> GuildView:
+        """Another server the bot is in; the harness goes on acting in the current one."""
+        here = self.guild_view()
+        self.build(layout, name)
+        there = self.guild_view()
+        self.use_guild(here)
+        return there
 
     def build(self, layout: Layout, name: str = "Test Server") -> None:
         guild_id = snowflake()

@@ -122,6 +122,24 @@ async def test_forget_by_message_link(start_bot: StartBot, library: Library) -> 
     assert texts(sent) == ["That message is not in this server."]
 
 
+async def test_forget_touches_only_this_servers_photos(start_bot: StartBot, library: Library) -> None:  # noqa: F811
+    """A link names its server and its message separately: a manager of one server who pastes
+    their own server's id beside another server's message id must not make that photo go."""
+    harness = await start_bot(LAYOUT)
+    home = harness.guild_view()
+    elsewhere = harness.add_guild(Layout(channels=[ChannelSpec("family")], members={"bob": []}), "Bob's family")
+    harness.use_guild(elsewhere)
+    message = await harness.post("family", "bob", files=[("kids.jpg", scene_jpeg("red", "circle"))])
+    await harness.drain()
+    assert [s.guild_id for s in await library.catalog.sources_for_messages([message.id])] == [elsewhere.guild_id]
+    harness.use_guild(home)
+    forged = f"https://discord.com/channels/{home.guild_id}/{home.channel_ids['general']}/{message.id}"
+    sent = await harness.slash("boss", "general", "shoebox forget", [{"name": "link", "type": 3, "value": forged}])
+    # The same reply as for a message that never had photos: nothing about the other server.
+    assert texts(sent)[-1] == "I had no photos from that message."
+    assert len(await library.catalog.sources_for_messages([message.id])) == 1
+
+
 @pytest.mark.parametrize("who, allowed", [("ann", True), ("mod", True), ("ben", False), ("boss", False)])
 async def test_forget_these_photos(start_bot: StartBot, library: Library, who: str, allowed: bool) -> None:  # noqa: F811
     """The author or a moderator (Manage Messages) may; anyone else, even a server manager, is refused."""

@@ -38,6 +38,7 @@ async def test_jobs_are_deduplicated_and_survive_reopening(tmp_path: Path) -> No
     again = await JobStore.open(path)
     try:
         assert [j.attachment_id for j in await again.due(10, now=1e12)] == [1001, 1002]
+        assert await again.drop_messages([501], guild_id=2) == 0  # posted in guild 1
         assert await again.drop_messages([502]) == 1
         assert await again.pending() == 1
     finally:

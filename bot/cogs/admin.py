@@ -306,19 +306,21 @@ class Admin(commands.GroupCog, group_name="shoebox", group_description="Manage S
             await interaction.response.send_message("That message is not in this server.", ephemeral=True)
             return
         await interaction.response.defer(ephemeral=True, thinking=True)
-        count = await forget_message_photos(self.bot, message_id)
+        count = await forget_message_photos(self.bot, guild_id, message_id)
         text = f"Forgot {count} photo(s) from that message." if count else "I had no photos from that message."
         await interaction.followup.send(text, ephemeral=True)
 
 
-async def forget_message_photos(bot: "ShoeboxBot", message_id: int) -> int:
-    """Forget a message's photos (indexed or still queued); returns how many were indexed."""
-    sources = await bot.library.catalog.sources_for_messages([message_id])
+async def forget_message_photos(bot: "ShoeboxBot", guild_id: int, message_id: int) -> int:
+    """Forget a message's photos (indexed or still queued) posted in this server; returns how
+    many were indexed. The server is checked on every source, not only on the link: a link can
+    pair this server's id with another server's message."""
+    sources = [s for s in await bot.library.catalog.sources_for_messages([message_id]) if s.guild_id == guild_id]
     indexing = bot.get_cog("Indexing")
     if indexing is not None:
-        await indexing.queue.forget_messages([message_id])  # type: ignore[attr-defined]
+        await indexing.queue.forget_messages([message_id], guild_id=guild_id)  # type: ignore[attr-defined]
     else:
-        await bot.library.forget_messages([message_id])
+        await bot.library.remove_sources(sources)
     return len(sources)
 
 
@@ -347,7 +349,7 @@ class ForgetMenu(commands.Cog):
             )
             return
         await interaction.response.defer(ephemeral=True, thinking=True)
-        count = await forget_message_photos(self.bot, message.id)
+        count = await forget_message_photos(self.bot, message.guild.id, message.id) if message.guild else 0
         text = (
             f"Done: I forgot {count} photo(s) from that message. The message itself is untouched."
             if count
