@@ -15,10 +15,11 @@ the index under the thread's id. The bot remembers each thread's parent when it 
 from it (`KnownThread`), so such photos stay visible to exactly the people who can read the parent
 (and, for a private thread, who are in it or may manage threads).
 
-An answer posted in a server channel is read by everyone who can read that channel, not only by
-the asker, so such an answer is further limited to channels "at least as visible" as the one it is
-posted in (`audience_channel_ids`): a photo is only shown where everyone who will read the answer
-could already read the photo's channel.
+An answer posted in a server channel is seen by everyone who can view that channel, not only by
+the asker (Read Message History only governs scrolling back; new messages reach every viewer), so
+such an answer is further limited to channels "at least as visible" as the one it is posted in
+(`audience_channel_ids`): a photo is only shown where everyone who will see the answer could
+already read the photo's channel.
 """
 
 from __future__ import annotations
@@ -142,7 +143,13 @@ _Channel = discord.abc.GuildChannel
 
 
 def _reads(permissions: discord.Permissions) -> bool:
+    """May scroll through the channel: what it takes to be shown its photos."""
     return bool(permissions.view_channel and permissions.read_message_history)
+
+
+def _sees(permissions: discord.Permissions) -> bool:
+    """Sees what is posted in the channel from now on: what it takes to read a new answer there."""
+    return bool(permissions.view_channel)
 
 
 def _is_role_target(target: discord.abc.Snowflake) -> bool:
@@ -240,7 +247,7 @@ class _RoleHolder:
 def _at_least_as_visible(
     answer: _Channel, photo: _Channel, members: Mapping[int, discord.Member | None]
 ) -> bool:
-    """Can everyone who reads `answer` also read `photo`? Conservative: unsure means no."""
+    """Can everyone who sees `answer` read `photo`? Conservative: unsure means no."""
     if answer.id == photo.id:
         return True
     guild = answer.guild
@@ -259,7 +266,7 @@ def _at_least_as_visible(
                 continue
             seen.add(deciding)
         representatives.append(role)
-        if _reads(answer.permissions_for(role)) and not _reads(photo.permissions_for(role)):
+        if _sees(answer.permissions_for(role)) and not _reads(photo.permissions_for(role)):
             return False
 
     # 2. A role denied the photo's channel shuts out whoever holds it, whatever let them into the
@@ -274,7 +281,7 @@ def _at_least_as_visible(
             if other.is_default() or other.id == role.id:
                 continue
             holder = cast(discord.Member, _RoleHolder((role.id, other.id)))
-            if _reads(answer.permissions_for(holder)) and not _reads(photo.permissions_for(holder)):
+            if _sees(answer.permissions_for(holder)) and not _reads(photo.permissions_for(holder)):
                 return False
 
     # 3. Members with their own overwrites: those let into the answer channel, and those shut out of
@@ -291,7 +298,7 @@ def _at_least_as_visible(
             member = guild.get_member(target.id)
             if member is None:
                 return False  # an unknown member might read the answer but not the photo
-        if can_read_history(answer, member) and not can_read_history(photo, member):
+        if _sees(answer.permissions_for(member)) and not can_read_history(photo, member):
             return False
     return True
 
@@ -303,32 +310,33 @@ def audience_channel_ids(
     known_threads: Iterable[KnownThread] = (),
     members: Mapping[int, discord.Member | None] | None = None,
 ) -> set[int]:
-    """The `candidates` whose photos may be shown in an answer everyone in `answer_channel` reads.
+    """The `candidates` whose photos may be shown in an answer everyone in `answer_channel` sees.
 
     Why: the asker's scope says what the asker may see, but an answer posted in a server channel
     is read by that channel's whole audience. A staff member asking in #general must not surface
     #staff photos there. So a candidate channel C qualifies only if it is the answer channel
-    itself, or C is "at least as visible": every member who can view and read the history of the
-    answer channel can also view and read the history of C. Without the members intent the
+    itself, or C is "at least as visible": every member who can view the answer channel can also
+    view and read the history of C. Viewing is enough to be in the audience: without Read
+    Message History a member cannot scroll back, but still sees every message posted while they
+    look, the answer included. Without the members intent the
     audience cannot be listed, so this is decided conservatively from what is known:
 
     * roles: for @everyone alone and for every role R of the guild, a member holding only
-      @everyone + R who can read the answer channel must be able to read C (discord.py's own
+      @everyone + R who can view the answer channel must be able to read C (discord.py's own
       permission computation for a role, with both channels' overwrites for @everyone and R;
       an Administrator role reads everything, so it never holds a channel back). A role D whose
       overwrite on C denies View Channel or Read Message History is also checked in pairs, D + R
       for every other role R, since D shuts its holders out of C whichever role let them into
       the answer channel;
     * members: everyone with a member-specific overwrite granting View Channel or Read Message
-      History on the answer channel, or denying either on C, must, if they can read the answer
+      History on the answer channel, or denying either on C, must, if they can view the answer
       channel, be able to read C. They are taken from `members` (id -> Member, or None for
       someone known to have left the server) or the guild's cache; if one cannot be found, C does
       not qualify.
 
     Real members hold several roles at once, and checking every single role alone (plus the
-    pairs above) is an approximation: it can only be wrong where reading the answer channel
-    itself takes two roles together (say, one grants View Channel and another Read Message
-    History) and such a member cannot read C. That is rare, and the alternative, every
+    pairs above) is an approximation: it can only be wrong where a combination of roles, and no
+    single one of them, lets a member view the answer channel while keeping them out of C. That is rare, and the alternative, every
     combination of roles, is exponential.
 
     Threads are judged by their parent, as in `readable_channel_ids`: an answer in a thread by the

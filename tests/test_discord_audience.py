@@ -212,3 +212,35 @@ async def test_threads_are_judged_by_their_parent(start_bot: StartBot) -> None: 
     # In the #staff thread: judged as #staff; in the private thread: judged as #general, plus itself.
     assert audience_channel_ids(guild, discord.Object(902), candidates, threads) == candidates - {903}
     assert audience_channel_ids(guild, discord.Object(903), candidates, threads) == {ids["general"], 901, 903}
+
+
+async def test_viewers_without_history_are_in_the_audience(start_bot: StartBot) -> None:  # noqa: F811
+    """Read Message History only governs scrolling back: whoever may view a channel sees every
+    answer posted there while they look. In #lobby only Staff may scroll back, but Ben views it,
+    so an answer there must not show #staff photos; in #club Eve's own overwrite lets her view
+    without history, with the same consequence."""
+    layout = Layout(
+        roles={"staff": discord.Permissions.none()},
+        channels=[
+            ChannelSpec("lobby", {"@everyone": deny(read_message_history=True), "staff": allow(read_message_history=True)}),
+            ChannelSpec("club", {"@everyone": deny(view_channel=True), "staff": allow(view_channel=True),
+                                 "eve": (discord.Permissions(view_channel=True),
+                                         discord.Permissions(read_message_history=True))}),
+            ChannelSpec("staff", {"@everyone": deny(view_channel=True), "staff": allow(view_channel=True)}),
+        ],
+        members={"ann": ["staff"], "ben": [], "eve": [], "root": ["staff"]},
+    )
+    harness = await start_bot(layout)
+    for channel, (colour, shape) in {"lobby": ("red", "circle"), "club": ("green", "triangle"),
+                                     "staff": ("blue", "star")}.items():
+        await harness.post(channel, "root", f"a {colour} {shape}", files=[(f"{shape}.jpg", scene_jpeg(colour, shape))])
+    await harness.drain()
+    ben_lobby = harness.permissions("ben", "lobby")
+    assert ben_lobby.view_channel and not ben_lobby.read_message_history
+    eve_club = harness.permissions("eve", "club")
+    assert eve_club.view_channel and not eve_club.read_message_history
+
+    assert "staff" not in shown_channels(harness, await mention(harness, "ann", "lobby"))
+    assert "staff" not in shown_channels(harness, await mention(harness, "ann", "club"))
+    # In #staff itself, its own photos are shown.
+    assert "staff" in shown_channels(harness, await mention(harness, "ann", "staff"))
