@@ -22,7 +22,7 @@ import numpy as np
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 # Each entry upgrades the schema from version i to i + 1. Append; never edit a released step.
 MIGRATIONS: list[str] = [
@@ -86,6 +86,29 @@ MIGRATIONS: list[str] = [
     """
     DROP INDEX sources_channel;
     CREATE INDEX sources_scope ON sources (channel_id, kind, guild_id, image_id);
+    """,
+    # Posted text is searchable per source, so a search matches only the words posted where the
+    # asker can read: identical bytes posted in a public and a private channel are one image, and
+    # an image-wide text would let the private words find (and rank) the public post. Triggers
+    # keep it in step with `sources`, including rows removed by a cascade. The image's own row
+    # keeps only its description, which comes from the pixels and is the same wherever posted.
+    """
+    CREATE VIRTUAL TABLE sources_fts USING fts5 (
+        posted_text, content = 'sources', content_rowid = 'id', tokenize = 'unicode61 remove_diacritics 2'
+    );
+    INSERT INTO sources_fts (sources_fts) VALUES ('rebuild');
+    CREATE TRIGGER sources_fts_insert AFTER INSERT ON sources BEGIN
+        INSERT INTO sources_fts (rowid, posted_text) VALUES (new.id, new.posted_text);
+    END;
+    CREATE TRIGGER sources_fts_delete AFTER DELETE ON sources BEGIN
+        INSERT INTO sources_fts (sources_fts, rowid, posted_text) VALUES ('delete', old.id, old.posted_text);
+    END;
+    CREATE TRIGGER sources_fts_update AFTER UPDATE OF posted_text ON sources BEGIN
+        INSERT INTO sources_fts (sources_fts, rowid, posted_text) VALUES ('delete', old.id, old.posted_text);
+        INSERT INTO sources_fts (rowid, posted_text) VALUES (new.id, new.posted_text);
+    END;
+    DELETE FROM images_fts;
+    INSERT INTO images_fts (rowid, body) SELECT id, description FROM images WHERE coalesce(description, '') != '';
     """,
 ]
 assert len(MIGRATIONS) == SCHEMA_VERSION
@@ -242,10 +265,6 @@ def _source_row(image_id: int, src: SourceRecord) -> tuple[object, ...]:
         utc_now(),
     )
 
-
-def _text_body(parts: Sequence[str]) -> str:
-    """An image's searchable text: its description and posted texts, one per line."""
-    return "\n".join(part for part in parts if part)
 
 _IMAGE_COLUMNS = (
     "id, sha256, size_bytes, width, height, format, thumb, description, description_source, "
@@ -623,19 +642,40 @@ class Catalog:
             yield ids, np.stack([blob_to_vector(r[1]) for r in rows])
 
     async def text_matches(self, query: str, limit: int, flt: SourceFilter) -> list[int]:
-        """Image ids whose description or posted text matches, best first (bm25)."""
+        """Image ids whose description, or text posted with them where `flt` lets through,
+        matches; best first (bm25, summed over the matching rows).
+
+        Posted text is matched per source, each under the filter: a word posted with the same
+        photo somewhere the asker cannot read must neither find it nor lift its rank.
+        """
         match = fts_query(query)
         if match is None:
             return []
         where, params = flt.where("s")
         sql = (
-            "SELECT f.rowid FROM images_fts f WHERE images_fts MATCH ? AND EXISTS "
-            f"(SELECT 1 FROM sources s WHERE s.image_id = f.rowid AND {where}) "
-            "ORDER BY bm25(images_fts) LIMIT ?"
+            "SELECT image_id FROM ("
+            " SELECT f.rowid AS image_id, bm25(images_fts) AS score FROM images_fts f"
+            " WHERE images_fts MATCH ? AND EXISTS"
+            f" (SELECT 1 FROM sources s WHERE s.image_id = f.rowid AND {where})"
+            " UNION ALL"
+            " SELECT s.image_id AS image_id, bm25(sources_fts) AS score"
+            " FROM sources_fts t JOIN sources s ON s.id = t.rowid"
+            f" WHERE sources_fts MATCH ? AND {where}"
+            ") GROUP BY image_id ORDER BY SUM(score) LIMIT ?"
         )
-        async with self.reader.execute(sql, [match, *params, limit]) as cur:
+        async with self.reader.execute(sql, [match, *params, match, *params, limit]) as cur:
             rows = await cur.fetchall()
         return [int(row[0]) for row in rows]
+
+    async def posted_text_index_agrees(self) -> bool:
+        """FTS5's own check of the per-source text index against the `sources` rows."""
+        try:
+            # An INSERT in form, so it runs on the writer, like any statement that might write.
+            async with self.transaction() as conn:
+                await conn.execute("INSERT INTO sources_fts (sources_fts, rank) VALUES ('integrity-check', 1)")
+        except sqlite3.DatabaseError:
+            return False
+        return True
 
     async def counts(self) -> dict[str, int]:
         out: dict[str, int] = {}
@@ -735,40 +775,28 @@ class Catalog:
             ids.update((str(sha), int(image_id)) for sha, image_id in rows)
         image_ids = [ids[sha] for sha in shas]
         await conn.executemany(_INSERT_SOURCE, [_source_row(i, new.source) for i, new in zip(image_ids, news)])
-        bodies = [(i, _text_body([new.description or "", new.source.posted_text])) for i, new in zip(image_ids, news)]
-        with_text = [(i, body) for i, body in bodies if body]
-        without_text = [(i,) for i, body in bodies if not body]
-        if with_text:
-            await conn.executemany(_SET_TEXT, with_text)
-        if without_text:
-            await conn.executemany(_DELETE_TEXT, without_text)
+        described = [(i, new.description) for i, new in zip(image_ids, news) if new.description]
+        if described:
+            await conn.executemany(_SET_TEXT, described)
         return image_ids
 
     @staticmethod
-    async def refresh_fts(conn: aiosqlite.Connection, image_id: int) -> None:
-        """Rewrite the image's searchable text: its description plus every posted text."""
-        row = await first_row(conn, "SELECT description FROM images WHERE id = ?", (image_id,))
-        await conn.execute("DELETE FROM images_fts WHERE rowid = ?", (image_id,))
-        if row is None:
-            return
-        rows = await conn.execute_fetchall("SELECT posted_text FROM sources WHERE image_id = ?", (image_id,))
-        texts = [str(r[0]) for r in rows if r[0]]
-        body = _text_body([row[0] or "", *texts])
-        if body:
-            await conn.execute(
-                "INSERT INTO images_fts (rowid, body) VALUES (?, ?)", (image_id, body)
-            )
-
-    @staticmethod
-    async def index_new_image_text(conn: aiosqlite.Connection, image_id: int, parts: Sequence[str]) -> None:
-        """`refresh_fts` for an image inserted just now with its first source, in one statement:
-        its text is already known (`parts`: the description and the posted text), so it is not
-        read back from the rows."""
-        body = _text_body(parts)
-        if body:
-            await conn.execute(_SET_TEXT, (image_id, body))
+    async def set_searchable_description(conn: aiosqlite.Connection, image_id: int, description: str | None) -> None:
+        """Make the image findable by its description (posted texts are kept per source, by the
+        triggers on `sources`)."""
+        if description:
+            await conn.execute(_SET_TEXT, (image_id, description))
         else:
             await conn.execute(_DELETE_TEXT, (image_id,))
+
+    @staticmethod
+    async def set_posted_text(conn: aiosqlite.Connection, message_id: int, text: str) -> int:
+        """A message's text was edited: its sources now carry (and are found by) the new text.
+        Returns how many sources changed."""
+        cur = await conn.execute(
+            "UPDATE sources SET posted_text = ? WHERE message_id = ? AND posted_text != ?", (text, message_id, text)
+        )
+        return int(cur.rowcount or 0)
 
     @staticmethod
     async def delete_image(conn: aiosqlite.Connection, image_id: int) -> None:

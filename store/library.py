@@ -590,7 +590,6 @@ class Library:
         if row is not None:
             image_id = int(row[0])
             await catalog.insert_source(conn, image_id, source)
-            await catalog.refresh_fts(conn, image_id)
             return IndexOutcome(source, "duplicate", image_id)
         if item.decoded is None or item.copy_written is None or vector is None:
             # Its bytes were indexed when the batch was read, and gone by the time it committed.
@@ -599,7 +598,7 @@ class Library:
         new = self._new_image(item, vector, relative)
         image_id = await catalog.insert_image(conn, new)
         await catalog.insert_source(conn, image_id, source)
-        await catalog.index_new_image_text(conn, image_id, [new.description or "", source.posted_text])
+        await catalog.set_searchable_description(conn, image_id, new.description)
         added.append((image_id, vector))
         return IndexOutcome(source, "indexed", image_id)
 
@@ -654,8 +653,6 @@ class Library:
             if int(row[1]) == 0:
                 await self.catalog.delete_image(conn, int(image_id))
                 gone.append((int(image_id), str(row[0])))
-            else:
-                await self.catalog.refresh_fts(conn, int(image_id))
         return gone
 
     async def _drop_copies(self, gone: Iterable[tuple[int, str]]) -> None:
@@ -759,7 +756,7 @@ class Library:
             )
             if not cur.rowcount:
                 return False
-            await self.catalog.refresh_fts(conn, image_id)
+            await self.catalog.set_searchable_description(conn, image_id, text)
         return True
 
     async def note_caption_attempt(self, image_id: int) -> None:
@@ -842,6 +839,11 @@ class Library:
                     await conn.execute(
                         "DELETE FROM images_fts WHERE rowid NOT IN (SELECT id FROM images)"
                     )
+        if not await catalog.posted_text_index_agrees():
+            self._note(report, repair, "the posted-text search index does not match the sources")
+            if repair:
+                async with catalog.transaction() as conn:
+                    await conn.execute("INSERT INTO sources_fts (sources_fts) VALUES ('rebuild')")
         known = await catalog.all_thumbs()
         on_disk = self.thumbs.all_relative()
         absent = known - on_disk

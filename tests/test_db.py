@@ -28,23 +28,35 @@ async def test_a_first_schema_database_is_upgraded_and_keeps_its_rows(tmp_path: 
     with sqlite3.connect(path) as conn:
         conn.executescript(MIGRATIONS[0] + "\nPRAGMA user_version = 1;")
         conn.execute(
-            "INSERT INTO images (sha256, size_bytes, width, height, format, thumb, model_id, vector, created_at)"
-            " VALUES ('abc', 1, 1, 1, 'JPEG', 't', 'm', x'00', '2026-01-01T00:00:00+00:00')"
+            "INSERT INTO images (sha256, size_bytes, width, height, format, thumb, description, model_id, vector,"
+            " created_at) VALUES ('abc', 1, 1, 1, 'JPEG', 't', 'a sandy beach', 'm', x'00', '2026-01-01T00:00:00+00:00')"
         )
-        conn.execute(
-            "INSERT INTO sources (image_id, kind, guild_id, channel_id, attachment_id, filename, posted_at, added_at)"
-            " VALUES (1, 'discord', 7, 70, 700, 'a.jpg', '2026-01-01T00:00:00+00:00', '2026-01-01T00:00:00+00:00')"
-        )
+        for source_id, channel, text in ((1, 70, "zanzibar trip"), (2, 71, "the secret offsite")):
+            conn.execute(
+                "INSERT INTO sources (image_id, kind, guild_id, channel_id, attachment_id, filename, posted_text,"
+                " posted_at, added_at) VALUES (1, 'discord', 7, ?, ?, 'a.jpg', ?, '2026-01-01T00:00:00+00:00',"
+                " '2026-01-01T00:00:00+00:00')",
+                (channel, 700 + source_id, text),
+            )
+        # The first schema's full-text row: the description and every posted text, for the image.
+        conn.execute("INSERT INTO images_fts (rowid, body) VALUES (1, 'a sandy beach\nzanzibar trip\nthe secret offsite')")
     catalog = await Catalog(path).open()
+    seventy = SourceFilter(channel_ids=frozenset({70}), include_files=False)
     try:
-        ids = await catalog.visible_image_ids(SourceFilter(channel_ids=frozenset({70}), include_files=False))
+        ids = await catalog.visible_image_ids(seventy)
         assert ids.tolist() == [1]
-        none = await catalog.visible_image_ids(SourceFilter(channel_ids=frozenset({71}), include_files=False))
+        none = await catalog.visible_image_ids(SourceFilter(channel_ids=frozenset({72}), include_files=False))
         assert none.tolist() == []
+        # Text moved to one row per source: only what was posted where the filter reads matches.
+        assert await catalog.text_matches("zanzibar", 5, seventy) == [1]
+        assert await catalog.text_matches("beach", 5, seventy) == [1]
+        assert await catalog.text_matches("offsite", 5, seventy) == []
+        assert await catalog.posted_text_index_agrees()
     finally:
         await catalog.close()
     with sqlite3.connect(path) as conn:
-        assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 2
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 3
+        assert conn.execute("SELECT body FROM images_fts").fetchall() == [("a sandy beach",)]
     assert "sources_scope" in _indexes(path) and "sources_channel" not in _indexes(path)
 
 

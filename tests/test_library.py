@@ -102,6 +102,30 @@ async def test_identical_bytes_are_stored_once_and_forgotten_per_source(library:
     assert library.vectors.count == 0
 
 
+async def test_words_posted_where_the_asker_cannot_read_neither_find_nor_rank_a_photo(library: Library) -> None:
+    """The same bytes posted in #general (no words) and in #staff (with words) are one image.
+    Someone who reads only #general must not be able to probe the #staff words: they must not
+    match the photo, nor lift it above the others, nor be returned with it."""
+    photos = [jpeg_bytes((30 * i, 200 - 30 * i, 90), mark=i + 1) for i in range(6)]
+    outcomes = await library.index([IncomingImage(discord_source(1 + i, channel=11), p) for i, p in enumerate(photos)])
+    ids = [o.image_id for o in outcomes]
+    general = Scope.channels({11}, {1})
+    before = await search_images(library, "zanzibar", k=6, scope=general)
+    last = before[-1]["id"]  # a photo the words do not favour
+    target = ids.index(last)
+    [dup] = await library.index([IncomingImage(discord_source(50, channel=12, text="zanzibar acquisition"), photos[target])])
+    assert dup.status == "duplicate" and dup.image_id == last
+
+    flt = Filters().source_filter(general)
+    assert await library.catalog.text_matches("zanzibar", 10, flt) == []
+    after = await search_images(library, "zanzibar", k=6, scope=general)
+    assert [r["id"] for r in after] == [r["id"] for r in before]
+    assert all("zanzibar" not in (r.get("posted_text") or "") for r in after)
+    # Whoever reads #staff finds it by those words.
+    staff = Filters().source_filter(Scope.channels({12}, {1}))
+    assert await library.catalog.text_matches("zanzibar", 10, staff) == [last]
+
+
 async def test_scope_returns_k_in_scope_results_even_when_others_rank_higher(library: Library) -> None:
     # 40 near-copies of the query live in channel 2; the only 6 images in channel 1 look different.
     query = jpeg_bytes((250, 250, 250))
@@ -188,11 +212,15 @@ async def test_verify_repairs_a_tampered_index_and_stray_files(library: Library,
     stray = settings.data_dir / "thumbs" / "ab" / "stray.jpg.123.tmp"
     stray.parent.mkdir(parents=True, exist_ok=True)
     stray.write_bytes(b"half a file")
+    async with library.catalog.transaction() as conn:  # words indexed for a source that is not there
+        await conn.execute("INSERT INTO sources_fts (rowid, posted_text) VALUES (999, 'ghost words')")
     check = await library.verify(repair=False)
     assert not check.ok and any("out of step" in p for p in check.problems)
+    assert any("posted-text" in p for p in check.problems)
     repaired = await library.verify(repair=True)
-    assert repaired.ok and len(repaired.repaired) == 2 and not stray.exists()
+    assert repaired.ok and len(repaired.repaired) == 3 and not stray.exists()
     assert library.vectors.count == 3
+    assert (await library.verify(repair=False)).ok
 
 
 async def test_rejected_files_are_recorded_and_leave_nothing_behind(library: Library, tmp_path: Path, settings) -> None:
