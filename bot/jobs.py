@@ -317,6 +317,12 @@ class JobStore:
             cur = await self.conn.execute(f"DELETE FROM jobs WHERE {column} = ?", (value,))
             return cur.rowcount
 
+    async def set_posted_text(self, message_id: int, text: str) -> int:
+        """The message's words were edited: its queued jobs will index the new ones."""
+        async with self._lock:
+            cur = await self.conn.execute("UPDATE jobs SET posted_text = ? WHERE message_id = ?", (text, message_id))
+            return cur.rowcount
+
     async def attachments_of(self, message_id: int) -> list[int]:
         async with self.conn.execute(
             "SELECT attachment_id FROM jobs WHERE message_id = ?", (message_id,)
@@ -488,8 +494,17 @@ class QueueSettings:
 
 @dataclass
 class _InFlight:
+    """The batch the worker holds, and what happened to its messages meanwhile.
+
+    From the moment the worker asks the job table for a batch (`taking`) until the batch is
+    done, a deletion or an edit cannot reach those jobs through the table any more, so it is
+    noted here and applied once the batch is committed.
+    """
+
     jobs: dict[int, IndexJob] = field(default_factory=dict)  # attachment id -> job
     gone: set[int] = field(default_factory=set)  # attachment ids deleted while in flight
+    taking: list[Callable[[IndexJob], bool]] | None = None  # deletions while the batch is fetched
+    edited: dict[int, str] = field(default_factory=dict)  # message id -> words edited meanwhile
 
 
 class IndexQueue:
@@ -571,9 +586,19 @@ class IndexQueue:
     # ---- forgetting -------------------------------------------------------------------------
 
     def _mark_gone(self, predicate: Callable[[IndexJob], bool]) -> None:
-        for attachment_id, job in self._in_flight.jobs.items():
+        flight = self._in_flight
+        if flight.taking is not None:
+            flight.taking.append(predicate)
+        for attachment_id, job in flight.jobs.items():
             if predicate(job):
-                self._in_flight.gone.add(attachment_id)
+                flight.gone.add(attachment_id)
+
+    async def update_text(self, message_id: int, text: str) -> int:
+        """A message's words were edited: its photos, queued or indexed, carry the new words
+        (and are found by them, not by the old). Returns how many indexed photos changed."""
+        self._in_flight.edited[message_id] = text
+        await self.store.set_posted_text(message_id, text)
+        return await self.library.set_posted_text(message_id, text)
 
     async def forget_messages(self, message_ids: Iterable[int], *, guild_id: int | None = None) -> list[int]:
         """Messages were deleted: drop their pending jobs and their photos. Returns image ids gone.
@@ -645,10 +670,16 @@ class IndexQueue:
     async def run_once(self) -> int:
         """Process one batch of due jobs; returns how many jobs it took (0: nothing due)."""
         async with self._pause:
-            jobs = await self.store.due(self.settings.batch_size, time.time())
+            flight = self._in_flight
+            flight.taking = []
+            try:
+                jobs = await self.store.due(self.settings.batch_size, time.time())
+            finally:
+                deleted, flight.taking = flight.taking, None
             if not jobs:
+                flight.edited.clear()  # nothing taken: every edit has reached the table
                 return 0
-            await self._process(jobs)
+            await self._process(jobs, deleted)
             self.counters.batches += 1
             self._room.set()
             return len(jobs)
@@ -666,10 +697,12 @@ class IndexQueue:
         async with gate:
             return await asyncio.wait_for(self.download(job), timeout=self.settings.download_timeout)
 
-    async def _process(self, jobs: list[IndexJob]) -> None:
+    async def _process(self, jobs: list[IndexJob], deleted: Sequence[Callable[[IndexJob], bool]] = ()) -> None:
         flight = self._in_flight
         for job in jobs:
             flight.jobs[job.attachment_id] = job
+            if any(predicate(job) for predicate in deleted):
+                flight.gone.add(job.attachment_id)  # deleted while the batch was being fetched
         try:
             gate = asyncio.Semaphore(self.settings.download_concurrency)
             results = await asyncio.gather(*(self._fetch(job, gate) for job in jobs), return_exceptions=True)
@@ -705,6 +738,9 @@ class IndexQueue:
                 sources = await self.library.catalog.sources_for_messages({j.message_id for j in gone})
                 dead = {j.attachment_id for j in gone}
                 await self.library.remove_sources([s for s in sources if s.attachment_id in dead])
+            # Edits that arrived meanwhile: the batch was stored with the words it was queued with.
+            for message_id in {job.message_id for job in downloaded} & flight.edited.keys():
+                await self.library.set_posted_text(message_id, flight.edited[message_id])
             await self.store.finish(j.id for j in finished if j.id is not None)
             dead_ids = {j.attachment_id for j in gone}
             for job in downloaded:
@@ -718,6 +754,7 @@ class IndexQueue:
             for job in jobs:
                 flight.jobs.pop(job.attachment_id, None)
                 flight.gone.discard(job.attachment_id)
+            flight.edited.clear()
 
     def _count(self, outcome: IndexOutcome) -> None:
         counters = self.counters

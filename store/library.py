@@ -759,6 +759,12 @@ class Library:
             await self.catalog.set_searchable_description(conn, image_id, text)
         return True
 
+    async def set_posted_text(self, message_id: int, text: str) -> int:
+        """A message's words were edited: its sources carry, and are found by, the new words
+        only. Returns how many sources changed."""
+        async with self.catalog.transaction() as conn:
+            return await self.catalog.set_posted_text(conn, message_id, text)
+
     async def note_caption_attempt(self, image_id: int) -> None:
         async with self.catalog.transaction() as conn:
             await conn.execute(

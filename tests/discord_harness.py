@@ -629,6 +629,15 @@ class Harness:
         self.bot._connection.parse_message_update(data)  # type: ignore[arg-type]
         await self.settle()
 
+    async def edit_text(self, message: discord.Message, content: str) -> None:
+        """The author rewrites a message's words (a MESSAGE_UPDATE with the new content)."""
+        data = dict(self.world.messages[message.channel.id][message.id])
+        data["content"] = content
+        data["edited_timestamp"] = datetime.now(timezone.utc).isoformat()
+        self.world.messages[message.channel.id][message.id] = data
+        self.bot._connection.parse_message_update(data)  # type: ignore[arg-type]
+        await self.settle()
+
     async def delete_channel(self, name: str) -> None:
         channel = self.world.channels.pop(self.channel_ids[name])
         self.bot._connection.parse_channel_delete(channel)  # type: ignore[arg-type]

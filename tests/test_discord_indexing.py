@@ -6,12 +6,14 @@ from the (fake) CDN, decodes and embeds with the real small CLIP into a real lib
 
 from __future__ import annotations
 
+import asyncio
 import logging
 
 import discord
 import pytest
 
 from bot.jobs import QueueSettings
+from store.db import SourceFilter
 from store.library import Library
 from tests.discord_harness import (
     ChannelSpec,
@@ -137,6 +139,58 @@ async def test_editing_attachments_away_forgets_just_those(start_bot: StartBot, 
     await harness.edit_attachments(message, keep=[first.id])
     assert [s.attachment_id for s in await sources_of(library, message)] == [first.id]
     assert (await library.stats())["images"] == 1
+
+
+async def test_words_edited_out_of_a_message_stop_finding_its_photo(start_bot: StartBot, library: Library) -> None:  # noqa: F811
+    """Someone posts a door code with a photo, then edits it out: the photo stays, the code goes,
+    whether the photo was already indexed or still queued when the edit came."""
+    harness = await start_bot(LAYOUT, run_worker=False)
+    queued = await harness.post("photos", "ben", "the flat, door code 4471", files=[("q.jpg", scene_jpeg("blue", "star"))])
+    await harness.edit_text(queued, "the flat")
+    indexing = harness.bot.get_cog("Indexing")
+    await indexing.queue.drain()  # type: ignore[union-attr]
+    message = await harness.post("photos", "ann", "our new flat, door code 4471", files=[("f.jpg", scene_jpeg("red", "circle"))])
+    await indexing.queue.drain()  # type: ignore[union-attr]
+    flt = SourceFilter(channel_ids=frozenset({harness.channel_ids["photos"]}), include_files=False)
+    [source] = await sources_of(library, message)
+    assert await library.catalog.text_matches("4471", 5, flt) == [source.image_id]
+
+    await harness.edit_text(message, "our new flat")
+    [edited] = await sources_of(library, message)
+    assert edited.posted_text == "our new flat"
+    assert await library.catalog.text_matches("4471", 5, flt) == []
+    assert await library.catalog.text_matches("flat", 5, flt) != []
+    [other] = await sources_of(library, queued)
+    assert other.posted_text == "the flat"
+
+
+async def test_an_edit_or_a_delete_while_the_worker_takes_the_batch_still_wins(start_bot: StartBot, library: Library) -> None:  # noqa: F811
+    """The worker reads its batch from the job table on SQLite's thread; an edit or a delete
+    handled while those rows are on their way back no longer finds them in the table, yet must
+    still reach the photos."""
+    harness = await start_bot(LAYOUT, run_worker=False)
+    edited = await harness.post("photos", "ann", "door code 4471", files=[("a.jpg", scene_jpeg("red", "circle"))])
+    deleted = await harness.post("photos", "ann", "gone", files=[("b.jpg", scene_jpeg("blue", "star"))])
+    indexing = harness.bot.get_cog("Indexing")
+    store = harness.bot.jobs
+    take = store.due
+    taken = asyncio.Event()
+
+    async def slow_due(limit: int, now: float) -> list:
+        jobs = await take(limit, now)
+        taken.set()
+        await asyncio.sleep(0.05)  # the rows are on their way back
+        return jobs
+
+    store.due = slow_due  # type: ignore[method-assign]
+    worker = asyncio.create_task(indexing.queue.run_once())  # type: ignore[union-attr]
+    await taken.wait()
+    await harness.edit_text(edited, "a photo")
+    await harness.delete_message(deleted)
+    await worker
+    assert await sources_of(library, deleted) == []
+    [source] = await sources_of(library, edited)
+    assert source.posted_text == "a photo"
 
 
 async def test_deleting_a_channel_forgets_its_photos(start_bot: StartBot, library: Library) -> None:  # noqa: F811

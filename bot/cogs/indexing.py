@@ -204,8 +204,15 @@ class Indexing(commands.Cog):
 
     @commands.Cog.listener()
     async def on_raw_message_edit(self, payload: discord.RawMessageUpdateEvent) -> None:
+        if payload.guild_id is None:
+            return
+        if "content" in payload.data:
+            # Words edited out must stop finding (and being shown with) the photos.
+            changed = await self.queue.update_text(payload.message_id, payload.message.clean_content or "")
+            if changed:
+                log.info("Edit of message %s changed the words of %d photo(s)", payload.message_id, changed)
         attachments = payload.data.get("attachments")
-        if payload.guild_id is None or attachments is None:
+        if attachments is None:
             return  # an edit event without the attachments field changed no attachment
         keep = {int(a["id"]) for a in attachments}
         gone = await self.queue.forget_attachments(payload.message_id, keep)
