@@ -39,7 +39,7 @@ from store.library import IncomingImage, IndexOutcome, Library
 log = logging.getLogger(__name__)
 
 DB_FILE = "bot.sqlite3"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 KEEP_ERRORS = 50
 
 # Each entry upgrades the schema from version i to i + 1. Append; never edit a released step.
@@ -99,6 +99,11 @@ MIGRATIONS: list[str] = [
         place TEXT NOT NULL,
         message TEXT NOT NULL
     );
+    """,
+    # Problems are shown per server: a file name or message from one server is nobody else's.
+    """
+    ALTER TABLE errors ADD COLUMN guild_id INTEGER;
+    CREATE INDEX errors_guild ON errors (guild_id, id);
     """,
 ]
 assert len(MIGRATIONS) == SCHEMA_VERSION
@@ -282,8 +287,11 @@ class JobStore:
                 (attempts, next_try, error[:500], job_id),
             )
 
-    async def pending(self) -> int:
-        return await self._scalar("SELECT COUNT(*) FROM jobs")
+    async def pending(self, guild_id: int | None = None) -> int:
+        """Jobs waiting, in every server or in one."""
+        if guild_id is None:
+            return await self._scalar("SELECT COUNT(*) FROM jobs")
+        return await self._scalar("SELECT COUNT(*) FROM jobs WHERE guild_id = ?", (guild_id,))
 
     async def drop_messages(self, message_ids: Iterable[int], guild_id: int | None = None) -> int:
         """Drop the pending jobs of these messages (only those posted in `guild_id`, if given)."""
@@ -440,18 +448,22 @@ class JobStore:
 
     # ---- errors -----------------------------------------------------------------------------
 
-    async def note_error(self, place: str, message: str) -> None:
+    async def note_error(self, place: str, message: str, guild_id: int | None = None) -> None:
+        """Keep a problem for `/shoebox status` in `guild_id` (None: for the logs only)."""
         async with self._lock:
             await self.conn.execute(
-                "INSERT INTO errors (at, place, message) VALUES (?, ?, ?)", (utc_now(), place, message[:500])
+                "INSERT INTO errors (at, place, message, guild_id) VALUES (?, ?, ?, ?)",
+                (utc_now(), place, message[:500], guild_id),
             )
             await self.conn.execute(
                 "DELETE FROM errors WHERE id <= (SELECT MAX(id) FROM errors) - ?", (KEEP_ERRORS,)
             )
 
-    async def recent_errors(self, limit: int = 5) -> list[ErrorNote]:
+    async def recent_errors(self, limit: int = 5, guild_id: int | None = None) -> list[ErrorNote]:
+        """The latest problems, of every server or of one."""
+        where, params = ("", ()) if guild_id is None else ("WHERE guild_id = ? ", (guild_id,))
         async with self.conn.execute(
-            "SELECT at, place, message FROM errors ORDER BY id DESC LIMIT ?", (limit,)
+            f"SELECT at, place, message FROM errors {where}ORDER BY id DESC LIMIT ?", (*params, limit)
         ) as cur:
             return [ErrorNote(str(a), str(b), str(c)) for a, b, c in await cur.fetchall()]
 
@@ -524,6 +536,7 @@ class IndexQueue:
         self.settings = settings or QueueSettings()
         self.on_indexed = on_indexed
         self.counters = QueueCounters()
+        self._counters_by_guild: dict[int, QueueCounters] = {}
         self._wake = asyncio.Event()
         self._room = asyncio.Event()
         self._pause = asyncio.Lock()
@@ -580,8 +593,16 @@ class IndexQueue:
             self._wake.set()
         return added
 
-    async def pending(self) -> int:
-        return await self.store.pending()
+    async def pending(self, guild_id: int | None = None) -> int:
+        return await self.store.pending(guild_id)
+
+    def counters_of(self, guild_id: int) -> QueueCounters:
+        """What the worker did since start for one server."""
+        return self._counters_by_guild.setdefault(guild_id, QueueCounters())
+
+    def _tally(self, guild_id: int, name: str) -> None:
+        for counters in (self.counters, self.counters_of(guild_id)):
+            setattr(counters, name, getattr(counters, name) + 1)
 
     # ---- forgetting -------------------------------------------------------------------------
 
@@ -713,9 +734,13 @@ class IndexQueue:
                 if isinstance(result, bytes):
                     items.append(IncomingImage(job.source(), result))
                     downloaded.append(job)
-                elif isinstance(result, (DownloadGone, _TooBig)):
+                elif isinstance(result, DownloadGone):
                     log.debug("Dropping %s: %s", job.filename, result)
-                    self.counters.rejected += isinstance(result, _TooBig)
+                    finished.append(job)
+                elif isinstance(result, _TooBig):
+                    log.info("Not indexing %s: %s", job.filename, result)
+                    self._tally(job.guild_id, "rejected")
+                    await self._note("index", f"{job.filename} (message {job.message_id}): {result}", job.guild_id)
                     finished.append(job)
                 elif isinstance(result, asyncio.CancelledError):
                     raise result
@@ -747,8 +772,13 @@ class IndexQueue:
                 outcome = by_attachment.get(job.attachment_id)
                 if outcome is None or job.attachment_id in dead_ids:
                     continue
-                self._count(outcome)
-                if outcome.status != "failed" and job.react and self.on_indexed is not None:
+                self._count(job, outcome)
+                if outcome.status == "failed":
+                    await self._note(
+                        "index", f"could not index {job.filename} (message {job.message_id}): {outcome.reason}",
+                        job.guild_id,
+                    )
+                elif job.react and self.on_indexed is not None:
                     self._spawn(self.on_indexed(job, outcome))
         finally:
             for job in jobs:
@@ -756,16 +786,10 @@ class IndexQueue:
                 flight.gone.discard(job.attachment_id)
             flight.edited.clear()
 
-    def _count(self, outcome: IndexOutcome) -> None:
-        counters = self.counters
-        if outcome.status == "indexed":
-            counters.indexed += 1
-        elif outcome.status == "duplicate":
-            counters.duplicates += 1
-        elif outcome.status == "unchanged":
-            counters.unchanged += 1
-        else:
-            counters.rejected += 1  # not an image, or one the decoder refused; the reason is in the catalog
+    def _count(self, job: IndexJob, outcome: IndexOutcome) -> None:
+        # "failed": not an image, or one the decoder refused; the reason is noted and in the catalog.
+        name = {"indexed": "indexed", "duplicate": "duplicates", "unchanged": "unchanged"}.get(outcome.status, "rejected")
+        self._tally(job.guild_id, name)
 
     def _spawn(self, coro: Awaitable[None]) -> None:
         async def guarded() -> None:
@@ -783,22 +807,23 @@ class IndexQueue:
         if job.id is None:
             return
         if attempts >= self.settings.max_attempts:
-            self.counters.gave_up += 1
+            self._tally(job.guild_id, "gave_up")
             log.warning("Giving up on %s after %d attempts: %s", job.filename, attempts, reason)
             await self.store.finish([job.id])
             await self._note(
-                "download", f"gave up on {job.filename} (message {job.message_id}) after {attempts} tries: {reason}"
+                "download", f"gave up on {job.filename} (message {job.message_id}) after {attempts} tries: {reason}",
+                job.guild_id,
             )
             return
         delays = self.settings.retry_delays or (10.0,)
         delay = delays[min(attempts - 1, len(delays) - 1)]
-        self.counters.retried += 1
+        self._tally(job.guild_id, "retried")
         log.info("Will retry %s in %.0fs: %s", job.filename, delay, reason)
         await self.store.postpone(job.id, attempts, time.time() + delay, reason)
 
-    async def _note(self, place: str, message: str) -> None:
+    async def _note(self, place: str, message: str, guild_id: int | None = None) -> None:
         try:
-            await self.store.note_error(place, message)
+            await self.store.note_error(place, message, guild_id)
         except Exception:
             log.exception("Could not record an error")
 

@@ -79,7 +79,28 @@ async def test_status_for_an_admin(start_bot: StartBot) -> None:  # noqa: F811
     assert "Photos from this server: **1**" in content
     assert harness.bot.library.embedder.model_id in content
     assert "Queue: 0 waiting" in content and "1 indexed" in content and "1 not photos" in content
-    assert "could not index discord:" in content  # the text file, with the decoder's reason
+    assert "could not index b.txt" in content  # the text file, with the decoder's reason
+
+
+async def test_status_shows_only_this_servers_figures_and_problems(start_bot: StartBot) -> None:  # noqa: F811
+    """Each server's admins see their own server: another server's file names, messages and
+    counts are not theirs to read."""
+    harness = await start_bot(LAYOUT)
+    home = harness.guild_view()
+    elsewhere = harness.add_guild(Layout(channels=[ChannelSpec("family")], members={"bob": []}), "Bob's family")
+    harness.use_guild(elsewhere)
+    await harness.post("family", "bob", files=[("divorce-papers.txt", b"not a photo"),
+                                               ("kids.jpg", scene_jpeg("red", "circle"))])
+    await harness.drain()
+    harness.use_guild(home)
+    await harness.post("photos", "ann", files=[("ours.txt", b"not a photo either")])
+    await harness.drain()
+    sent = await harness.slash("boss", "general", "shoebox status")
+    content = "\n".join(texts(sent))
+    assert "divorce-papers" not in content and "kids.jpg" not in content
+    assert "could not index ours.txt" in content
+    assert "Photos from this server: **0**" in content and "library total" not in content
+    assert "0 indexed" in content and "1 not photos" in content
 
 
 async def test_exclude_include_and_clear_channels(start_bot: StartBot, library: Library) -> None:  # noqa: F811

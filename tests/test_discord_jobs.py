@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from bot.jobs import KEEP_ERRORS, BackfillState, IndexJob, IndexQueue, JobStore, QueueSettings
+from bot.jobs import KEEP_ERRORS, MIGRATIONS, SCHEMA_VERSION, BackfillState, IndexJob, IndexQueue, JobStore, QueueSettings
 from bot.scope import KnownThread
 from store.library import Library
 from store.db import DatabaseUnavailable
@@ -77,6 +77,23 @@ async def test_rules_backfill_threads_and_errors_are_kept(store: JobStore) -> No
         await store.note_error("test", f"problem {n}")
     recent = await store.recent_errors(KEEP_ERRORS + 20)
     assert len(recent) == KEEP_ERRORS and recent[0].message == f"problem {KEEP_ERRORS + 9}"
+
+
+async def test_a_first_schema_job_file_is_upgraded_and_problems_are_kept_per_server(tmp_path: Path) -> None:
+    path = tmp_path / "bot.sqlite3"
+    with sqlite3.connect(path) as conn:
+        conn.executescript(MIGRATIONS[0] + "\nPRAGMA user_version = 1;")
+        conn.execute("INSERT INTO errors (at, place, message) VALUES ('2026-01-01T00:00:00+00:00', 'old', 'from before')")
+    store = await JobStore.open(path)
+    try:
+        await store.note_error("index", "in server 1", guild_id=1)
+        await store.note_error("index", "in server 2", guild_id=2)
+        assert [e.message for e in await store.recent_errors(5, guild_id=1)] == ["in server 1"]
+        assert [e.message for e in await store.recent_errors(5)] == ["in server 2", "in server 1", "from before"]
+    finally:
+        await store.close()
+    with sqlite3.connect(path) as conn:
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 2
 
 
 async def test_a_full_queue_makes_producers_wait(store: JobStore, library: Library) -> None:

@@ -124,18 +124,19 @@ class Admin(commands.GroupCog, group_name="shoebox", group_description="Manage S
         await interaction.response.defer(ephemeral=True, thinking=True)
         guild = interaction.guild
         assert guild is not None
+        # Only this server's figures and problems: its admins are not those of the others.
         library = self.bot.library
         stats = await library.stats()
         here = await library.catalog.visible_image_ids(
             SourceFilter(guild_ids=frozenset({guild.id}), include_files=False)
         )
         queue = self.indexing.queue
-        counters = queue.counters
+        counters = queue.counters_of(guild.id)
         lines = [
             "**Shoebox status**",
-            f"Photos from this server: **{len(here):,}** (library total {stats['images']:,})",
+            f"Photos from this server: **{len(here):,}**",
             f"Model: `{stats['model']}`",
-            f"Queue: {await queue.pending():,} waiting"
+            f"Queue: {await queue.pending(guild.id):,} waiting"
             + ("" if queue.running else " (worker stopped!)")
             + f" · since start: {counters.indexed:,} indexed, {counters.duplicates:,} duplicates, "
             f"{counters.rejected:,} not photos, {counters.gave_up:,} gave up",
@@ -149,12 +150,10 @@ class Admin(commands.GroupCog, group_name="shoebox", group_description="Manage S
         states = await self.bot.jobs.backfill_states(guild.id)
         for state in states[:5]:
             lines.append("Backfill " + _state_line(f"<#{state.channel_id}>", state))
-        errors = await self.bot.jobs.recent_errors(3)
-        failures = await library.catalog.recent_failures(3)
-        if errors or failures:
+        errors = await self.bot.jobs.recent_errors(5, guild.id)
+        if errors:
             lines.append("Recent problems:")
             lines += [f"• {e.at} {e.place}: {e.message}" for e in errors]
-            lines += [f"• {at} could not index {key}: {reason}" for key, reason, at in failures]
         await interaction.followup.send("\n".join(lines)[:2000], ephemeral=True)
 
     # ---- reindex ----------------------------------------------------------------------------
@@ -240,7 +239,7 @@ class Admin(commands.GroupCog, group_name="shoebox", group_description="Manage S
                 continue
             except discord.HTTPException as error:
                 log.warning("Backfill of %s stopped: %s", target, error)
-                await self.bot.jobs.note_error("backfill", f"#{getattr(target, 'name', target)}: {error}")
+                await self.bot.jobs.note_error("backfill", f"#{getattr(target, 'name', target)}: {error}", guild.id)
                 finished.append(f"{target.mention}: stopped ({error.status}); run it again to resume")  # type: ignore[union-attr]
                 continue
             finished.append(_state_line(target.mention, state))  # type: ignore[union-attr]
