@@ -659,13 +659,18 @@ class Harness:
         resolved: dict[str, Any] | None = None,
     ) -> list[Sent]:
         """A member runs a slash command (`name` may be "group sub"); returns what the bot answered."""
-        parts = name.split()
-        if len(parts) == 2:
-            options = [{"name": parts[1], "type": 1, "options": list(options)}]
-        data: dict[str, Any] = {"id": str(snowflake()), "name": parts[0], "type": 1, "options": list(options)}
-        if resolved:
-            data["resolved"] = resolved
-        return await self._interact(member, channel, data)
+        return await self._interact(member, channel, _slash_data(name, options, resolved))
+
+    async def slash_together(self, calls: Sequence[tuple[str, str, str]]) -> list[Sent]:
+        """Several members run slash commands (member, channel, name) at the same moment, each
+        arriving before the bot has answered any; returns everything the bot answered."""
+        before = len(self.world.sent)
+        for member, channel, name in calls:
+            self.bot._connection.parse_interaction_create(  # type: ignore[arg-type]
+                self._interaction_payload(member, channel, _slash_data(name, (), None))
+            )
+        await self.settle()
+        return self.world.sent[before:]
 
     async def message_command(self, member: str, channel: str, name: str, message: discord.Message) -> list[Sent]:
         """A member runs a message context-menu command on `message`."""
@@ -675,6 +680,13 @@ class Harness:
         return await self._interact(member, channel, data)
 
     async def _interact(self, member_name: str, channel_name: str, data: dict[str, Any]) -> list[Sent]:
+        payload = self._interaction_payload(member_name, channel_name, data)
+        before = len(self.world.sent)
+        self.bot._connection.parse_interaction_create(payload)  # type: ignore[arg-type]
+        await self.settle()
+        return self.world.sent[before:]
+
+    def _interaction_payload(self, member_name: str, channel_name: str, data: dict[str, Any]) -> dict[str, Any]:
         user_id = self.user_ids[member_name]
         channel = self.channel(channel_name)
         member = self.member(member_name)
@@ -689,15 +701,23 @@ class Harness:
             "guild_locale": "en-US", "entitlements": [], "authorizing_integration_owners": {"0": str(self.guild_id)},
             "context": 0, "attachment_size_limit": 10 * 1024 * 1024, "data": data,
         }
-        before = len(self.world.sent)
-        self.bot._connection.parse_interaction_create(payload)  # type: ignore[arg-type]
-        await self.settle()
-        return self.world.sent[before:]
+        return payload
 
     # ---- what the bot sent -------------------------------------------------------------------
 
     def sent_since(self, index: int) -> list[Sent]:
         return self.world.sent[index:]
+
+
+def _slash_data(name: str, options: Sequence[dict[str, Any]], resolved: dict[str, Any] | None) -> dict[str, Any]:
+    """An application command's `data` (`name` may be "group sub")."""
+    parts = name.split()
+    if len(parts) == 2:
+        options = [{"name": parts[1], "type": 1, "options": list(options)}]
+    data: dict[str, Any] = {"id": str(snowflake()), "name": parts[0], "type": 1, "options": list(options)}
+    if resolved:
+        data["resolved"] = resolved
+    return data
 
 
 def _role(role_id: int, name: str, permissions: discord.Permissions, position: int, managed: bool = False) -> dict[str, Any]:

@@ -7,6 +7,8 @@ by editing one ephemeral message.
 
 from __future__ import annotations
 
+import asyncio
+
 import discord
 import pytest
 
@@ -225,3 +227,34 @@ async def test_reindex_edits_one_message_with_progress(start_bot: StartBot, libr
     assert all(s.kind == "edit" for s in sent[1:])
     assert texts(sent)[-1].startswith("Re-indexed 3 photos with")
     assert library.vectors.count == before == 3
+
+
+async def test_two_admins_asking_for_a_reindex_at_once_get_one(
+    start_bot: StartBot, library: Library, monkeypatch: pytest.MonkeyPatch  # noqa: F811
+) -> None:
+    """Answering an interaction is a trip to Discord; a second admin whose command arrives during
+    the first one's trip is told a re-index is running, instead of queueing a second one."""
+    layout = Layout(roles={"admin": discord.Permissions(manage_guild=True)}, channels=[ChannelSpec("general")],
+                    members={"boss": ["admin"], "deputy": ["admin"]})
+    harness = await start_bot(layout)
+    await harness.post("general", "boss", files=[("a.jpg", scene_jpeg("red", "circle"))])
+    await harness.drain()
+    answer = harness.adapter.request
+
+    async def over_the_network(*args: object, **kwargs: object) -> object:
+        await asyncio.sleep(0.05)
+        return await answer(*args, **kwargs)
+
+    monkeypatch.setattr(harness.adapter, "request", over_the_network)
+    runs: list[int] = []
+    reindex = library.reindex
+
+    async def counted(*args: object, **kwargs: object) -> int:
+        runs.append(1)
+        return await reindex(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(library, "reindex", counted)
+    sent = await harness.slash_together([("boss", "general", "shoebox reindex"), ("deputy", "general", "shoebox reindex")])
+    assert len(runs) == 1
+    assert "A re-index is already running." in texts(sent)
+    assert texts(sent)[-1].startswith("Re-indexed 1 photos with")

@@ -163,20 +163,21 @@ class Admin(commands.GroupCog, group_name="shoebox", group_description="Manage S
         if self._reindexing.locked():
             await interaction.response.send_message("A re-index is already running.", ephemeral=True)
             return
-        await interaction.response.send_message("Re-indexing: starting…", ephemeral=True)
-        progress = ProgressMessage(interaction, self.bot.config.progress_interval)
-        latest = [0, 0]
-
-        def note(done: int, total: int) -> None:
-            latest[0], latest[1] = done, total
-
-        async def ticker() -> None:
-            while True:
-                await asyncio.sleep(max(self.bot.config.progress_interval, 0.05))
-                if latest[1]:
-                    await progress.show(f"Re-indexing: {latest[0]:,} / {latest[1]:,} photos…")
-
+        # Taken before the first await: a second admin asking meanwhile is told it is running.
         async with self._reindexing:
+            await interaction.response.send_message("Re-indexing: starting…", ephemeral=True)
+            progress = ProgressMessage(interaction, self.bot.config.progress_interval)
+            latest = [0, 0]
+
+            def note(done: int, total: int) -> None:
+                latest[0], latest[1] = done, total
+
+            async def ticker() -> None:
+                while True:
+                    await asyncio.sleep(max(self.bot.config.progress_interval, 0.05))
+                    if latest[1]:
+                        await progress.show(f"Re-indexing: {latest[0]:,} / {latest[1]:,} photos…")
+
             async with self.indexing.queue.paused():
                 tick = asyncio.create_task(ticker())
                 try:
