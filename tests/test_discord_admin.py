@@ -138,8 +138,9 @@ async def test_forget_by_message_link(start_bot: StartBot, library: Library) -> 
     sent = await harness.slash("boss", "general", "shoebox forget", [{"name": "link", "type": 3, "value": link}])
     assert texts(sent)[-1] == "Forgot 1 photo(s) from that message."
     assert await library.catalog.sources_for_messages([message.id]) == []
-    sent = await harness.slash("boss", "general", "shoebox forget", [{"name": "link", "type": 3, "value": "nope"}])
-    assert texts(sent) == ["That is not a message link."]
+    for typo in ("nope", f"https://discord.com/channels/{harness.guild_id}/{message.channel.id}/{message.id}0000"):
+        sent = await harness.slash("boss", "general", "shoebox forget", [{"name": "link", "type": 3, "value": typo}])
+        assert texts(sent) == ["That is not a message link."]
     other = f"https://discord.com/channels/999/{message.channel.id}/{message.id}"
     sent = await harness.slash("boss", "general", "shoebox forget", [{"name": "link", "type": 3, "value": other}])
     assert texts(sent) == ["That message is not in this server."]

@@ -38,6 +38,7 @@ log = logging.getLogger(__name__)
 MESSAGE_LINK = re.compile(
     r"https?://(?:(?:ptb|canary)\.)?discord(?:app)?\.com/channels/(\d+|@me)/(\d+)/(\d+)"
 )
+SNOWFLAKE_LIMIT = 2**63  # Discord ids are 64-bit and fit a signed SQLite INTEGER
 TOKEN_LIFETIME = 14 * 60  # interaction messages can be edited for 15 minutes; stop a little before
 ChannelArg = discord.TextChannel | discord.VoiceChannel | discord.StageChannel | discord.Thread
 RuleTarget = discord.TextChannel | discord.VoiceChannel | discord.StageChannel | discord.CategoryChannel | discord.ForumChannel | discord.Thread
@@ -49,7 +50,10 @@ def parse_message_link(text: str) -> tuple[int | None, int, int] | None:
     if match is None:
         return None
     guild = None if match.group(1) == "@me" else int(match.group(1))
-    return guild, int(match.group(2)), int(match.group(3))
+    ids = (int(match.group(2)), int(match.group(3)), guild or 0)
+    if any(i >= SNOWFLAKE_LIMIT for i in ids):
+        return None  # mistyped: no Discord id is that long (and SQLite could not store it)
+    return guild, ids[0], ids[1]
 
 
 class ProgressMessage:
