@@ -10,9 +10,9 @@ it, and never blocks search: an image that fails stays uncaptioned and is tried 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
-from typing import Any
 
 import anthropic
 
@@ -67,6 +67,11 @@ class Captioner:
         self.pacer = Pacer(settings.captions_per_minute)
         self.origin = f"claude:{settings.model}"
         self.stopped_by: LLMError | None = None
+        self._news = asyncio.Event()
+
+    def wake(self) -> None:
+        """New images are in: an idle loop looks for them now rather than at its next round."""
+        self._news.set()
 
     async def caption(self, record: ImageRecord) -> str:
         """Claude's description of one image; raises `LLMError` when there is none."""
@@ -131,7 +136,9 @@ class Captioner:
             if failures:
                 await asyncio.sleep(min(idle_seconds * 2 ** (failures - 1), MAX_PAUSE))
             elif done == 0:
-                await asyncio.sleep(idle_seconds)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._news.wait(), idle_seconds)
+            self._news.clear()
 
 
 async def caption_pending(
@@ -164,11 +171,15 @@ async def caption_after_index(library: Library, limit: int) -> tuple[int, str | 
     return done, note
 
 
-def background_task(library: Library, client: anthropic.AsyncAnthropic | None, settings: AgentSettings) -> Any:
-    """Start the caption loop when captions are on and there is a client; returns the task or None."""
+def background_task(
+    library: Library, client: anthropic.AsyncAnthropic | None, settings: AgentSettings
+) -> tuple[asyncio.Task[None], Captioner] | None:
+    """Start the caption loop when captions are on and there is a client; returns the task and
+    its captioner (to `wake`), or None."""
     if not settings.captions or client is None:
         return None
-    return asyncio.create_task(Captioner(library, client, settings).run_forever(), name="shoebox-captions")
+    captioner = Captioner(library, client, settings)
+    return asyncio.create_task(captioner.run_forever(), name="shoebox-captions"), captioner
 
 
 __all__ = ["Captioner", "MAX_ATTEMPTS", "Pacer", "background_task", "caption_after_index", "caption_pending"]

@@ -32,7 +32,7 @@ from store.settings import Settings, SettingsError, env_int, env_switch, env_tex
 
 log = logging.getLogger(__name__)
 
-EXTENSIONS = ("bot.cogs.indexing", "bot.cogs.ask", "bot.cogs.admin")
+EXTENSIONS = ("bot.cogs.indexing", "bot.cogs.ask", "bot.cogs.admin", "bot.cogs.captions")
 DEFAULT_REACTION = "\N{CAMERA WITH FLASH}"
 
 

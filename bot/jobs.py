@@ -477,6 +477,7 @@ class DownloadGone(Exception):
 
 Downloader = Callable[[IndexJob], Awaitable[bytes]]
 OnIndexed = Callable[[IndexJob, IndexOutcome], Awaitable[None]]
+OnBatch = Callable[[int], None]
 
 
 @dataclass
@@ -529,12 +530,14 @@ class IndexQueue:
         download: Downloader,
         settings: QueueSettings | None = None,
         on_indexed: OnIndexed | None = None,
+        on_new_images: OnBatch | None = None,
     ) -> None:
         self.store = store
         self.library = library
         self.download = download
         self.settings = settings or QueueSettings()
         self.on_indexed = on_indexed
+        self.on_new_images = on_new_images  # told how many new images each batch stored
         self.counters = QueueCounters()
         self._counters_by_guild: dict[int, QueueCounters] = {}
         self._wake = asyncio.Event()
@@ -780,6 +783,10 @@ class IndexQueue:
                     )
                 elif job.react and self.on_indexed is not None:
                     self._spawn(self.on_indexed(job, outcome))
+            stored = sum(by_attachment[j.attachment_id].status == "indexed" for j in downloaded
+                         if j.attachment_id in by_attachment and j.attachment_id not in dead_ids)
+            if stored and self.on_new_images is not None:
+                self.on_new_images(stored)
         finally:
             for job in jobs:
                 flight.jobs.pop(job.attachment_id, None)

@@ -27,6 +27,7 @@ from tests.fake_anthropic import (
     overloaded,
     picture,
 )
+from tests.discord_harness import ChannelSpec, Layout, StartBot, scene_jpeg, start_bot  # noqa: F401 - fixture
 from tests.test_agent import decoded
 from tools.search import search_images
 
@@ -126,8 +127,9 @@ async def test_the_background_loop_captions_new_images_until_cancelled(
     assert background_task(library, client, settings_for(fake_anthropic, captions=False)) is None
     assert background_task(library, None, settings_for(fake_anthropic)) is None
     fake_anthropic.script([answer("A shape.")] * WAITING)
-    task = background_task(library, client, settings_for(fake_anthropic))
-    assert task is not None
+    started = background_task(library, client, settings_for(fake_anthropic))
+    assert started is not None
+    task, _ = started
     deadline = time.monotonic() + 10
     while await library.catalog.uncaptioned(1, MAX_ATTEMPTS) and time.monotonic() < deadline:
         await asyncio.sleep(0.05)
@@ -173,3 +175,40 @@ def draw_folders(folder: Path) -> None:
         (folder / part).mkdir(parents=True)
         for i in range(3):
             (folder / part / f"{shape}{i}.jpg").write_bytes(picture((60 * i + 20, 90, 200 - 50 * i), shape))
+
+
+async def test_the_bot_describes_photos_posted_while_it_runs_and_stops_with_it(
+    start_bot: StartBot, library: Library, fake_anthropic: FakeAnthropic, monkeypatch: pytest.MonkeyPatch  # noqa: F811
+) -> None:
+    monkeypatch.setenv("SHOEBOX_CAPTIONS", "on")
+    monkeypatch.setenv("SHOEBOX_CAPTIONS_PER_MINUTE", "6000")
+    monkeypatch.setenv("ANTHROPIC_API_KEY", "sk-test")
+    monkeypatch.setenv("ANTHROPIC_BASE_URL", fake_anthropic.base_url)
+    fake_anthropic.script([answer("A red circle painted on a grey garden wall.")])
+    harness = await start_bot(Layout(channels=[ChannelSpec("photos")], members={"ann": []}))
+    captions = harness.bot.get_cog("Captions")
+    assert captions is not None and captions.task is not None  # type: ignore[attr-defined]
+    message = await harness.post("photos", "ann", files=[("wall.jpg", scene_jpeg("red", "circle"))])
+    await harness.drain()
+    [source] = await library.catalog.sources_for_messages([message.id])
+    deadline = time.monotonic() + 10  # the loop was idle (for up to a minute): the new photo wakes it
+    while await library.catalog.uncaptioned(1, MAX_ATTEMPTS) and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
+    record = await library.catalog.get_image(source.image_id)
+    assert record is not None and record.description == "A red circle painted on a grey garden wall."
+    task = captions.task  # type: ignore[attr-defined]
+    await harness.stop()
+    assert task.done() and len(fake_anthropic.requests) == 1
+
+
+async def test_the_bot_runs_no_caption_loop_unless_switched_on(
+    start_bot: StartBot, monkeypatch: pytest.MonkeyPatch  # noqa: F811
+) -> None:
+    monkeypatch.setenv("ANTHROPIC_API_KEY", "sk-test")
+    monkeypatch.delenv("SHOEBOX_CAPTIONS", raising=False)
+    harness = await start_bot(Layout(channels=[ChannelSpec("photos")], members={"ann": []}))
+    assert harness.bot.get_cog("Captions").task is None  # type: ignore[union-attr]
+    monkeypatch.setenv("SHOEBOX_CAPTIONS", "on")
+    monkeypatch.delenv("ANTHROPIC_API_KEY")
+    await harness.bot.reload_extension("bot.cogs.captions")
+    assert harness.bot.get_cog("Captions").task is None  # type: ignore[union-attr]

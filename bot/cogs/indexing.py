@@ -100,7 +100,8 @@ class Indexing(commands.Cog):
     def __init__(self, bot: "ShoeboxBot") -> None:
         self.bot = bot
         self.queue = IndexQueue(
-            bot.jobs, bot.library, self.download, bot.config.queue, on_indexed=self.acknowledge
+            bot.jobs, bot.library, self.download, bot.config.queue, on_indexed=self.acknowledge,
+            on_new_images=lambda count: bot.dispatch("new_images", count),
         )
         self._rules: dict[int, dict[int, str]] = {}
         self._backfilling: set[int] = set()
