@@ -98,7 +98,7 @@ async def test_setup_hook_builds_everything_and_close_releases_it(
     await bot._async_setup_hook()
     await bot.setup_hook()
     try:
-        assert set(bot.cogs) == {"Indexing", "Ask", "Admin", "ForgetMenu"}
+        assert set(bot.cogs) == {"Indexing", "Ask", "Admin", "ForgetMenu", "Captions"}
         assert bot.library is not None and bot.jobs is not None
         assert not bot.agent.online  # type: ignore[attr-defined]
         assert [g.id for g in synced] == [42]
