@@ -566,8 +566,10 @@ class Harness:
         mention_bot: bool = False,
         reply_to: int | None = None,
         dm: bool = False,
+        declared_sizes: Sequence[int] = (),
     ) -> discord.Message:
-        """A member posts a message (optionally with files, a mention of the bot, as a reply, or in a DM)."""
+        """A member posts a message (optionally with files, a mention of the bot, as a reply, or in a DM).
+        `declared_sizes` overrides the sizes Discord reports for the first files."""
         user_id = self.user_ids[author]
         user = self.world.users[user_id]
         if dm:
@@ -584,7 +586,9 @@ class Harness:
             mentions.append(self.world.bot_user)
         data = self.http.world_message(
             channel_id, user, content, guild_id=guild_id, member=member,
-            attachments=[self.upload(name, body) for name, body in files], reference=reply_to, mentions=mentions,
+            attachments=[self.upload(name, body, size) for (name, body), size
+                         in zip(files, [*declared_sizes, *[None] * len(files)])],
+            reference=reply_to, mentions=mentions,
         )
         self.bot._connection.parse_message_create(data)  # type: ignore[arg-type]
         await self.settle()

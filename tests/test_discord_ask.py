@@ -192,6 +192,25 @@ async def test_an_empty_mention_gets_a_hint(start_bot: StartBot) -> None:  # noq
     assert [s.content for s in harness.world.sent] == [HELP_TEXT]
 
 
+async def test_a_photo_left_out_is_never_left_out_silently(start_bot: StartBot) -> None:  # noqa: F811
+    harness = await start_bot(LAYOUT)
+    await photos(harness)
+    too_big = harness.bot.settings.ingest.max_file_bytes + 1
+    await harness.post("", "ann", "", files=[("holiday.jpg", scene_jpeg("red", "circle"))], dm=True,
+                       declared_sizes=[too_big])
+    (reply,) = harness.world.sent
+    assert reply.content is not None and reply.content.startswith("I left out holiday.jpg: file is ")
+    assert "limit" in reply.content and HELP_TEXT not in reply.content
+
+    attachment = harness.upload("big.jpg", scene_jpeg("red", "circle"), size=too_big)
+    sent = await harness.slash("ben", "general", "ask", [
+        {"name": "question", "type": 3, "value": "the red circle"},
+        {"name": "image", "type": 11, "value": attachment["id"]},
+    ], resolved={"attachments": {attachment["id"]: attachment}})
+    assert (sent[-1].content or "").startswith("I left out big.jpg: file is ")
+    assert card_footers(sent)  # the question is still answered
+
+
 async def test_look_alikes_of_an_attached_photo_with_ask(start_bot: StartBot) -> None:  # noqa: F811
     harness = await start_bot(LAYOUT)
     ids = await photos(harness)

@@ -34,6 +34,7 @@ from bot.scope import (
     overwrite_member_ids,
     readable_channel_ids,
 )
+from store.ingest import too_large_reason
 from tools.search import Scope
 
 if TYPE_CHECKING:
@@ -157,19 +158,26 @@ class Ask(commands.Cog):
             text = mentions_pattern(me.id).sub(" ", text)
         return " ".join(text.split())
 
-    async def read_images(self, attachments: Sequence[discord.Attachment]) -> list[Any]:
-        """The attached files as agent Attachments; the agent's decoder decides what is a photo."""
+    async def read_images(self, attachments: Sequence[discord.Attachment]) -> tuple[list[Any], list[str]]:
+        """The attached files as agent Attachments (the agent's decoder decides what is a photo),
+        and a sentence for each file left out, so that nobody's photo is ignored without a word."""
         Attachment = _agent_types().Attachment
         limit = self.bot.settings.ingest.max_file_bytes
-        out = []
-        for attachment in list(attachments)[:MAX_QUESTION_IMAGES]:
+        out: list[Any] = []
+        notes: list[str] = []
+        attached = list(attachments)
+        if len(attached) > MAX_QUESTION_IMAGES:
+            notes.append(f"I looked at the first {MAX_QUESTION_IMAGES} of your {len(attached)} files only.")
+        for attachment in attached[:MAX_QUESTION_IMAGES]:
             if attachment.size and attachment.size > limit:
+                notes.append(f"I left out {attachment.filename}: {too_large_reason(attachment.size, limit)}.")
                 continue
             try:
                 out.append(Attachment(data=await attachment.read(), filename=attachment.filename))
             except discord.HTTPException as error:
                 log.warning("Could not read attachment %s: %s", attachment.filename, error)
-        return out
+                notes.append(f"I could not download {attachment.filename}; please try again.")
+        return out, notes
 
     async def _resolve(self, message: discord.Message) -> discord.Message | None:
         reference = message.reference
@@ -273,16 +281,16 @@ class Ask(commands.Cog):
 
     async def answer_message(self, message: discord.Message) -> None:
         question = self.question_text(message)
-        images = await self.read_images(message.attachments)
+        images, notes = await self.read_images(message.attachments)
         if not question and not images:
-            await message.reply(HELP_TEXT, mention_author=False)
+            await message.reply("\n".join(notes) if notes else HELP_TEXT, mention_author=False)
             return
         async with message.channel.typing():
             # In a server the reply is public: everyone in the channel will read it.
             audience = message.channel if message.guild is not None else None
             scope = await self.scope_for(message.author, message.guild, audience)
             history = await self.history_for(message)
-            answer = await self.ask_agent(question, scope, images, history)
+            answer = with_notes(await self.ask_agent(question, scope, images, history), notes)
         parts = self.plan(answer, message.guild)
 
         async def send(**kwargs: Any) -> Any:
@@ -304,14 +312,21 @@ class Ask(commands.Cog):
         private: bool = False,
     ) -> None:
         await interaction.response.defer(thinking=True, ephemeral=private)
-        images = await self.read_images([image] if image else [])
+        images, notes = await self.read_images([image] if image else [])
         audience: discord.abc.Snowflake | None = None
         if interaction.guild is not None and not private:
             audience = interaction.channel or discord.Object(interaction.channel_id or 0)
         scope = await self.scope_for(interaction.user, interaction.guild, audience)
-        answer = await self.ask_agent(question, scope, images)
+        answer = with_notes(await self.ask_agent(question, scope, images), notes)
         parts = self.plan(answer, interaction.guild)
         await self.deliver(interaction.followup.send, parts, ephemeral=private)
+
+
+def with_notes(answer: Answer, notes: Sequence[str]) -> Answer:
+    """The answer, after a word on each attached file that was left out."""
+    if not notes:
+        return answer
+    return Answer("\n".join([*notes, answer.text]), answer.images)
 
 
 def _answer_text(message: discord.Message) -> str:
