@@ -158,7 +158,10 @@ def explain_check_failure(error: app_commands.AppCommandError) -> str | None:
     if isinstance(error, app_commands.CheckFailure):
         return "Sorry, you can't use that here."
     if isinstance(error, app_commands.TransformerError):
-        return f"I couldn't understand {error.value!r}."
+        name = getattr(error.value, "name", None)
+        if name is not None:  # a channel, role or member that could not be looked up
+            return f"I can't reach {name} right now: check that I can see it, then try again."
+        return f"I couldn't understand “{error.value}”."
     return None
 
 

@@ -20,6 +20,7 @@ from tests.discord_harness import (
     Sent,
     StartBot,
     scene_jpeg,
+    snowflake,
     start_bot,  # noqa: F401 - fixture
 )
 
@@ -259,3 +260,35 @@ async def test_two_admins_asking_for_a_reindex_at_once_get_one(
     assert len(runs) == 1
     assert "A re-index is already running." in texts(sent)
     assert texts(sent)[-1].startswith("Re-indexed 1 photos with")
+
+
+async def test_backfill_of_an_archived_thread_fetches_it(start_bot: StartBot, library: Library) -> None:  # noqa: F811
+    """An archived thread is not in the bot's cache, so Discord's pick of it arrives as a bare id
+    and name: the bot fetches the thread and backfills it like any other channel."""
+    harness = await start_bot(LAYOUT)
+    thread_id = snowflake()
+    thread = {
+        "id": str(thread_id), "name": "summer-trip", "type": 11, "guild_id": str(harness.guild_id),
+        "parent_id": str(harness.channel_ids["photos"]), "owner_id": str(harness.user_ids["ann"]),
+        "member_count": 2, "message_count": 1, "rate_limit_per_user": 0, "flags": 0,
+        "thread_metadata": {"archived": True, "auto_archive_duration": 1440,
+                            "archive_timestamp": "2024-08-01T00:00:00+00:00", "locked": False},
+    }
+    harness.world.channels[thread_id] = thread
+    user = harness.world.users[harness.user_ids["ann"]]
+    member = harness.world.members[(harness.guild_id, harness.user_ids["ann"])]
+    posted = harness.http.world_message(thread_id, user, "the lake", guild_id=harness.guild_id, member=member,
+                                        attachments=[harness.upload("lake.jpg", scene_jpeg("blue", "circle"))])
+    resolved = {"channels": {str(thread_id): {**thread, "permissions": str(discord.Permissions.all().value)}}}
+    sent = await harness.slash("boss", "general", "shoebox backfill",
+                               [{"name": "channel", "type": 7, "value": str(thread_id)}], resolved=resolved)
+    assert not any("AppCommand" in t or "ChannelType" in t for t in texts(sent))
+    assert "1 messages scanned" in texts(sent)[-1] and "(done)" in texts(sent)[-1]
+    await harness.drain()
+    assert [s.channel_id for s in await library.catalog.sources_for_messages([int(posted["id"])])] == [thread_id]
+
+    # One that cannot be fetched any more gets a sentence with its name, not an object's repr.
+    del harness.world.channels[thread_id]
+    sent = await harness.slash("boss", "general", "shoebox backfill",
+                               [{"name": "channel", "type": 7, "value": str(thread_id)}], resolved=resolved)
+    assert texts(sent) == ["I can't reach summer-trip right now: check that I can see it, then try again."]

@@ -19,7 +19,7 @@ import asyncio
 import logging
 import re
 import time
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import discord
 from discord import app_commands
@@ -40,8 +40,44 @@ MESSAGE_LINK = re.compile(
 )
 SNOWFLAKE_LIMIT = 2**63  # Discord ids are 64-bit and fit a signed SQLite INTEGER
 TOKEN_LIFETIME = 14 * 60  # interaction messages can be edited for 15 minutes; stop a little before
-ChannelArg = discord.TextChannel | discord.VoiceChannel | discord.StageChannel | discord.Thread
-RuleTarget = discord.TextChannel | discord.VoiceChannel | discord.StageChannel | discord.CategoryChannel | discord.ForumChannel | discord.Thread
+_THREADS = (discord.ChannelType.public_thread, discord.ChannelType.private_thread, discord.ChannelType.news_thread)
+_MESSAGE_CHANNELS = (discord.ChannelType.text, discord.ChannelType.news, discord.ChannelType.voice,
+                     discord.ChannelType.stage_voice, *_THREADS)
+
+
+class ChannelOption(app_commands.Transformer):
+    """A channel option of the given kinds, resolved from the cache or else fetched.
+
+    discord.py's own channel options only resolve what is cached, and an archived thread is not:
+    picking one failed with an unreadable error. Fetching it gives the real thread to work on.
+    """
+
+    def __init__(self, *kinds: discord.ChannelType) -> None:
+        self.kinds = list(kinds)
+
+    @property
+    def type(self) -> discord.AppCommandOptionType:
+        return discord.AppCommandOptionType.channel
+
+    @property
+    def channel_types(self) -> list[discord.ChannelType]:
+        return self.kinds
+
+    async def transform(self, interaction: discord.Interaction, value: Any, /) -> Any:
+        channel = value.resolve()
+        if channel is None:
+            try:
+                channel = await value.fetch()
+            except discord.HTTPException:
+                raise app_commands.TransformerError(value, self.type, self) from None
+        return channel
+
+
+ChannelArg = app_commands.Transform[discord.abc.GuildChannel | discord.Thread, ChannelOption(*_MESSAGE_CHANNELS)]
+RuleTarget = app_commands.Transform[
+    discord.abc.GuildChannel | discord.Thread,
+    ChannelOption(*_MESSAGE_CHANNELS, discord.ChannelType.category, discord.ChannelType.forum, discord.ChannelType.media),
+]
 
 
 def parse_message_link(text: str) -> tuple[int | None, int, int] | None:
