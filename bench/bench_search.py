@@ -1,8 +1,8 @@
 """Text-search latency through the real store at 10k (and, on request, 100k and 1M) images.
 
 Each size gets a real data folder: synthetic, clustered unit vectors (real photo collections are
-clustered; i.i.d. random vectors are not like them) written as catalog rows with Discord sources,
-then opened the normal way (which builds the FAISS index from SQLite) and queried with
+clustered; i.i.d. random vectors are not like them) written as catalog rows with Discord sources
+(a third with posted text, which the full-text half of each search ranks), then opened the normal way (which builds the FAISS index from SQLite) and queried with
 `tools.search.search_images` — one text forward pass of the model, FAISS, the full-text match, the
 SQLite lookups of the results. Latency is per query, end to end, p50/p99 over many queries.
 
@@ -59,8 +59,28 @@ async def create_catalog(path: Path, model_id: str, dim: int) -> None:
     await catalog.close()
 
 
+def posted_texts(count: int, rng: np.random.Generator) -> list[str]:
+    """What people wrote with their photos: one post in three has 3-10 words, mostly from a wide
+    vocabulary, one word in twenty from the queries' own (so the full-text half of every search
+    has matches to rank, as it would in a real server)."""
+    query_words = sorted({w for q in QUERIES for w in q.split() if len(w) > 2})
+    texts = []
+    for n in range(count):
+        if n % 3:
+            texts.append("")
+            continue
+        words = [
+            query_words[rng.integers(len(query_words))] if rng.random() < 0.05 else f"w{rng.zipf(1.3) % 20_000}"
+            for _ in range(rng.integers(3, 11))
+        ]
+        texts.append(" ".join(words))
+    return texts
+
+
 def fill_catalog(path: Path, vectors: np.ndarray, model_id: str, channels: int = 50) -> None:
-    """Bulk rows the way indexing would leave them (one image, one Discord source each)."""
+    """Bulk rows the way indexing would leave them (one image, one Discord source each, with
+    posted text on some)."""
+    texts = posted_texts(len(vectors), np.random.default_rng(len(vectors) + 1))
     conn = sqlite3.connect(path)
     conn.execute("PRAGMA synchronous = OFF")
     now = "2024-01-01T00:00:00+00:00"
@@ -76,8 +96,8 @@ def fill_catalog(path: Path, vectors: np.ndarray, model_id: str, channels: int =
             conn.executemany(
                 "INSERT INTO sources (image_id, kind, guild_id, channel_id, message_id, attachment_id, author_id, "
                 "author_name, channel_name, filename, posted_text, posted_at, added_at) "
-                "VALUES (?, 'discord', 1, ?, ?, ?, 7, 'someone', 'general', 'p.jpg', '', ?, ?)",
-                ((i, 1000 + i % channels, i, i, now, now) for i in ids),
+                "VALUES (?, 'discord', 1, ?, ?, ?, 7, 'someone', 'general', 'p.jpg', ?, ?, ?)",
+                ((i, 1000 + i % channels, i, i, texts[i - 1], now, now) for i in ids),
             )
         conn.execute("INSERT OR REPLACE INTO meta (key, value) VALUES ('generation', '1')")
     conn.close()

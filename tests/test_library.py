@@ -12,6 +12,8 @@ from typing import BinaryIO, Callable
 import numpy as np
 import pytest
 
+import store.db
+
 from store.db import DatabaseUnavailable, SourceRecord
 from store.embedder import ClipEmbedder
 from store.library import DB_FILE, IncomingImage, Library, ModelMismatch, file_source
@@ -124,6 +126,21 @@ async def test_words_posted_where_the_asker_cannot_read_neither_find_nor_rank_a_
     # Whoever reads #staff finds it by those words.
     staff = Filters().source_filter(Scope.channels({12}, {1}))
     assert await library.catalog.text_matches("zanzibar", 10, staff) == [last]
+
+
+async def test_text_matches_rank_the_newest_matches_in_scope(library: Library, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Ranking costs per matching row, so only the newest few matches are ranked; in a scope,
+    the newest few *in* it, however many newer ones lie outside."""
+    monkeypatch.setattr(store.db, "RANKED_TEXT_MATCHES", 2)
+    items = [IncomingImage(discord_source(1 + i, channel=11 if i < 3 else 12, text="zanzibar harbour"),
+                           jpeg_bytes((40 * i, 90, 200 - 30 * i), mark=i + 1)) for i in range(6)]
+    ids = [o.image_id for o in await library.index(items)]
+    everything = Filters().source_filter(Scope.everything())
+    assert set(await library.catalog.text_matches("zanzibar", 10, everything)) == {ids[4], ids[5]}
+    eleven = Filters().source_filter(Scope.channels({11}, {1}))
+    assert set(await library.catalog.text_matches("zanzibar", 10, eleven)) == {ids[1], ids[2]}
+    await library.set_description(ids[0], "a zanzibar dhow at dusk", "test")
+    assert ids[0] in await library.catalog.text_matches("zanzibar", 10, eleven)
 
 
 async def test_scope_returns_k_in_scope_results_even_when_others_rank_higher(library: Library) -> None:
