@@ -24,8 +24,10 @@ DEMO_QUERIES = (
 
 
 def add_command(sub: Any) -> None:
+    from bot.cli import positive_int
+
     parser = sub.add_parser("demo", help="index a generated gallery and search it (offline, ~1 min)")
-    parser.add_argument("--images", type=int, default=80, help="how many scenes to draw (default 80)")
+    parser.add_argument("--images", type=positive_int, default=80, help="how many scenes to draw (default 80)")
     parser.add_argument("--seed", type=int, default=2024, help="seed of the gallery")
     parser.set_defaults(func=run_demo)
 
@@ -46,7 +48,10 @@ async def run_demo(args: argparse.Namespace) -> int:
     gallery = settings.data_dir / "gallery"
     started = time.monotonic()
     print(f"1. Drawing {args.images} scenes into {gallery} ...")
-    generate_gallery(gallery, args.images, seed=args.seed)
+    try:
+        generate_gallery(gallery, args.images, seed=args.seed)
+    except OSError as error:
+        raise UserError(f"cannot draw the gallery into {gallery} ({error.strerror or error}): choose another folder with --data") from None
     print(f"2. Loading the {MODEL_NAME} CLIP model shipped with Shoebox ...")
     embedder = load_model(clip)
     try:

@@ -225,11 +225,6 @@ _INSERT_SOURCE = (
     "author_id, author_name, channel_name, filename, posted_text, posted_at, added_at) "
     "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
 )
-# Pages are read through a memory map rather than a read() per page: the full-text match and the
-# scope checks look up thousands of scattered rows per search. Address space, not memory: the
-# kernel's page cache holds the pages either way.
-MMAP_BYTES = 1 << 30
-
 # Full-text matching (see `Catalog.text_matches`), per table: the rowid of the oldest match that is
 # ranked, among all matches or among those in the filter (parameters: the match, the filter's, the
 # offset); then those matches with their bm25 (FTS5's `rank`).
@@ -395,7 +390,8 @@ def fts_query(text: str) -> str | None:
 
 
 class DatabaseUnavailable(RuntimeError):
-    """A database file Shoebox cannot use: damaged, not a database at all, or from a newer version.
+    """A database file Shoebox cannot use: damaged, not a database at all, from a newer version,
+    or in a folder it cannot create or write.
 
     The message is for the person running Shoebox: which file, what is wrong with it, what to do.
     """
@@ -420,7 +416,6 @@ async def open_connection(path: Path, *, foreign_keys: bool = False) -> aiosqlit
         await conn.execute("PRAGMA busy_timeout = 30000")
         await conn.execute("PRAGMA journal_mode = WAL")
         await conn.execute("PRAGMA synchronous = NORMAL")
-        await conn.execute(f"PRAGMA mmap_size = {MMAP_BYTES}")
         if foreign_keys:
             await conn.execute("PRAGMA foreign_keys = ON")
     except BaseException as error:
@@ -435,7 +430,18 @@ def _open_and_close(path: Path) -> None:
     sqlite3.connect(path).close()
 
 
+# SQLite's codes for a file it may not open or write (as opposed to one whose content is wrong).
+_ACCESS_ERRORS = frozenset({"SQLITE_CANTOPEN", "SQLITE_READONLY", "SQLITE_PERM", "SQLITE_AUTH"})
+
+
 def _unusable(path: Path, error: sqlite3.DatabaseError) -> DatabaseUnavailable:
+    """The error for a database Shoebox cannot use: access (fix the folder) or content (restore)."""
+    code = getattr(error, "sqlite_errorname", "") or ""
+    if code.startswith(tuple(_ACCESS_ERRORS)):
+        return DatabaseUnavailable(
+            f"{path} cannot be opened for writing ({error}): it must be a file, or not exist yet, in "
+            "a folder Shoebox may write to (another data folder: --data or SHOEBOX_DATA)."
+        )
     return DatabaseUnavailable(
         f"{path} cannot be opened as a database ({error}). If it was damaged, restore it from a "
         "backup; moving it aside makes Shoebox start a new, empty one."

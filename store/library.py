@@ -31,7 +31,7 @@ import numpy as np
 from PIL import Image
 
 from store import resample
-from store.db import Catalog, ImageRecord, NewImage, SourceFilter, SourceRecord, first_row
+from store.db import Catalog, DatabaseUnavailable, ImageRecord, NewImage, SourceFilter, SourceRecord, first_row
 from store.embedder import Embedder
 from store.ingest import (
     THUMBNAIL_EXTENSION,
@@ -65,6 +65,22 @@ Item = TypeVar("Item")
 
 class ModelMismatch(RuntimeError):
     """The catalog was embedded with another model than the one loaded."""
+
+
+class ReindexIncomplete(RuntimeError):
+    """Some images could not be re-embedded (their stored copy is missing or unreadable), so the
+    new vectors were not swapped in: one model's vectors never sit beside another's."""
+
+    def __init__(self, image_ids: Sequence[int], done: int) -> None:
+        self.image_ids = list(image_ids)
+        self.done = done
+        shown = ", ".join(str(i) for i in self.image_ids[:10]) + (" ..." if len(self.image_ids) > 10 else "")
+        super().__init__(
+            f"{len(self.image_ids)} image(s) could not be re-embedded because their stored copies are "
+            f"missing or unreadable (ids {shown}); the index still uses the old vectors. Restore those "
+            f"copies from a backup, or forget those images, then run the re-index again: the "
+            f"{done} image(s) already done are kept and not embedded again."
+        )
 
 
 @dataclass
@@ -157,7 +173,13 @@ class Library:
         return library
 
     async def _open(self, allow_other_model: bool) -> None:
-        self.data_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            self.data_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            raise DatabaseUnavailable(
+                f"cannot create the data folder {self.data_dir} ({error.strerror or error}): choose "
+                "another with --data or SHOEBOX_DATA"
+            ) from error
         await self.catalog.open()
         stored_model = await self.catalog.get_meta("model_id")
         if stored_model is None:
@@ -875,7 +897,8 @@ class Library:
         """Re-embed every image with another model; the old vectors serve until all are done.
 
         New vectors are staged in their own table (so an interrupted run resumes where it stopped)
-        and swapped in with one transaction at the end.
+        and swapped in with one transaction at the end, only once every image has one: raises
+        `ReindexIncomplete` (having switched nothing) when some stored copy could not be read.
         """
         catalog = self.catalog
         target = new_embedder.model_id
@@ -906,6 +929,14 @@ class Library:
             done += len(chunk)
             if progress:
                 progress(done, total_images)
+        async with catalog.reader.execute(
+            "SELECT i.id FROM images i WHERE NOT EXISTS "
+            "(SELECT 1 FROM staged_vectors v WHERE v.image_id = i.id AND v.model_id = ?) ORDER BY i.id",
+            (target,),
+        ) as cur:
+            left_out = [int(r[0]) for r in await cur.fetchall()]
+        if left_out:
+            raise ReindexIncomplete(left_out, total_images - len(left_out))
         async with catalog.transaction() as conn:
             await conn.execute(
                 "UPDATE images SET vector = (SELECT v.vector FROM staged_vectors v WHERE v.image_id = images.id), "

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from store.db import MIGRATIONS, SCHEMA_VERSION, Catalog, DatabaseUnavailable, SourceFilter
+from store.db import MIGRATIONS, SCHEMA_VERSION, Catalog, DatabaseUnavailable, SourceFilter, open_connection
 from tests.conftest import NOT_A_DATABASE, sqlite_threads, sqlite_threads_left
 
 
@@ -98,8 +98,17 @@ async def test_a_file_that_is_not_a_database_is_refused_and_no_connection_stays_
 async def test_a_database_path_that_cannot_be_opened_at_all_is_refused(tmp_path: Path) -> None:
     path = tmp_path / "shoebox.sqlite3"
     path.mkdir()  # a folder where the file should be
-    with pytest.raises(DatabaseUnavailable, match=r"shoebox.sqlite3 cannot be opened as a database \(unable to open"):
+    with pytest.raises(DatabaseUnavailable, match=r"shoebox.sqlite3 cannot be opened for writing \(unable to open"):
         await Catalog(path).open()
+
+
+async def test_a_database_that_cannot_be_written_is_not_called_damaged(tmp_path: Path) -> None:
+    """Access problems get advice about the folder, never the advice to restore or move the file."""
+    path = tmp_path / "missing-folder" / "shoebox.sqlite3"
+    with pytest.raises(DatabaseUnavailable) as refused:
+        await open_connection(path)
+    assert "cannot be opened for writing" in str(refused.value) and "--data" in str(refused.value)
+    assert "damaged" not in str(refused.value) and "backup" not in str(refused.value)
 
 
 def test_a_path_sqlite_cannot_open_leaves_no_thread_to_fail_after_the_error(

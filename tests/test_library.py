@@ -16,7 +16,7 @@ import store.db
 
 from store.db import DatabaseUnavailable, SourceRecord
 from store.embedder import ClipEmbedder
-from store.library import DB_FILE, IncomingImage, Library, ModelMismatch, file_source
+from store.library import DB_FILE, IncomingImage, Library, ModelMismatch, ReindexIncomplete, file_source
 from store.settings import Settings
 from store.thumbs import ThumbStore
 from store.vectors import HEADER_FILE, INDEX_FILE
@@ -262,7 +262,7 @@ async def test_another_model_is_refused_until_reindexed(settings, embedder, libr
     import open_clip
     import torch
 
-    await library.index([IncomingImage(discord_source(i, 1), jpeg_bytes((50 * i, 0, 0))) for i in range(1, 4)])
+    outcomes = await library.index([IncomingImage(discord_source(i, 1), jpeg_bytes((50 * i, 0, 0))) for i in range(1, 4)])
     await library.close()
     model, _, _ = open_clip.create_model_and_transforms("shoebox-tiny", pretrained=None)
     other_weights = tmp_path / "other.pt"
@@ -277,7 +277,23 @@ async def test_another_model_is_refused_until_reindexed(settings, embedder, libr
         await Library.open(settings, other)
     lib = await Library.open(settings, other, allow_other_model=True)
     try:
+        # A stored copy that cannot be read stops the switch: no image gets the new model's vector.
+        record = await lib.catalog.get_image(outcomes[1].image_id or 0)
+        assert record is not None
+        copy = lib.thumb_path(record)
+        saved = copy.read_bytes()
+        copy.unlink()
+        with pytest.raises(ReindexIncomplete, match="could not be re-embedded") as stopped:
+            await lib.reindex(other)
+        assert stopped.value.image_ids == [record.id] and stopped.value.done == 2
+        assert await lib.catalog.get_meta("model_id") == embedder.model_id
+        assert await lib.catalog.models_in_use() == {embedder.model_id: 3}
+        copy.write_bytes(saved)
+        embedded: list[int] = []
+        original = other.embed_images
+        other.embed_images = lambda images: embedded.append(len(images)) or original(images)  # type: ignore[method-assign]
         assert await lib.reindex(other) == 3
+        assert embedded == [1]  # the two staged before are kept
         assert await lib.catalog.get_meta("model_id") == other.model_id
         assert (await lib.verify(repair=False)).ok
     finally:

@@ -28,6 +28,7 @@ from discord.ext import commands
 from bot.discord_app import explain_check_failure, send_ephemeral
 from bot.jobs import BackfillState
 from store.db import SourceFilter
+from store.library import ReindexIncomplete
 
 if TYPE_CHECKING:
     from bot.cogs.indexing import Indexing
@@ -223,6 +224,14 @@ class Admin(commands.GroupCog, group_name="shoebox", group_description="Manage S
                 try:
                     library = self.bot.library
                     total = await library.reindex(library.embedder, note)
+                except ReindexIncomplete as error:
+                    log.warning("Re-index left the old vectors in place: %s", error)
+                    await progress.show(
+                        f"Re-indexing stopped: {len(error.image_ids):,} photo(s) have no readable stored copy, so "
+                        "search keeps the current vectors. `shoebox verify` on the host lists the problem.",
+                        final=True,
+                    )
+                    return
                 finally:
                     tick.cancel()
         await progress.show(f"Re-indexed {total:,} photos with `{self.bot.library.embedder.model_id}`.", final=True)
