@@ -358,32 +358,37 @@ class Agent:
 
     async def _direct(
         self, question: str, scope: Scope, attachments: Sequence[Attachment], k: int
-    ) -> tuple[list[dict[str, Any]], str]:
-        """Results without Claude: look-alikes of an attachment, else a search for the words."""
+    ) -> tuple[list[dict[str, Any]], str, str]:
+        """Results without Claude: look-alikes of an attachment, else a search for the words;
+        what they are; and why an attachment could not be used (rather than passing over it in
+        silence), or ""."""
+        unusable = []
         for attachment in attachments:
             try:
                 results = await find_similar(self.library, attachment.data, k=k, scope=scope)
-            except ToolError:
+            except ToolError as error:
+                unusable.append(f"{attachment.filename}: {error}")
                 continue
-            return results, "the images that look most like your attachment"
+            return results, "the images that look most like your attachment", ""
+        why = f" ({'; '.join(unusable)})" if unusable else ""
         if not question:
-            return [], "nothing to search for"
+            return [], "nothing to search for", why
         try:
             results = await search_images(self.library, question, k=k, scope=scope)
         except ToolError as error:
-            return [], f"no search ({error})"
-        return results, f"the closest direct matches for \u201c{_clip(question, 80)}\u201d"
+            return [], f"no search ({error})", why
+        return results, f"the closest direct matches for \u201c{_clip(question, 80)}\u201d", why
 
     async def _offline(self, question: str, scope: Scope, attachments: Sequence[Attachment]) -> Reply:
-        results, what = await self._direct(question, scope, attachments, OFFLINE_SHOWN)
+        results, what, why = await self._direct(question, scope, attachments, OFFLINE_SHOWN)
         state = _TurnState(ToolContext(scope), 0)
         state.record(ToolOutput({"results": results}, [int(r["id"]) for r in results], ranked=True))
         images = await self._shown(state.last_ranked, state, scope)
         lead = "Answers from Claude need an API key (set ANTHROPIC_API_KEY)"
         if images:
-            answer = f"{lead}; here are {what}."
+            answer = f"{lead}; here are {what}{' instead' if why else ''}{why}."
         else:
-            answer = f"{lead}; a direct search found no matching image."
+            answer = f"{lead}; a direct search found no matching image{why}."
         return Reply(answer, images, offline=True)
 
     async def _failed(
@@ -398,7 +403,7 @@ class Agent:
         log.warning("Claude failed (%s): %s", error.kind, error)
         ids = state.last_ranked[:DEFAULT_SHOWN]
         if not ids:
-            results, _ = await self._direct(question, scope, attachments, DEFAULT_SHOWN)
+            results, _, _ = await self._direct(question, scope, attachments, DEFAULT_SHOWN)
             state.record(ToolOutput({"results": results}, [int(r["id"]) for r in results], ranked=True))
             ids = state.last_ranked[:DEFAULT_SHOWN]
         images = await self._shown(ids, state, scope)

@@ -10,6 +10,7 @@ import argparse
 import asyncio
 import json
 import logging
+import os
 import sys
 import time
 from contextlib import asynccontextmanager
@@ -21,6 +22,17 @@ log = logging.getLogger("shoebox")
 
 class UserError(Exception):
     """A problem the user can fix; printed as one message, exit code 1."""
+
+
+def positive_int(text: str) -> int:
+    """An argparse type: a whole number, at least 1 (a count of things to do)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
+    return value
 
 
 # ---- output helpers ---------------------------------------------------------------------------
@@ -286,8 +298,13 @@ async def cmd_reindex(args: argparse.Namespace) -> int:
     elif args.pretrained:
         clip = replace(clip, pretrained=args.pretrained, checkpoint=None)
     new_embedder = load_model(clip)
+    from store.library import ReindexIncomplete
+
     async with open_library(args, new_embedder, allow_other_model=True) as library:
-        total = await library.reindex(new_embedder, ProgressBar("Re-embedding"))
+        try:
+            total = await library.reindex(new_embedder, ProgressBar("Re-embedding"))
+        except ReindexIncomplete as error:
+            raise UserError(str(error)) from None
     message = f"Re-embedded {total} image(s) with {new_embedder.model_id}."
     if args.model or args.pretrained:
         message += " Set SHOEBOX_CLIP_MODEL/SHOEBOX_CLIP_PRETRAINED to match before the next run."
@@ -455,13 +472,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     configure_logging(args.verbose)
     try:
-        return asyncio.run(args.func(args))
+        code = asyncio.run(args.func(args))
+        sys.stdout.flush()  # a reader that went away is noticed here, not in a traceback at exit
+        return code
     except UserError as error:
         print(f"shoebox: {error}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("shoebox: interrupted; everything committed so far is kept.", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # The reader went away (`shoebox search ... --json | head`): nothing more to say to it.
+        # What is still buffered for stdout would fail again at exit, so stdout goes nowhere.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
 
 
 if __name__ == "__main__":

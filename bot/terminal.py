@@ -8,6 +8,7 @@ useful — and testable — on a machine with no key and no network.
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence, TextIO
@@ -19,6 +20,8 @@ EXIT_WORDS = frozenset({"exit", "quit", ":q", "/exit", "/quit"})
 
 
 def add_commands(sub: Any) -> None:
+    from bot.cli import positive_int
+
     p = sub.add_parser("ask", help="ask Claude about the library (offline without ANTHROPIC_API_KEY)")
     p.add_argument("question", nargs="+", metavar="QUESTION")
     p.add_argument(
@@ -32,7 +35,7 @@ def add_commands(sub: Any) -> None:
     p.set_defaults(func=cmd_chat)
 
     p = sub.add_parser("caption", help="describe images that have no description yet with Claude")
-    p.add_argument("--limit", type=int, default=100, help="at most this many images (default 100)")
+    p.add_argument("--limit", type=positive_int, default=100, help="at most this many images (default 100)")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=cmd_caption)
 
@@ -156,13 +159,21 @@ async def cmd_chat(args: argparse.Namespace) -> int:
 
 
 def _read_line(prompt: str) -> str | None:
-    """One line from the user; None at end of input. The prompt goes to stderr when piped."""
+    """One line from the user; None at end of input. The prompt goes to stderr when piped.
+
+    While it waits at the prompt, Ctrl-C interrupts at once: asyncio's own handler would only
+    cancel the chat, which cannot happen while `input()` blocks the loop, so the first Ctrl-C did
+    nothing until Enter.
+    """
     if sys.stdin.isatty():
+        previous = signal.signal(signal.SIGINT, signal.default_int_handler)
         try:
             return input(prompt)
         except EOFError:
             print(file=sys.stderr)
             return None
+        finally:
+            signal.signal(signal.SIGINT, previous)
     sys.stderr.write(prompt)
     sys.stderr.flush()
     line = sys.stdin.readline()
@@ -181,7 +192,7 @@ async def cmd_caption(args: argparse.Namespace) -> int:
     try:
         async with open_library(args) as library:
             captioner = Captioner(library, client, settings)
-            done = await captioner.run_pending(max(0, args.limit))
+            done = await captioner.run_pending(args.limit)
             counts = await library.catalog.counts()
             left = counts["images"] - counts["described"]
     finally:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import select
 import signal
 import sqlite3
 import subprocess
@@ -89,6 +90,75 @@ def test_user_errors_exit_1_and_usage_errors_exit_2(tmp_path: Path, capsys: pyte
     with pytest.raises(SystemExit) as usage:
         main(["frobnicate"])
     assert usage.value.code == 2
+    for counts in (["demo", "--images", "0"], ["caption", "--limit", "-1"]):
+        with pytest.raises(SystemExit) as usage:
+            main(["--data", data, *counts])
+        assert usage.value.code == 2 and "must be at least 1" in capsys.readouterr().err
+
+
+def test_a_data_folder_that_cannot_be_made_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    in_the_way = tmp_path / "a-file"
+    in_the_way.write_text("not a folder")
+    for data in (in_the_way, in_the_way / "sub"):
+        for command in (["stats"], ["demo", "--images", "2"]):
+            assert main(["--data", str(data), *command]) == 1
+            err = capsys.readouterr().err
+            assert err.startswith("shoebox: cannot ") and "--data" in err and "Traceback" not in err
+
+
+def test_reindex_stops_before_switching_when_a_stored_copy_is_missing(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    data = tmp_path / "data"
+    folder = make_folder(tmp_path, good=4, broken=0)
+    assert main(["--data", str(data), "index", str(folder)]) == 0
+    next(path for path in (data / "thumbs").rglob("*") if path.is_file()).unlink()
+    capsys.readouterr()
+    assert main(["--data", str(data), "reindex"]) == 1
+    err = capsys.readouterr().err
+    assert "1 image(s) could not be re-embedded" in err and "old vectors" in err
+    code, stats = run_cli(capsys, "--data", str(data), "stats", "--json")
+    assert code == 0 and stats["images"] == 4
+
+
+def test_a_reader_that_goes_away_ends_the_command_quietly(tmp_path: Path) -> None:
+    """`shoebox search ... --json | head`: once the reader has gone, no traceback."""
+    command = [sys.executable, "-m", "bot.cli", "--data", str(tmp_path / "data"), "stats", "--json"]
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=os.environ.copy())
+    assert proc.stdout is not None and proc.stderr is not None
+    proc.stdout.close()  # gone before the command writes anything
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=120) == 141, err
+    assert "Traceback" not in err and "BrokenPipeError" not in err
+
+
+@pytest.mark.skipif(not hasattr(os, "openpty"), reason="needs a pseudo-terminal to stand in for a person's terminal")
+def test_one_ctrl_c_at_the_chat_prompt_leaves(tmp_path: Path) -> None:
+    controller, terminal = os.openpty()
+    command = [sys.executable, "-m", "bot.cli", "--data", str(tmp_path / "data"), "chat"]
+    proc = subprocess.Popen(command, stdin=terminal, stdout=terminal, stderr=terminal, env=os.environ.copy())
+    os.close(terminal)
+
+    def read_until(marker: bytes, seconds: float) -> bytes:
+        seen = b""
+        deadline = time.monotonic() + seconds
+        while marker not in seen and time.monotonic() < deadline:
+            ready, _, _ = select.select([controller], [], [], 0.2)
+            if ready:
+                try:
+                    seen += os.read(controller, 4096)
+                except OSError:  # the process closed the terminal
+                    break
+        return seen
+
+    try:
+        seen = read_until(b"you> ", 120)
+        assert b"you> " in seen, seen.decode(errors="replace")
+        proc.send_signal(signal.SIGINT)  # what the terminal sends for Ctrl-C
+        after = read_until(b"interrupted", 60)
+        assert proc.wait(timeout=60) == 130, after.decode(errors="replace")
+        assert b"Traceback" not in after
+    finally:
+        proc.kill()
+        os.close(controller)
 
 
 def test_unreachable_model_gives_advice_not_a_traceback(tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:

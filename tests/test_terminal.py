@@ -121,6 +121,14 @@ def test_ask_with_an_image_offline_finds_it_first(shoebox: Run, indexed: tuple[P
     assert out["images"][0]["id"] == indexed[1].files[0] and out["images"][0]["score"] > 0.99
 
 
+def test_ask_with_an_attachment_that_is_no_image_says_so_offline(shoebox: Run, tmp_path: Path) -> None:
+    notes = tmp_path / "notes.txt"
+    notes.write_text("shopping list: eggs, milk")
+    code, out = shoebox("ask", "red circle", "--image", str(notes), "--json")
+    assert code == 0 and out["images"]  # the words are still searched
+    assert "instead (notes.txt: " in out["answer"]
+
+
 def test_ask_with_a_rejected_key_exits_1_naming_the_variable(
     shoebox: Run, monkeypatch: pytest.MonkeyPatch, fake_anthropic: FakeAnthropic  # noqa: F811
 ) -> None:
