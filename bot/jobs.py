@@ -634,13 +634,9 @@ class IndexQueue:
         if not ids:
             return []
 
-        def in_scope(job_guild: int | None) -> bool:
-            return guild_id is None or job_guild == guild_id
-
-        self._mark_gone(lambda job: job.message_id in ids and in_scope(job.guild_id))
+        self._mark_gone(lambda job: job.message_id in ids and (guild_id is None or job.guild_id == guild_id))
         await self.store.drop_messages(ids, guild_id)
-        sources = await self.library.catalog.sources_for_messages(ids)
-        return await self.library.remove_sources([s for s in sources if in_scope(s.guild_id)])
+        return await self.library.forget_messages(ids, guild_id)
 
     async def forget_attachments(self, message_id: int, keep: set[int]) -> list[int]:
         """A message was edited: forget its attachments that are no longer in `keep`."""
@@ -771,11 +767,13 @@ class IndexQueue:
                 await self.library.set_posted_text(message_id, flight.edited[message_id])
             await self.store.finish(j.id for j in finished if j.id is not None)
             dead_ids = {j.attachment_id for j in gone}
+            stored = 0
             for job in downloaded:
                 outcome = by_attachment.get(job.attachment_id)
                 if outcome is None or job.attachment_id in dead_ids:
                     continue
                 self._count(job, outcome)
+                stored += outcome.status == "indexed"
                 if outcome.status == "failed":
                     await self._note(
                         "index", f"could not index {job.filename} (message {job.message_id}): {outcome.reason}",
@@ -783,8 +781,6 @@ class IndexQueue:
                     )
                 elif job.react and self.on_indexed is not None:
                     self._spawn(self.on_indexed(job, outcome))
-            stored = sum(by_attachment[j.attachment_id].status == "indexed" for j in downloaded
-                         if j.attachment_id in by_attachment and j.attachment_id not in dead_ids)
             if stored and self.on_new_images is not None:
                 self.on_new_images(stored)
         finally:

@@ -702,8 +702,11 @@ class Library:
             return False
         return bool(await self.remove_sources(sources))
 
-    async def forget_messages(self, message_ids: Iterable[int]) -> list[int]:
-        return await self.remove_sources(await self.catalog.sources_for_messages(message_ids))
+    async def forget_messages(self, message_ids: Iterable[int], guild_id: int | None = None) -> list[int]:
+        """Forget the photos of these messages (only those posted in `guild_id`, if given: a
+        message named by a pasted link may be another server's)."""
+        sources = await self.catalog.sources_for_messages(message_ids)
+        return await self.remove_sources([s for s in sources if guild_id is None or s.guild_id == guild_id])
 
     async def forget_where(self, column: str, value: int) -> list[int]:
         return await self.remove_sources(await self.catalog.find_sources(column, value))

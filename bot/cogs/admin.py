@@ -369,7 +369,7 @@ async def forget_message_photos(bot: "ShoeboxBot", guild_id: int, message_id: in
     if indexing is not None:
         await indexing.queue.forget_messages([message_id], guild_id=guild_id)  # type: ignore[attr-defined]
     else:
-        await bot.library.remove_sources(sources)
+        await bot.library.forget_messages([message_id], guild_id)
     return len(sources)
 
 
