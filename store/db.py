@@ -588,15 +588,16 @@ class Catalog:
                     found[record.key] = (record, str(row[-1]))
         return found
 
-    async def known_shas(self, shas: Sequence[str]) -> set[str]:
-        """Which of these sha256s are already stored."""
-        known: set[str] = set()
+    async def stored_copies(self, shas: Sequence[str]) -> dict[str, str]:
+        """The stored copy (path relative to the data folder) of each of these sha256s that is
+        already stored."""
+        known: dict[str, str] = {}
         for start in range(0, len(shas), _IN_CHUNK):
             chunk = list(shas[start : start + _IN_CHUNK])
             rows = await self.reader.execute_fetchall(
-                f"SELECT sha256 FROM images WHERE sha256 IN ({','.join('?' * len(chunk))})", chunk
+                f"SELECT sha256, thumb FROM images WHERE sha256 IN ({','.join('?' * len(chunk))})", chunk
             )
-            known.update(str(row[0]) for row in rows)
+            known.update((str(sha), str(thumb)) for sha, thumb in rows)
         return known
 
     async def get_image(self, image_id: int) -> ImageRecord | None:

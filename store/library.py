@@ -28,6 +28,7 @@ from typing import Callable, Iterable, Sequence, TypeVar
 
 import aiosqlite
 import numpy as np
+import torch
 from PIL import Image
 
 from store import resample
@@ -78,7 +79,8 @@ class ReindexIncomplete(RuntimeError):
         super().__init__(
             f"{len(self.image_ids)} image(s) could not be re-embedded because their stored copies are "
             f"missing or unreadable (ids {shown}); the index still uses the old vectors. Restore those "
-            f"copies from a backup, or forget those images, then run the re-index again: the "
+            f"copies (from a backup, or by indexing the original files again), or forget those "
+            f"images, then run the re-index again: the "
             f"{done} image(s) already done are kept and not embedded again."
         )
 
@@ -394,10 +396,15 @@ class Library:
             existing, sha256 = stored.get(item.incoming.source.key, (None, None))
             if existing is not None and sha256 == item.sha256:
                 item.outcome = IndexOutcome(existing, "unchanged", existing.image_id)
-        known = await self.catalog.known_shas([item.sha256 for item in readable if item.outcome is None])
-        # New bytes need decoding and a vector; known ones only a new source, at commit.
-        fresh = [item for item in readable if item.outcome is None and item.sha256 not in known]
-        await asyncio.gather(*(loop.run_in_executor(self._cpu, self._decode_one, item) for item in fresh))
+        copies = await self.catalog.stored_copies([item.sha256 for item in readable])
+        # New bytes need decoding and a vector; known ones only a new source, at commit (and their
+        # stored copy again, should it have gone missing).
+        fresh = [item for item in readable if item.outcome is None and item.sha256 not in copies]
+        await asyncio.gather(
+            *(loop.run_in_executor(self._cpu, self._decode_one, item) for item in fresh),
+            *(loop.run_in_executor(self._cpu, self._restore_copy, item, copies[item.sha256])
+              for item in readable if item.sha256 in copies),
+        )
         for item in prepared:
             item.data = None
         return prepared
@@ -421,17 +428,22 @@ class Library:
             out.outcome = IndexOutcome(item.source, "failed", reason=str(error))
         return out
 
+    def _decode_for_copy(self, data: bytes) -> tuple[DecodedImage, Image.Image, torch.Tensor]:
+        """Untrusted bytes decoded: the picture kept (no larger than the stored copy), the stored
+        copy itself, and the decoded pixels. Raises RejectedImage."""
+        limits = self.settings.ingest
+        decoded = decode_image(data, limits, min_side=limits.thumb_max_side)
+        pixels = resample.as_tensor(decoded.image)
+        shrunk = resample.shrink_to_fit(pixels, limits.thumb_max_side)
+        small = decoded.image if shrunk is pixels else resample.to_image(shrunk)
+        kept = DecodedImage(small, decoded.width, decoded.height, decoded.format)
+        return kept, thumbnail_of(small, limits.thumb_max_side), pixels
+
     def _decode_one(self, out: _Prepared) -> None:
         """Decode, make the stored copy and preprocess one new image (runs in a worker thread)."""
-        limits = self.settings.ingest
         assert out.data is not None
         try:
-            decoded = decode_image(out.data, limits, min_side=limits.thumb_max_side)
-            pixels = resample.as_tensor(decoded.image)
-            shrunk = resample.shrink_to_fit(pixels, limits.thumb_max_side)
-            small = decoded.image if shrunk is pixels else resample.to_image(shrunk)
-            out.decoded = DecodedImage(small, decoded.width, decoded.height, decoded.format)
-            out.copy = thumbnail_of(small, limits.thumb_max_side)
+            out.decoded, out.copy, pixels = self._decode_for_copy(out.data)
             if self._splits_preprocessing:
                 # From the decoded picture, not the copy: what open_clip's own transform would
                 # see, rather than a resize of a resize.
@@ -440,6 +452,24 @@ class Library:
             out.outcome = IndexOutcome(out.incoming.source, "failed", reason=str(error))
         except MemoryError:
             out.outcome = IndexOutcome(out.incoming.source, "failed", reason="image too large to decode")
+
+    def _restore_copy(self, item: _Prepared, relative: str) -> None:
+        """Write the stored copy of known bytes again if it has gone missing (a worker thread).
+
+        `verify` finds a lost copy but has nothing to make one from; indexing the original again
+        has. A copy under a name this version would not give it is left to `verify` to report.
+        """
+        if item.data is None or self.thumbs.absolute(relative).is_file():
+            return
+        if relative != self.thumbs.relative_path(item.sha256, THUMBNAIL_EXTENSION):
+            return
+        try:
+            _, copy, _ = self._decode_for_copy(item.data)
+            self._store_copy(item.sha256, copy)
+        except (RejectedImage, MemoryError, OSError) as error:
+            log.warning("Could not write the lost stored copy %s again: %s", relative, error)
+            return
+        log.info("Wrote the lost stored copy %s again", relative)
 
     async def _embed_batch(self, prepared: list[_Prepared], lanes: int) -> dict[int, np.ndarray]:
         """Vectors of the batch's decoded images, keyed by `id()` of their `_Prepared`; the pass
@@ -881,7 +911,7 @@ class Library:
         if absent:
             report.problems.append(
                 f"{len(absent)} stored copy/copies missing from {self.thumbs.root} "
-                "(search still works; posting those images will not)"
+                "(search still works; posting those images will not; indexing the original files again writes them)"
             )
         stray = on_disk - known
         if stray:

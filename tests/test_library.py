@@ -223,6 +223,24 @@ async def test_vector_index_is_rebuilt_or_caught_up_on_open(settings, embedder, 
         await again.close()
 
 
+async def test_indexing_the_originals_again_writes_lost_stored_copies(library: Library, tmp_path: Path) -> None:
+    folder = tmp_path / "pics"
+    folder.mkdir()
+    for i in range(3):
+        (folder / f"p{i}.jpg").write_bytes(jpeg_bytes((60 * i, 90, 30), mark=i + 1))
+    first = await library.index_paths([folder])
+    record = await library.catalog.get_image(first[1].image_id or 0)
+    assert record is not None
+    lost = library.thumb_path(record)
+    kept = lost.read_bytes()
+    lost.unlink()
+    assert any("missing" in p for p in (await library.verify(repair=True)).problems)  # found, not fixable
+    again = await library.index_paths([folder])
+    assert [o.status for o in again] == ["unchanged"] * 3
+    assert lost.read_bytes() == kept  # the same copy as before, from the same bytes
+    assert (await library.verify(repair=False)).ok
+
+
 async def test_verify_repairs_a_tampered_index_and_stray_files(library: Library, settings) -> None:
     outcomes = await library.index([IncomingImage(discord_source(i, 1), jpeg_bytes((40 * i, 10, 10))) for i in range(1, 4)])
     library.vectors.remove(np.array([outcomes[0].image_id], dtype=np.int64))
@@ -422,7 +440,7 @@ async def test_a_batch_is_settled_in_a_few_queries(library: Library, tmp_path: P
     assert [statuses[f"file:{folder / f'known{n}.jpg'}"] for n in range(5)] == ["unchanged"] * 5
     stored = await library.catalog.sources_with_sha([discord, *(file_source(p) for p in sorted(folder.iterdir()))])
     assert len(stored) == 8 and stored[discord.key][1] == stored[f"file:{folder / 'known3.jpg'}"][1]
-    assert await library.catalog.known_shas(["0" * 64, stored[discord.key][1]]) == {stored[discord.key][1]}
+    assert set(await library.catalog.stored_copies(["0" * 64, stored[discord.key][1]])) == {stored[discord.key][1]}
 
 
 def test_jobs_are_cut_into_even_batches_a_multiple_of_the_lanes() -> None:
