@@ -20,6 +20,7 @@ from tests.discord_harness import (
     Harness,
     Layout,
     StartBot,
+    deny,
     offline_agent,
     scene_jpeg,
     start_bot,  # noqa: F401 - fixture
@@ -162,6 +163,17 @@ async def test_words_edited_out_of_a_message_stop_finding_its_photo(start_bot: S
     assert await library.catalog.text_matches("flat", 5, flt) != []
     [other] = await sources_of(library, queued)
     assert other.posted_text == "the flat"
+
+
+async def test_a_mentioned_channel_is_not_named_in_the_words_kept(start_bot: StartBot, library: Library) -> None:  # noqa: F811
+    layout = Layout(channels=[ChannelSpec("photos"), ChannelSpec("merger-talks", {"@everyone": deny(view_channel=True)})],
+                    members={"ann": []})
+    harness = await start_bot(layout)
+    text = f"the board photo, more in <#{harness.channel_ids['merger-talks']}>"
+    message = await harness.post("photos", "ann", text, files=[("board.jpg", scene_jpeg("red", "circle"))])
+    await harness.drain()
+    [source] = await sources_of(library, message)
+    assert source.posted_text == "the board photo, more in #channel"
 
 
 async def test_an_edit_or_a_delete_while_the_worker_takes_the_batch_still_wins(start_bot: StartBot, library: Library) -> None:  # noqa: F811

@@ -43,13 +43,23 @@ class BackfillBusy(RuntimeError):
     """A backfill of this channel is already running."""
 
 
+def posted_words(message: discord.Message) -> str:
+    """The message's words as people read them (members and roles by name), except that a
+    mentioned channel stays a bare "#channel": its name may be hidden from some who can see the
+    photo (Discord shows them no name either)."""
+    text = message.clean_content or ""
+    for channel in message.channel_mentions:
+        text = text.replace(f"#{channel.name}", "#channel")
+    return text
+
+
 def jobs_for(message: discord.Message, react: bool) -> list[IndexJob]:
     """One job per attachment, carrying who posted it, where, when, and the message's words."""
     guild = message.guild
     if guild is None:
         return []
     channel = message.channel
-    text = message.clean_content or ""
+    text = posted_words(message)
     return [
         IndexJob(
             attachment_id=attachment.id,
@@ -209,7 +219,7 @@ class Indexing(commands.Cog):
             return
         if "content" in payload.data:
             # Words edited out must stop finding (and being shown with) the photos.
-            changed = await self.queue.update_text(payload.message_id, payload.message.clean_content or "")
+            changed = await self.queue.update_text(payload.message_id, posted_words(payload.message))
             if changed:
                 log.info("Edit of message %s changed the words of %d photo(s)", payload.message_id, changed)
         attachments = payload.data.get("attachments")
