@@ -231,6 +231,14 @@ class FakeDiscordHttp(HTTPClient):
             newest_first = [m for m in newest_first if int(m["id"]) < int(before)]
         return newest_first[:limit]
 
+    async def get_public_archived_threads(self, channel_id: int, before: Any = None, limit: int = 50) -> Any:
+        self.world.calls.append(f"archived_threads {channel_id}")
+        threads = [
+            c for c in self.world.channels.values()
+            if c.get("type") == 11 and c.get("parent_id") == str(channel_id) and c["thread_metadata"]["archived"]
+        ]
+        return {"threads": [] if before else threads, "members": [], "has_more": False}
+
     async def get_member(self, guild_id: int, member_id: int) -> Any:
         self.world.calls.append(f"get_member {guild_id} {member_id}")
         member = self.world.members.get((int(guild_id), int(member_id)))

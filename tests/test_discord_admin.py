@@ -262,14 +262,13 @@ async def test_two_admins_asking_for_a_reindex_at_once_get_one(
     assert texts(sent)[-1].startswith("Re-indexed 1 photos with")
 
 
-async def test_backfill_of_an_archived_thread_fetches_it(start_bot: StartBot, library: Library) -> None:  # noqa: F811
-    """An archived thread is not in the bot's cache, so Discord's pick of it arrives as a bare id
-    and name: the bot fetches the thread and backfills it like any other channel."""
-    harness = await start_bot(LAYOUT)
+def archived_thread_with_a_photo(harness: Harness, parent: str, name: str) -> tuple[int, dict, dict]:
+    """A public thread of `parent`, archived long ago (so not in the bot's cache), in which Ann
+    posted a photo: (its id, its payload, the message)."""
     thread_id = snowflake()
     thread = {
-        "id": str(thread_id), "name": "summer-trip", "type": 11, "guild_id": str(harness.guild_id),
-        "parent_id": str(harness.channel_ids["photos"]), "owner_id": str(harness.user_ids["ann"]),
+        "id": str(thread_id), "name": name, "type": 11, "guild_id": str(harness.guild_id),
+        "parent_id": str(harness.channel_ids[parent]), "owner_id": str(harness.user_ids["ann"]),
         "member_count": 2, "message_count": 1, "rate_limit_per_user": 0, "flags": 0,
         "thread_metadata": {"archived": True, "auto_archive_duration": 1440,
                             "archive_timestamp": "2024-08-01T00:00:00+00:00", "locked": False},
@@ -279,6 +278,25 @@ async def test_backfill_of_an_archived_thread_fetches_it(start_bot: StartBot, li
     member = harness.world.members[(harness.guild_id, harness.user_ids["ann"])]
     posted = harness.http.world_message(thread_id, user, "the lake", guild_id=harness.guild_id, member=member,
                                         attachments=[harness.upload("lake.jpg", scene_jpeg("blue", "circle"))])
+    return thread_id, thread, posted
+
+
+async def test_a_backfill_of_the_whole_server_takes_in_archived_threads(start_bot: StartBot, library: Library) -> None:  # noqa: F811
+    harness = await start_bot(LAYOUT)
+    thread_id, _, posted = archived_thread_with_a_photo(harness, "photos", "summer-trip")
+    sent = await harness.slash("boss", "general", "shoebox backfill")
+    assert "1 messages scanned" in "\n".join(texts(sent))
+    assert f"archived_threads {harness.channel_ids['photos']}" in harness.world.calls
+    await harness.drain()
+    assert [s.channel_id for s in await library.catalog.sources_for_messages([int(posted["id"])])] == [thread_id]
+    assert [t.thread_id for t in await harness.bot.jobs.known_threads(harness.guild_id)] == [thread_id]
+
+
+async def test_backfill_of_an_archived_thread_fetches_it(start_bot: StartBot, library: Library) -> None:  # noqa: F811
+    """An archived thread is not in the bot's cache, so Discord's pick of it arrives as a bare id
+    and name: the bot fetches the thread and backfills it like any other channel."""
+    harness = await start_bot(LAYOUT)
+    thread_id, thread, posted = archived_thread_with_a_photo(harness, "photos", "summer-trip")
     resolved = {"channels": {str(thread_id): {**thread, "permissions": str(discord.Permissions.all().value)}}}
     sent = await harness.slash("boss", "general", "shoebox backfill",
                                [{"name": "channel", "type": 7, "value": str(thread_id)}], resolved=resolved)

@@ -265,7 +265,7 @@ class Admin(commands.GroupCog, group_name="shoebox", group_description="Manage S
                 return
             targets = [resolved]
         else:
-            targets = indexing.backfill_targets(guild)
+            targets = await indexing.backfill_targets(guild)
         if not targets:
             await interaction.response.send_message("There is no channel here I can read.", ephemeral=True)
             return

@@ -247,14 +247,27 @@ class Indexing(commands.Cog):
 
     # ---- backfill ---------------------------------------------------------------------------
 
-    def backfill_targets(self, guild: discord.Guild) -> list[Messageable]:
-        """Channels and active threads the bot may read, that the rules let in."""
+    async def backfill_targets(self, guild: discord.Guild) -> list[Messageable]:
+        """Channels and threads the bot may read, that the rules let in: archived public threads
+        too, which Discord only lists on request (a thread of last summer's trip is archived
+        long since, and its photos are what a backfill is for)."""
         me = guild.me
-        targets: list[Messageable] = []
+        if me is None:
+            return []
+        targets: dict[int, Messageable] = {}
         for channel in [*guild.text_channels, *guild.voice_channels, *guild.stage_channels, *guild.threads]:
-            if me is not None and can_read_history(channel, me) and self.wants(channel):
-                targets.append(channel)
-        return targets
+            if can_read_history(channel, me) and self.wants(channel):
+                targets[channel.id] = channel
+        for parent in [*guild.text_channels, *guild.forums]:
+            if not can_read_history(parent, me):
+                continue
+            try:
+                async for thread in parent.archived_threads(limit=None):
+                    if can_read_history(thread, me) and self.wants(thread):
+                        targets.setdefault(thread.id, thread)
+            except discord.HTTPException as error:
+                log.info("Cannot list the archived threads of #%s: %s", parent.name, error)
+        return list(targets.values())
 
     async def backfill(
         self,
