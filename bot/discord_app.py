@@ -117,7 +117,9 @@ def mentions_pattern(user_id: int) -> re.Pattern[str]:
 def addresses_bot(message: discord.Message, me: discord.abc.User) -> bool:
     """Is this message a question to the bot: a DM, a mention, or a reply to one of its messages?"""
     if message.guild is None:
-        return True
+        # A DM, or a server's message whose server is missing from the cache: the latter must
+        # never be answered, in a channel others read, with a DM's scope (all shared servers).
+        return isinstance(message.channel, discord.DMChannel)
     if any(user.id == me.id for user in message.mentions):
         return True
     reference = message.reference

@@ -27,6 +27,7 @@ from tests.discord_harness import (
     allow,
     deny,
     scene_jpeg,
+    snowflake,
     start_bot,  # noqa: F401 - fixture
 )
 from tests.fake_anthropic import (
@@ -184,6 +185,24 @@ async def test_a_crashing_agent_never_reaches_the_user_and_the_bot_carries_on(st
     posted = await harness.post("general", "ann", files=[("x.jpg", scene_jpeg("blue", "star"))])
     await harness.drain()
     assert await harness.bot.library.catalog.sources_for_messages([posted.id])
+
+
+async def test_a_server_message_without_its_server_is_not_taken_for_a_dm(start_bot: StartBot) -> None:  # noqa: F811
+    """discord.py gives a message no guild when its server is not in the cache; only a real DM
+    channel makes it a DM, whose scope spans every server the asker shares with the bot."""
+    harness = await start_bot(LAYOUT)
+    unknown_server = snowflake()  # not in the bot's cache: discord.py gives the message no guild
+    data = harness.http.world_message(harness.channel_ids["general"], harness.world.users[harness.user_ids["ann"]],
+                                      f"<@{harness.world.bot_user['id']}> the secret plans", guild_id=unknown_server,
+                                      mentions=[harness.world.bot_user])
+    before = len(harness.world.sent)
+    harness.bot._connection.parse_message_create(data)
+    await harness.settle()
+    message = harness.bot._connection._get_message(int(data["id"]))
+    assert message is not None and message.guild is None
+    assert harness.sent_since(before) == []
+    await harness.post("", "ann", "a red circle", dm=True)  # a real DM is still answered
+    assert harness.sent_since(before)
 
 
 async def test_an_empty_mention_gets_a_hint(start_bot: StartBot) -> None:  # noqa: F811
