@@ -203,6 +203,9 @@ async def test_backfill_is_resumable_and_reports_progress_in_one_message(start_b
     assert state is not None and state.scanned == 150 and not state.done
     first_calls = [c for c in harness.world.calls if c.startswith(f"logs_from {channel_id}")]
     assert first_calls[0].endswith("before=None limit=100")
+    status = "\n".join(texts(await harness.slash("boss", "general", "shoebox status")))
+    assert f"Backfill <#{channel_id}>: 150 messages scanned" in status
+    assert "in progress" not in status and "stopped: `/shoebox backfill` goes on from here" in status
 
     sent = await harness.slash("boss", "general", "shoebox backfill", options, resolved=resolved)
     assert "230 messages scanned" in texts(sent)[-1] and "(done)" in texts(sent)[-1]

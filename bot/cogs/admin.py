@@ -122,8 +122,8 @@ class ProgressMessage:
         self._shown, self._last_edit = text, now
 
 
-def _state_line(channel: str, state: BackfillState) -> str:
-    status = "done" if state.done else "in progress"
+def _state_line(channel: str, state: BackfillState, running: bool = True) -> str:
+    status = "done" if state.done else "in progress" if running else "stopped: `/shoebox backfill` goes on from here"
     return f"{channel}: {state.scanned:,} messages scanned, {state.queued:,} photos queued ({status})"
 
 
@@ -190,7 +190,8 @@ class Admin(commands.GroupCog, group_name="shoebox", group_description="Manage S
             lines.append("Channel rules: none (every channel I can read)")
         states = await self.bot.jobs.backfill_states(guild.id)
         for state in states[:5]:
-            lines.append("Backfill " + _state_line(f"<#{state.channel_id}>", state))
+            running = self.indexing.is_backfilling(state.channel_id)
+            lines.append("Backfill " + _state_line(f"<#{state.channel_id}>", state, running))
         errors = await self.bot.jobs.recent_errors(5, guild.id)
         if errors:
             lines.append("Recent problems:")

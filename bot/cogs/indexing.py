@@ -269,6 +269,9 @@ class Indexing(commands.Cog):
                 log.info("Cannot list the archived threads of #%s: %s", parent.name, error)
         return list(targets.values())
 
+    def is_backfilling(self, channel_id: int) -> bool:
+        return channel_id in self._backfilling
+
     async def backfill(
         self,
         channel: Messageable,
