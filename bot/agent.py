@@ -47,6 +47,7 @@ MAX_SHOWN = 6  # images one reply may show
 DEFAULT_SHOWN = 3  # shown from the last search when the answer cites none
 OFFLINE_SHOWN = DEFAULT_K
 MAX_ATTACHMENTS = 4  # attached images Claude sees and find_similar can use
+MAX_IMAGES_PER_REQUEST = 100  # the Messages API refuses a request with more images than this
 ATTACHMENT_SIDE = 768  # the asker's own image is shown to Claude a little larger than results
 MAX_CALLS_PER_STEP = 8
 MAX_HISTORY_TURNS = 8
@@ -206,7 +207,7 @@ class Agent:
         s = self.settings
         state = _TurnState(
             ToolContext(scope, tuple(a.data for a in attachments)),
-            image_budget=s.images_per_result * s.max_steps,
+            image_budget=preview_budget(s.images_per_result, s.max_steps, len(attachments)),
         )
         try:
             async with asyncio.timeout(s.answer_timeout):
@@ -414,6 +415,12 @@ class Agent:
 
 
 # ---- helpers ------------------------------------------------------------------------------------
+
+
+def preview_budget(per_result: int, steps: int, attachments: int) -> int:
+    """How many previews one turn may send: every request of the turn carries all of them so far
+    and the asker's attachments, and must stay within the API's limit on images."""
+    return max(0, min(per_result * steps, MAX_IMAGES_PER_REQUEST - attachments))
 
 
 def _choose(text: str, state: _TurnState) -> tuple[list[int], str]:

@@ -19,7 +19,17 @@ import anthropic
 import pytest
 from PIL import Image
 
-from bot.agent import NOTHING_ASKED, STEP_LIMIT_NOTE, Agent, Attachment, Reply, Turn
+from bot.agent import (
+    MAX_ATTACHMENTS,
+    MAX_IMAGES_PER_REQUEST,
+    NOTHING_ASKED,
+    STEP_LIMIT_NOTE,
+    Agent,
+    Attachment,
+    Reply,
+    Turn,
+    preview_budget,
+)
 from bot.llm import DEFAULT_MODEL, AgentSettings, make_client
 from store.library import Library
 from store.settings import SettingsError
@@ -154,6 +164,13 @@ def test_settings_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("SHOEBOX_AGENT_IMAGES", "many")
     with pytest.raises(SettingsError, match="SHOEBOX_AGENT_IMAGES"):
         AgentSettings.from_env()
+
+
+def test_a_turn_never_sends_more_images_than_one_request_may_carry() -> None:
+    assert preview_budget(3, 4, 2) == 12  # the defaults: 3 previews per result, 4 rounds
+    most = preview_budget(10, 20, MAX_ATTACHMENTS)  # the highest settings allowed
+    assert most + MAX_ATTACHMENTS == MAX_IMAGES_PER_REQUEST == 100
+    assert preview_budget(0, 20, 4) == 0
 
 
 # ---- conversations ---------------------------------------------------------------------------
