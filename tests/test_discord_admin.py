@@ -19,6 +19,8 @@ from tests.discord_harness import (
     Layout,
     Sent,
     StartBot,
+    allow,
+    deny,
     scene_jpeg,
     snowflake,
     start_bot,  # noqa: F401 - fixture
@@ -313,3 +315,17 @@ async def test_backfill_of_an_archived_thread_fetches_it(start_bot: StartBot, li
     sent = await harness.slash("boss", "general", "shoebox backfill",
                                [{"name": "channel", "type": 7, "value": str(thread_id)}], resolved=resolved)
     assert texts(sent) == ["I can't reach summer-trip right now: check that I can see it, then try again."]
+
+
+async def test_a_backfill_with_nothing_to_read_says_so_after_answering_at_once(start_bot: StartBot) -> None:  # noqa: F811
+    """Looking for channels and archived threads takes a request per channel: the command answers
+    first (Discord allows 3 s), then edits its answer."""
+    hidden = {"@everyone": deny(view_channel=True), "admin": allow(view_channel=True)}
+    layout = Layout(roles={"admin": discord.Permissions(manage_guild=True)},
+                    channels=[ChannelSpec("general", hidden), ChannelSpec("photos", hidden)], members={"boss": ["admin"]})
+    harness = await start_bot(layout)
+    sent = await harness.slash("boss", "general", "shoebox backfill")
+    assert [(s.kind, s.content) for s in sent] == [
+        ("interaction", "Backfill: looking for channels and threads…"),
+        ("edit", "There is no channel here I can read."),
+    ]

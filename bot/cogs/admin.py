@@ -265,13 +265,18 @@ class Admin(commands.GroupCog, group_name="shoebox", group_description="Manage S
                 )
                 return
             targets = [resolved]
+            await interaction.response.send_message("Backfill: starting on 1 channel(s)…", ephemeral=True)
+            progress = ProgressMessage(interaction, self.bot.config.progress_interval)
         else:
+            # Listing archived threads is a request per channel: answered first, within the 3 s
+            # Discord gives an interaction.
+            await interaction.response.send_message("Backfill: looking for channels and threads…", ephemeral=True)
+            progress = ProgressMessage(interaction, self.bot.config.progress_interval)
             targets = await indexing.backfill_targets(guild)
-        if not targets:
-            await interaction.response.send_message("There is no channel here I can read.", ephemeral=True)
-            return
-        await interaction.response.send_message(f"Backfill: starting on {len(targets)} channel(s)…", ephemeral=True)
-        progress = ProgressMessage(interaction, self.bot.config.progress_interval)
+            if not targets:
+                await progress.show("There is no channel here I can read.", final=True)
+                return
+            await progress.show(f"Backfill: starting on {len(targets)} channel(s)…", final=True)
         finished: list[str] = []
 
         for number, target in enumerate(targets, start=1):
