@@ -400,14 +400,30 @@ class Library:
         # New bytes need decoding and a vector; known ones only a new source, at commit (and their
         # stored copy again, should it have gone missing).
         fresh = [item for item in readable if item.outcome is None and item.sha256 not in copies]
-        await asyncio.gather(
-            *(loop.run_in_executor(self._cpu, self._decode_one, item) for item in fresh),
-            *(loop.run_in_executor(self._cpu, self._restore_copy, item, copies[item.sha256])
-              for item in readable if item.sha256 in copies),
+        known = [item for item in readable if item.sha256 in copies]
+        _, restored = await asyncio.gather(
+            asyncio.gather(*(loop.run_in_executor(self._cpu, self._decode_one, item) for item in fresh)),
+            asyncio.gather(*(loop.run_in_executor(self._cpu, self._restore_copy, item, copies[item.sha256])
+                             for item in known)),
         )
+        await self._keep_restored_copies_of_stored_images([item for item, wrote in zip(known, restored) if wrote])
         for item in prepared:
             item.data = None
         return prepared
+
+    async def _keep_restored_copies_of_stored_images(self, restored: list[_Prepared]) -> None:
+        """A copy written again for an image that was forgotten meanwhile goes again.
+
+        Checked after writing and under the write lock: a forget that commits before this check
+        is seen here, one that commits after it deletes the file itself, and no batch can be
+        storing the same bytes in between.
+        """
+        if not restored:
+            return
+        async with self.catalog.transaction() as conn:
+            for item in restored:
+                if await first_row(conn, "SELECT 1 FROM images WHERE sha256 = ?", (item.sha256,)) is None:
+                    self.thumbs.delete(self.thumbs.relative_path(item.sha256, THUMBNAIL_EXTENSION))
 
     def _read_one(self, item: IncomingImage) -> _Prepared:
         """Read and hash one image (runs in a worker thread)."""
@@ -453,23 +469,25 @@ class Library:
         except MemoryError:
             out.outcome = IndexOutcome(out.incoming.source, "failed", reason="image too large to decode")
 
-    def _restore_copy(self, item: _Prepared, relative: str) -> None:
-        """Write the stored copy of known bytes again if it has gone missing (a worker thread).
+    def _restore_copy(self, item: _Prepared, relative: str) -> bool:
+        """Write the stored copy of known bytes again if it has gone missing (a worker thread);
+        returns whether it wrote one.
 
         `verify` finds a lost copy but has nothing to make one from; indexing the original again
         has. A copy under a name this version would not give it is left to `verify` to report.
         """
         if item.data is None or self.thumbs.absolute(relative).is_file():
-            return
+            return False
         if relative != self.thumbs.relative_path(item.sha256, THUMBNAIL_EXTENSION):
-            return
+            return False
         try:
             _, copy, _ = self._decode_for_copy(item.data)
             self._store_copy(item.sha256, copy)
         except (RejectedImage, MemoryError, OSError) as error:
             log.warning("Could not write the lost stored copy %s again: %s", relative, error)
-            return
+            return False
         log.info("Wrote the lost stored copy %s again", relative)
+        return True
 
     async def _embed_batch(self, prepared: list[_Prepared], lanes: int) -> dict[int, np.ndarray]:
         """Vectors of the batch's decoded images, keyed by `id()` of their `_Prepared`; the pass

@@ -241,6 +241,29 @@ async def test_indexing_the_originals_again_writes_lost_stored_copies(library: L
     assert (await library.verify(repair=False)).ok
 
 
+async def test_a_copy_written_again_for_a_photo_forgotten_meanwhile_goes_again(library: Library, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The same photo is posted again while its stored copy is missing, and its first post is
+    deleted while the repost is being read: the photo leaves the catalog, and its copy with it."""
+    data = jpeg_bytes((10, 120, 200))
+    [first] = await library.index([IncomingImage(discord_source(1, channel=11), data)])
+    record = await library.catalog.get_image(first.image_id or 0)
+    assert record is not None
+    copy = library.thumb_path(record)
+    copy.unlink()  # lost: the repost will write it again
+    catalog = library.catalog
+    look_up = catalog.stored_copies
+
+    async def then_deleted(shas: list[str]) -> dict[str, str]:
+        found = await look_up(shas)
+        await library.forget_messages([10])  # the first post is deleted meanwhile
+        return found
+
+    monkeypatch.setattr(catalog, "stored_copies", then_deleted)
+    await library.index([IncomingImage(discord_source(2, channel=12), data)])
+    assert (await catalog.counts())["images"] == 0
+    assert not copy.exists(), "the forgotten photo's stored copy was written back"
+
+
 async def test_verify_repairs_a_tampered_index_and_stray_files(library: Library, settings) -> None:
     outcomes = await library.index([IncomingImage(discord_source(i, 1), jpeg_bytes((40 * i, 10, 10))) for i in range(1, 4)])
     library.vectors.remove(np.array([outcomes[0].image_id], dtype=np.int64))
