@@ -166,14 +166,16 @@ async def test_words_edited_out_of_a_message_stop_finding_its_photo(start_bot: S
 
 
 async def test_a_mentioned_channel_is_not_named_in_the_words_kept(start_bot: StartBot, library: Library) -> None:  # noqa: F811
-    layout = Layout(channels=[ChannelSpec("photos"), ChannelSpec("merger-talks", {"@everyone": deny(view_channel=True)})],
+    hidden = {"@everyone": deny(view_channel=True)}
+    layout = Layout(channels=[ChannelSpec("photos"), ChannelSpec("merger", hidden), ChannelSpec("merger-with-acme", hidden)],
                     members={"ann": []})
     harness = await start_bot(layout)
-    text = f"the board photo, more in <#{harness.channel_ids['merger-talks']}>"
+    ids = harness.channel_ids
+    text = f"the board photo, more in <#{ids['merger']}> and <#{ids['merger-with-acme']}>, not #merger-rumours"
     message = await harness.post("photos", "ann", text, files=[("board.jpg", scene_jpeg("red", "circle"))])
     await harness.drain()
     [source] = await sources_of(library, message)
-    assert source.posted_text == "the board photo, more in #channel"
+    assert source.posted_text == "the board photo, more in #channel and #channel, not #merger-rumours"
 
 
 async def test_an_edit_or_a_delete_while_the_worker_takes_the_batch_still_wins(start_bot: StartBot, library: Library) -> None:  # noqa: F811

@@ -17,6 +17,7 @@ page, so an interrupted backfill resumes where it stopped.
 from __future__ import annotations
 
 import logging
+import re
 from dataclasses import replace
 from typing import TYPE_CHECKING, Awaitable, Callable, Iterable
 
@@ -43,14 +44,26 @@ class BackfillBusy(RuntimeError):
     """A backfill of this channel is already running."""
 
 
+_MENTION = re.compile(r"<(@[!&]?|#)([0-9]{15,20})>")
+
+
 def posted_words(message: discord.Message) -> str:
-    """The message's words as people read them (members and roles by name), except that a
-    mentioned channel stays a bare "#channel": its name may be hidden from some who can see the
-    photo (Discord shows them no name either)."""
-    text = message.clean_content or ""
-    for channel in message.channel_mentions:
-        text = text.replace(f"#{channel.name}", "#channel")
-    return text
+    """The message's words as people read them (members and roles by name, as discord.py's
+    `clean_content` gives them), except that a mentioned channel stays a bare "#channel": its
+    name may be hidden from some who can see the photo (Discord shows them no name either)."""
+    guild = message.guild
+
+    def named(mention: re.Match[str]) -> str:
+        kind, ident = mention[1], int(mention[2])
+        if kind == "#":
+            return "#channel"
+        if kind == "@&":
+            role = guild.get_role(ident) if guild else None
+            return f"@{role.name}" if role else "@deleted-role"
+        member = (guild.get_member(ident) if guild else None) or discord.utils.get(message.mentions, id=ident)
+        return f"@{member.display_name}" if member else "@deleted-user"
+
+    return discord.utils.escape_mentions(_MENTION.sub(named, message.content or ""))
 
 
 def jobs_for(message: discord.Message, react: bool) -> list[IndexJob]:
