@@ -167,7 +167,6 @@ class Admin(commands.GroupCog, group_name="shoebox", group_description="Manage S
         assert guild is not None
         # Only this server's figures and problems: its admins are not those of the others.
         library = self.bot.library
-        stats = await library.stats()
         here = await library.catalog.visible_image_ids(
             SourceFilter(guild_ids=frozenset({guild.id}), include_files=False)
         )
@@ -176,7 +175,7 @@ class Admin(commands.GroupCog, group_name="shoebox", group_description="Manage S
         lines = [
             "**Shoebox status**",
             f"Photos from this server: **{len(here):,}**",
-            f"Model: `{stats['model']}`",
+            f"Model: `{library.embedder.model_id}`",
             f"Queue: {await queue.pending(guild.id):,} waiting"
             + ("" if queue.running else " (worker stopped!)")
             + f" · since start: {counters.indexed:,} indexed, {counters.duplicates:,} duplicates, "
@@ -265,13 +264,14 @@ class Admin(commands.GroupCog, group_name="shoebox", group_description="Manage S
                 )
                 return
             targets = [resolved]
-            await interaction.response.send_message("Backfill: starting on 1 channel(s)…", ephemeral=True)
-            progress = ProgressMessage(interaction, self.bot.config.progress_interval)
+            opening = "Backfill: starting on 1 channel(s)…"
         else:
             # Listing archived threads is a request per channel: answered first, within the 3 s
             # Discord gives an interaction.
-            await interaction.response.send_message("Backfill: looking for channels and threads…", ephemeral=True)
-            progress = ProgressMessage(interaction, self.bot.config.progress_interval)
+            opening = "Backfill: looking for channels and threads…"
+        await interaction.response.send_message(opening, ephemeral=True)
+        progress = ProgressMessage(interaction, self.bot.config.progress_interval)
+        if channel is None:
             targets = await indexing.backfill_targets(guild)
             if not targets:
                 await progress.show("There is no channel here I can read.", final=True)
