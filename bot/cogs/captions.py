@@ -37,14 +37,13 @@ class Captions(commands.Cog):
         settings = AgentSettings.from_env()
         if not settings.captions:
             return
+        assert self.bot.library is not None
         self.client = make_client(settings)
-        if self.client is None:
+        started = background_task(self.bot.library, self.client, settings)
+        if started is None:  # captions are on, so it is the key that is missing
             log.warning("SHOEBOX_CAPTIONS is on but ANTHROPIC_API_KEY is not set: no captions will be written.")
             return
-        assert self.bot.library is not None
-        started = background_task(self.bot.library, self.client, settings)
-        if started is not None:
-            self.task, self.captioner = started
+        self.task, self.captioner = started
         log.info("Describing new photos in the background, at most %d a minute", settings.captions_per_minute)
 
     @commands.Cog.listener()
