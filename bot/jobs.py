@@ -11,6 +11,8 @@ rebuilt without touching the other:
 * `backfill`: how far back each channel's history has been scanned, so a backfill resumes.
 * `threads`: each thread's parent, needed to decide who may see photos from archived threads.
 * `errors`: the last few problems, for `/shoebox status`.
+* `seen`: the newest message seen in each channel, so that photos posted while the bot was away
+  are caught up when it comes back.
 
 `IndexQueue` is the worker. It takes due jobs a batch at a time, downloads them concurrently (a
 few at once), hands the bytes to `Library.index` (which decodes and embeds in executors, so the
@@ -39,7 +41,7 @@ from store.library import IncomingImage, IndexOutcome, Library
 log = logging.getLogger(__name__)
 
 DB_FILE = "bot.sqlite3"
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 KEEP_ERRORS = 50
 
 # Each entry upgrades the schema from version i to i + 1. Append; never edit a released step.
@@ -105,6 +107,15 @@ MIGRATIONS: list[str] = [
     ALTER TABLE errors ADD COLUMN guild_id INTEGER;
     CREATE INDEX errors_guild ON errors (guild_id, id);
     """,
+    # Catching up after a restart starts from the newest message seen in each channel.
+    """
+    CREATE TABLE seen (
+        channel_id INTEGER PRIMARY KEY,
+        guild_id INTEGER NOT NULL,
+        newest_id INTEGER NOT NULL
+    );
+    CREATE INDEX seen_guild ON seen (guild_id);
+    """,
 ]
 assert len(MIGRATIONS) == SCHEMA_VERSION
 
@@ -156,6 +167,15 @@ class BackfillState:
     queued: int = 0
     done: bool = False
     updated_at: str = ""
+
+
+@dataclass(frozen=True)
+class SeenMark:
+    """The newest message of a channel known to have been seen (live, by a backfill or a catch-up)."""
+
+    channel_id: int
+    guild_id: int
+    newest_id: int
 
 
 @dataclass(frozen=True)
@@ -431,10 +451,26 @@ class JobStore:
         async with self.conn.execute("SELECT thread_id FROM threads WHERE parent_id = ?", (parent_id,)) as cur:
             return [int(r[0]) for r in await cur.fetchall()]
 
+    # ---- the newest message seen per channel ------------------------------------------------
+
+    async def note_seen(self, channel_id: int, guild_id: int, message_id: int) -> None:
+        """Record that every message of the channel up to `message_id` has been seen (never
+        moves back)."""
+        async with self._lock:
+            await self.conn.execute(
+                "INSERT INTO seen (channel_id, guild_id, newest_id) VALUES (?, ?, ?) "
+                "ON CONFLICT (channel_id) DO UPDATE SET newest_id = MAX(newest_id, excluded.newest_id)",
+                (channel_id, guild_id, message_id),
+            )
+
+    async def seen_marks(self) -> list[SeenMark]:
+        async with self.conn.execute("SELECT channel_id, guild_id, newest_id FROM seen ORDER BY channel_id") as cur:
+            return [SeenMark(int(a), int(b), int(c)) for a, b, c in await cur.fetchall()]
+
     async def forget_guild(self, guild_id: int) -> None:
         """Everything the bot kept about a guild it left."""
         async with self._transaction() as conn:
-            for table in ("jobs", "channel_rules", "backfill", "threads"):
+            for table in ("jobs", "channel_rules", "backfill", "threads", "seen"):
                 await conn.execute(f"DELETE FROM {table} WHERE guild_id = ?", (guild_id,))
 
     async def forget_channel(self, channel_id: int) -> None:
@@ -442,6 +478,7 @@ class JobStore:
             await conn.execute("DELETE FROM jobs WHERE channel_id = ?", (channel_id,))
             await conn.execute("DELETE FROM channel_rules WHERE channel_id = ?", (channel_id,))
             await conn.execute("DELETE FROM backfill WHERE channel_id = ?", (channel_id,))
+            await conn.execute("DELETE FROM seen WHERE channel_id = ?", (channel_id,))
             await conn.execute(
                 "DELETE FROM threads WHERE thread_id = ? OR parent_id = ?", (channel_id, channel_id)
             )

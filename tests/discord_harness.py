@@ -105,6 +105,7 @@ class World:
     typing: list[int] = field(default_factory=list)
     calls: list[str] = field(default_factory=list)
     cdn_failures: dict[str, int] = field(default_factory=dict)  # url -> how many times to fail first
+    history_failures: dict[int, int] = field(default_factory=dict)  # channel -> history requests to fail
 
 
 class FakeDiscordHttp(HTTPClient):
@@ -225,10 +226,19 @@ class FakeDiscordHttp(HTTPClient):
     async def logs_from(
         self, channel_id: int, limit: int, before: int | None = None, after: int | None = None, around: int | None = None
     ) -> Any:
-        self.world.calls.append(f"logs_from {channel_id} before={before} limit={limit}")
+        self.world.calls.append(
+            f"logs_from {channel_id} before={before} limit={limit}" + (f" after={after}" if after is not None else "")
+        )
+        failing = self.world.history_failures.get(int(channel_id), 0)
+        if failing:
+            self.world.history_failures[int(channel_id)] = failing - 1
+            raise discord.HTTPException(_Response(500, "Internal Server Error"), "history unavailable")  # type: ignore[arg-type]
         newest_first = sorted(self.world.messages.get(int(channel_id), {}).values(), key=lambda m: -int(m["id"]))
         if before is not None:
             newest_first = [m for m in newest_first if int(m["id"]) < int(before)]
+        if after is not None:
+            # Discord gives the `limit` messages right after `after`, newest first.
+            return [m for m in newest_first if int(m["id"]) > int(after)][-limit:]
         return newest_first[:limit]
 
     async def get_public_archived_threads(self, channel_id: int, before: Any = None, limit: int = 50) -> Any:
@@ -603,6 +613,23 @@ class Harness:
         message = self.bot._connection._get_message(int(data["id"]))
         assert message is not None
         return message
+
+    def post_while_away(
+        self, channel: str, author: str, content: str = "", files: Sequence[tuple[str, bytes]] = ()
+    ) -> int:
+        """A member posts while the bot is not connected: Discord keeps the message, the bot gets
+        no event, and the channel's last message id is what the next connection reports."""
+        user_id = self.user_ids[author]
+        channel_id = self.channel_ids[channel]
+        data = self.http.world_message(
+            channel_id, self.world.users[user_id], content, guild_id=self.guild_id,
+            member=dict(self.world.members[(self.guild_id, user_id)]),
+            attachments=[self.upload(name, body) for name, body in files],
+        )
+        cached = self.bot.get_channel(channel_id)
+        assert cached is not None
+        cached.last_message_id = int(data["id"])  # type: ignore[union-attr]
+        return int(data["id"])
 
     def _dm_channel(self, user_id: int) -> int:
         for channel_id, channel in self.world.channels.items():

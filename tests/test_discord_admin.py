@@ -203,6 +203,9 @@ async def test_backfill_is_resumable_and_reports_progress_in_one_message(start_b
     assert "150 messages scanned" in texts(sent)[-1] and "in progress" in texts(sent)[-1]
     state = await harness.bot.jobs.backfill_state(channel_id)
     assert state is not None and state.scanned == 150 and not state.done
+    # Its newest message is where a restart catches up from.
+    marks = {m.channel_id: m.newest_id for m in await harness.bot.jobs.seen_marks()}
+    assert marks[channel_id] == max(harness.world.messages[channel_id])
     first_calls = [c for c in harness.world.calls if c.startswith(f"logs_from {channel_id}")]
     assert first_calls[0].endswith("before=None limit=100")
     status = "\n".join(texts(await harness.slash("boss", "general", "shoebox status")))

@@ -348,3 +348,80 @@ async def test_a_failing_event_handler_is_logged_and_the_bot_carries_on(  # noqa
     later = await harness.post("general", "ann", files=[("b.jpg", scene_jpeg("blue", "star"))])
     await harness.drain()
     assert len(await sources_of(library, later)) == 1
+
+
+async def test_photos_posted_while_the_bot_was_away_are_caught_up_on_connecting(start_bot: StartBot, library: Library) -> None:  # noqa: F811
+    """Live posts keep each channel's newest message; on (re)connecting the bot reads forward
+    from it, queues what it missed (without reactions on old posts) and asks nothing of quiet
+    channels."""
+    harness = await start_bot(LAYOUT)
+    await harness.post("photos", "ann", "before", files=[("a.jpg", scene_jpeg("red", "circle"))])
+    await harness.post("general", "ben", "just words")
+    await harness.post("random", "ben", "just words")
+    await harness.drain()
+    reactions = len(harness.world.reactions)
+    # Away: 130 messages in #photos (more than a page), three of them with photos, one in #general.
+    missed = []
+    for n in range(130):
+        files = [(f"m{n}.jpg", scene_jpeg("blue" if n % 2 else "green", "star", seed=n))] if n % 50 == 0 else []
+        message_id = harness.post_while_away("photos", "ann", f"message {n}", files)
+        if files:
+            missed.append(message_id)
+    missed.append(harness.post_while_away("general", "ben", "late", [("g.jpg", scene_jpeg("yellow", "heart"))]))
+    calls = len(harness.world.calls)
+
+    harness.bot.dispatch("ready")
+    indexing = harness.bot.get_cog("Indexing")
+    for _ in range(100):  # the listener runs as a task of its own
+        if indexing._catching_up is not None:  # type: ignore[union-attr]
+            break
+        await asyncio.sleep(0.01)
+    assert await indexing._catching_up == (131, 4)  # type: ignore[union-attr]
+    await harness.drain()
+
+    indexed = await library.catalog.sources_for_messages(missed)
+    assert sorted(s.message_id for s in indexed) == sorted(missed)
+    assert len(harness.world.reactions) == reactions  # old posts get no reaction
+    history = [c for c in harness.world.calls[calls:] if c.startswith("logs_from")]
+    asked = {int(c.split()[1]) for c in history}
+    assert asked == {harness.channel_ids["photos"], harness.channel_ids["general"]}  # #random had nothing new
+    marks = {m.channel_id: m.newest_id for m in await harness.bot.jobs.seen_marks()}
+    assert marks[harness.channel_ids["photos"]] == max(harness.world.messages[harness.channel_ids["photos"]])
+    # Connecting again reads nothing twice.
+    calls = len(harness.world.calls)
+    assert await indexing.catch_up() == (0, 0)  # type: ignore[union-attr]
+    assert not any(c.startswith("logs_from") for c in harness.world.calls[calls:])
+
+
+async def test_a_failed_catch_up_keeps_its_place_for_the_next_connection(start_bot: StartBot, library: Library) -> None:  # noqa: F811
+    """History that cannot be read now is reported; posts arriving live meanwhile must not move
+    the kept mark past the messages still unread, so the next connection finds them."""
+    harness = await start_bot(LAYOUT)
+    await harness.post("photos", "ann", "before")
+    missed = harness.post_while_away("photos", "ann", "away", [("a.jpg", scene_jpeg("red", "circle"))])
+    harness.world.history_failures[harness.channel_ids["photos"]] = 1
+    indexing = harness.bot.get_cog("Indexing")
+    assert await indexing.catch_up() == (0, 0)  # type: ignore[union-attr]
+    assert "catch-up" in [e.place for e in await harness.bot.jobs.recent_errors(5, harness.guild_id)]
+    live = await harness.post("photos", "ben", "live now")
+    await harness.drain()
+    assert await library.catalog.sources_for_messages([missed]) == []
+
+    assert await indexing.catch_up() == (2, 1)  # type: ignore[union-attr]
+    await harness.drain()
+    assert len(await library.catalog.sources_for_messages([missed])) == 1
+    marks = {m.channel_id: m.newest_id for m in await harness.bot.jobs.seen_marks()}
+    assert marks[harness.channel_ids["photos"]] == live.id
+
+
+async def test_channels_never_seen_or_excluded_are_not_caught_up(start_bot: StartBot, library: Library) -> None:  # noqa: F811
+    """Catching up covers the gap after what the bot saw; older history is what a backfill is for."""
+    harness = await start_bot(LAYOUT)
+    await harness.post("random", "ann", "seen")
+    indexing = harness.bot.get_cog("Indexing")
+    await indexing.set_rule(harness.guild_id, harness.channel_ids["random"], "exclude")  # type: ignore[union-attr]
+    harness.post_while_away("random", "ann", "away", [("r.jpg", scene_jpeg("red", "circle"))])
+    harness.post_while_away("general", "ann", "away", [("g.jpg", scene_jpeg("blue", "star"))])
+    calls = len(harness.world.calls)
+    assert await indexing.catch_up() == (0, 0)  # type: ignore[union-attr]
+    assert not any(c.startswith("logs_from") for c in harness.world.calls[calls:])

@@ -90,10 +90,26 @@ async def test_a_first_schema_job_file_is_upgraded_and_problems_are_kept_per_ser
         await store.note_error("index", "in server 2", guild_id=2)
         assert [e.message for e in await store.recent_errors(5, guild_id=1)] == ["in server 1"]
         assert [e.message for e in await store.recent_errors(5)] == ["in server 2", "in server 1", "from before"]
+        # The table of the newest message seen per channel came with the upgrade too.
+        await store.note_seen(10, 1, 500)
+        assert [(m.channel_id, m.newest_id) for m in await store.seen_marks()] == [(10, 500)]
     finally:
         await store.close()
     with sqlite3.connect(path) as conn:
-        assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 2
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 3
+
+
+async def test_the_newest_message_seen_never_moves_back_and_leaves_with_its_channel(store: JobStore) -> None:
+    await store.note_seen(10, 1, 500)
+    await store.note_seen(10, 1, 400)  # an older message, seen later (a backfill page)
+    await store.note_seen(11, 1, 300)
+    await store.note_seen(20, 2, 900)
+    assert [(m.channel_id, m.guild_id, m.newest_id) for m in await store.seen_marks()] == [
+        (10, 1, 500), (11, 1, 300), (20, 2, 900)
+    ]
+    await store.forget_channel(11)
+    await store.forget_guild(2)
+    assert [(m.channel_id, m.newest_id) for m in await store.seen_marks()] == [(10, 500)]
 
 
 async def test_a_full_queue_makes_producers_wait(store: JobStore, library: Library) -> None:

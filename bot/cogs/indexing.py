@@ -12,10 +12,16 @@ and batches in flight.
 Backfill walks a channel's history newest to oldest through `channel.history` (discord.py pages
 and rate-limits the requests), queueing photos as it goes and saving how far it got after every
 page, so an interrupted backfill resumes where it stopped.
+
+Catching up covers the other gap: photos posted while the bot was stopped or disconnected. The
+newest message seen in each channel is kept; on connecting, each channel with newer messages is
+read forward from there.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import re
 from dataclasses import replace
@@ -25,7 +31,7 @@ import discord
 from discord.ext import commands
 
 from bot.discord_app import addresses_bot
-from bot.jobs import BackfillState, DownloadGone, IndexJob, IndexQueue
+from bot.jobs import BackfillState, DownloadGone, IndexJob, IndexQueue, SeenMark
 from bot.scope import KnownThread, can_read_history
 from store.db import to_iso
 from store.library import IndexOutcome
@@ -38,6 +44,7 @@ log = logging.getLogger(__name__)
 BACKFILL_PAGE = 100  # messages per saved step; also discord.py's page size for history
 Progress = Callable[[BackfillState], Awaitable[None]]
 Messageable = discord.TextChannel | discord.VoiceChannel | discord.StageChannel | discord.Thread
+MESSAGEABLE = (discord.TextChannel, discord.VoiceChannel, discord.StageChannel, discord.Thread)
 
 
 class BackfillBusy(RuntimeError):
@@ -128,6 +135,9 @@ class Indexing(commands.Cog):
         )
         self._rules: dict[int, dict[int, str]] = {}
         self._backfilling: set[int] = set()
+        self._newest_noted: dict[int, int] = {}
+        self._behind: dict[int, int] = {}  # channel -> newest live message, held while it catches up
+        self._catching_up: asyncio.Task[tuple[int, int]] | None = None
 
     async def cog_load(self) -> None:
         self._rules = await self.bot.jobs.rules()
@@ -137,6 +147,10 @@ class Indexing(commands.Cog):
         self.queue.start()
 
     async def cog_unload(self) -> None:
+        if self._catching_up is not None:
+            self._catching_up.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._catching_up
         await self.queue.stop()
 
     # ---- rules ----------------------------------------------------------------------------
@@ -179,10 +193,10 @@ class Indexing(commands.Cog):
 
     @commands.Cog.listener()
     async def on_message(self, message: discord.Message) -> None:
-        if not self.indexable(message):
-            return
-        await self.remember_thread(message.channel)
-        await self.queue.submit(jobs_for(message, react=self.bot.config.reaction is not None))
+        if self.indexable(message):
+            await self.remember_thread(message.channel)
+            await self.queue.submit(jobs_for(message, react=self.bot.config.reaction is not None))
+        await self.note_seen(message)  # after its photos are queued: a crash between misses nothing
 
     async def acknowledge(self, job: IndexJob, outcome: IndexOutcome) -> None:
         """React to an indexed photo's message; silently skip when reactions are not allowed."""
@@ -258,6 +272,104 @@ class Indexing(commands.Cog):
         self._rules.pop(guild.id, None)
         log.info("Removed from %s: forgot %d photo(s)", guild.name, len(gone))
 
+    # ---- what was posted while the bot was away -----------------------------------------------
+
+    async def note_seen(self, message: discord.Message) -> None:
+        """Keep the newest message of each indexed channel, where a restart catches up from.
+
+        Held back while the channel is behind (being caught up, or its catch-up failed): the
+        kept mark must not jump past messages that have not been read yet.
+        """
+        channel = message.channel
+        if message.guild is None or not isinstance(channel, MESSAGEABLE):
+            return
+        if not self.wants(channel):
+            return
+        if channel.id in self._behind:
+            self._behind[channel.id] = max(self._behind[channel.id], message.id)
+            return
+        if message.id <= self._newest_noted.get(channel.id, 0):
+            return
+        self._newest_noted[channel.id] = message.id
+        await self.bot.jobs.note_seen(channel.id, message.guild.id, message.id)
+
+    @commands.Cog.listener()
+    async def on_ready(self) -> None:
+        """Every (re)connection that starts a new gateway session may have missed messages."""
+        if self._catching_up is None or self._catching_up.done():
+            self._catching_up = asyncio.create_task(self.catch_up(), name="shoebox-catch-up")
+
+    async def catch_up(self) -> tuple[int, int]:
+        """Queue the photos posted while the bot was away: each channel with messages newer than
+        the newest one it had seen is read forward from there. Returns (messages read, photos
+        queued). A channel that fails is reported and tried again on the next connection."""
+        read = queued = channels = 0
+        try:
+            for mark in await self.bot.jobs.seen_marks():
+                channel = self._needs_catching_up(mark)
+                if channel is None:
+                    continue
+                try:
+                    scanned, found = await self._catch_up_channel(channel, mark.newest_id)
+                except discord.HTTPException as error:
+                    log.warning("Could not catch up on #%s: %s", channel.name, error)
+                    await self.bot.jobs.note_error("catch-up", f"#{channel.name}: {error}", mark.guild_id)
+                    continue
+                channels += 1
+                read += scanned
+                queued += found
+        except Exception:
+            log.exception("Catching up on missed messages failed")
+        if read:
+            log.info(
+                "Caught up on %d message(s) posted while away, in %d channel(s): %d photo(s) queued",
+                read, channels, queued,
+            )
+        return read, queued
+
+    def _needs_catching_up(self, mark: SeenMark) -> Messageable | None:
+        """The channel of `mark` if it may have unread messages the bot may read, else None."""
+        guild = self.bot.get_guild(mark.guild_id)
+        if guild is None or guild.me is None:
+            return None
+        channel = guild.get_channel_or_thread(mark.channel_id)
+        if not isinstance(channel, MESSAGEABLE):
+            return None  # gone, or an archived thread (nothing can be posted in one)
+        if not can_read_history(channel, guild.me) or not self.wants(channel):
+            return None
+        last = channel.last_message_id
+        if last is not None and last <= mark.newest_id and mark.channel_id not in self._behind:
+            return None  # nothing new: no request needed
+        return channel
+
+    async def _catch_up_channel(self, channel: Messageable, after_id: int) -> tuple[int, int]:
+        """Read `channel` forward from `after_id` to the present, queueing photos and moving the
+        kept mark along a page at a time (a restart meanwhile goes on from there)."""
+        self._behind[channel.id] = max(self._behind.get(channel.id, 0), after_id)
+        await self.remember_thread(channel)
+        read = queued = 0
+        newest = after_id
+        page: list[IndexJob] = []
+        async for message in channel.history(limit=None, after=discord.Object(after_id), oldest_first=True):
+            read += 1
+            newest = message.id
+            if self.indexable(message):
+                page.extend(jobs_for(message, react=False))
+            if read % BACKFILL_PAGE == 0:
+                queued += await self._queue_caught_up(channel, page, newest)
+                page = []
+        queued += await self._queue_caught_up(channel, page, newest)
+        newest_live = self._behind.pop(channel.id)
+        if newest_live > newest:
+            self._newest_noted[channel.id] = newest_live
+            await self.bot.jobs.note_seen(channel.id, channel.guild.id, newest_live)
+        return read, queued
+
+    async def _queue_caught_up(self, channel: Messageable, page: list[IndexJob], newest: int) -> int:
+        queued = await self.queue.submit(page) if page else 0
+        await self.bot.jobs.note_seen(channel.id, channel.guild.id, newest)
+        return queued
+
     # ---- backfill ---------------------------------------------------------------------------
 
     async def backfill_targets(self, guild: discord.Guild) -> list[Messageable]:
@@ -321,6 +433,8 @@ class Indexing(commands.Cog):
         page: list[IndexJob] = []
         oldest: int | None = None
         async for message in channel.history(limit=limit, before=before, oldest_first=False):
+            if before is None and seen == 0:
+                await self.note_seen(message)  # the newest message: a restart catches up from here
             seen += 1
             unsaved += 1
             oldest = message.id
