@@ -41,7 +41,7 @@ from store.library import IncomingImage, IndexOutcome, Library
 log = logging.getLogger(__name__)
 
 DB_FILE = "bot.sqlite3"
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 KEEP_ERRORS = 50
 
 # Each entry upgrades the schema from version i to i + 1. Append; never edit a released step.
@@ -116,6 +116,10 @@ MIGRATIONS: list[str] = [
     );
     CREATE INDEX seen_guild ON seen (guild_id);
     """,
+    # A problem about one channel (a file name, its history) is shown only to who can view it.
+    """
+    ALTER TABLE errors ADD COLUMN channel_id INTEGER;
+    """,
 ]
 assert len(MIGRATIONS) == SCHEMA_VERSION
 
@@ -183,6 +187,7 @@ class ErrorNote:
     at: str
     place: str
     message: str
+    channel_id: int | None = None  # the channel it is about, if any
 
 
 _JOB_COLUMNS = (
@@ -485,12 +490,15 @@ class JobStore:
 
     # ---- errors -----------------------------------------------------------------------------
 
-    async def note_error(self, place: str, message: str, guild_id: int | None = None) -> None:
-        """Keep a problem for `/shoebox status` in `guild_id` (None: for the logs only)."""
+    async def note_error(
+        self, place: str, message: str, guild_id: int | None = None, channel_id: int | None = None
+    ) -> None:
+        """Keep a problem for `/shoebox status` in `guild_id` (None: for the logs only), about
+        `channel_id` when it names something posted there."""
         async with self._lock:
             await self.conn.execute(
-                "INSERT INTO errors (at, place, message, guild_id) VALUES (?, ?, ?, ?)",
-                (utc_now(), place, message[:500], guild_id),
+                "INSERT INTO errors (at, place, message, guild_id, channel_id) VALUES (?, ?, ?, ?, ?)",
+                (utc_now(), place, message[:500], guild_id, channel_id),
             )
             await self.conn.execute(
                 "DELETE FROM errors WHERE id <= (SELECT MAX(id) FROM errors) - ?", (KEEP_ERRORS,)
@@ -500,9 +508,9 @@ class JobStore:
         """The latest problems, of every server or of one."""
         where, params = ("", ()) if guild_id is None else ("WHERE guild_id = ? ", (guild_id,))
         async with self.conn.execute(
-            f"SELECT at, place, message FROM errors {where}ORDER BY id DESC LIMIT ?", (*params, limit)
+            f"SELECT at, place, message, channel_id FROM errors {where}ORDER BY id DESC LIMIT ?", (*params, limit)
         ) as cur:
-            return [ErrorNote(str(a), str(b), str(c)) for a, b, c in await cur.fetchall()]
+            return [ErrorNote(str(a), str(b), str(c), d) for a, b, c, d in await cur.fetchall()]
 
 
 # ---- the worker --------------------------------------------------------------------------------
@@ -776,7 +784,7 @@ class IndexQueue:
                 elif isinstance(result, _TooBig):
                     log.info("Not indexing %s: %s", job.filename, result)
                     self._tally(job.guild_id, "rejected")
-                    await self._note("index", f"{job.filename} (message {job.message_id}): {result}", job.guild_id)
+                    await self._note("index", f"{job.filename} (message {job.message_id}): {result}", job)
                     finished.append(job)
                 elif isinstance(result, asyncio.CancelledError):
                     raise result
@@ -813,8 +821,7 @@ class IndexQueue:
                 stored += outcome.status == "indexed"
                 if outcome.status == "failed":
                     await self._note(
-                        "index", f"could not index {job.filename} (message {job.message_id}): {outcome.reason}",
-                        job.guild_id,
+                        "index", f"could not index {job.filename} (message {job.message_id}): {outcome.reason}", job
                     )
                 elif job.react and self.on_indexed is not None:
                     self._spawn(self.on_indexed(job, outcome))
@@ -852,7 +859,7 @@ class IndexQueue:
             await self.store.finish([job.id])
             await self._note(
                 "download", f"gave up on {job.filename} (message {job.message_id}) after {attempts} tries: {reason}",
-                job.guild_id,
+                job,
             )
             return
         delays = self.settings.retry_delays or (10.0,)
@@ -861,9 +868,11 @@ class IndexQueue:
         log.info("Will retry %s in %.0fs: %s", job.filename, delay, reason)
         await self.store.postpone(job.id, attempts, time.time() + delay, reason)
 
-    async def _note(self, place: str, message: str, guild_id: int | None = None) -> None:
+    async def _note(self, place: str, message: str, job: IndexJob | None = None) -> None:
         try:
-            await self.store.note_error(place, message, guild_id)
+            await self.store.note_error(
+                place, message, None if job is None else job.guild_id, None if job is None else job.channel_id
+            )
         except Exception:
             log.exception("Could not record an error")
 

@@ -465,6 +465,7 @@ class Harness:
             roles.append(_role(role_id, role_name, permissions, position))
         bot_role = snowflake()
         roles.append(_role(bot_role, "Shoebox", BOT_PERMISSIONS, len(roles), managed=True))
+        self.role_ids["Shoebox"] = bot_role  # the bot's own role, for overwrites that let it in
         for member_name in layout.members:
             self.user_ids[member_name] = snowflake()
         bot_id = int(self.world.bot_user["id"])

@@ -332,3 +332,30 @@ async def test_a_backfill_with_nothing_to_read_says_so_after_answering_at_once(s
         ("interaction", "Backfill: looking for channels and threads…"),
         ("edit", "There is no channel here I can read."),
     ]
+
+
+async def test_admin_views_leave_out_channels_the_admin_cannot_view(start_bot: StartBot) -> None:  # noqa: F811
+    """Managing the server does not open every channel: a file name from a staff channel, or its
+    backfill counts, are not shown to an admin who cannot view it, but are to one who can."""
+    staff_only = {"@everyone": deny(view_channel=True), "staff": allow(view_channel=True),
+                  "Shoebox": allow(view_channel=True)}
+    layout = Layout(
+        roles={"admin": discord.Permissions(manage_guild=True), "staff": discord.Permissions()},
+        channels=[ChannelSpec("general"), ChannelSpec("staff-room", staff_only)],
+        members={"boss": ["admin"], "chief": ["admin", "staff"], "ann": ["staff"]},
+    )
+    harness = await start_bot(layout)
+    await harness.post("staff-room", "ann", files=[("layoff-list.txt", b"not a photo")])
+    await harness.post("general", "ann", files=[("menu.txt", b"not a photo either")])
+    await harness.drain()
+    secret = harness.channel_ids["staff-room"]
+
+    backfill = "\n".join(texts(await harness.slash("boss", "general", "shoebox backfill")))
+    assert f"<#{secret}>" not in backfill and "a channel you cannot view: done" in backfill
+    assert f"<#{harness.channel_ids['general']}>: 1 messages scanned" in backfill
+
+    status = "\n".join(texts(await harness.slash("boss", "general", "shoebox status")))
+    assert "layoff-list" not in status and f"<#{secret}>" not in status
+    assert "could not index menu.txt" in status
+    status = "\n".join(texts(await harness.slash("chief", "general", "shoebox status")))
+    assert "could not index layoff-list.txt" in status and f"Backfill <#{secret}>: 1 messages scanned" in status

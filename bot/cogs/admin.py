@@ -26,7 +26,8 @@ from discord import app_commands
 from discord.ext import commands
 
 from bot.discord_app import explain_check_failure, send_ephemeral
-from bot.jobs import BackfillState
+from bot.jobs import KEEP_ERRORS, BackfillState
+from bot.scope import can_read_history, readable_channel_ids
 from store.db import SourceFilter
 from store.library import ReindexIncomplete
 
@@ -122,8 +123,16 @@ class ProgressMessage:
         self._shown, self._last_edit = text, now
 
 
-def _state_line(channel: str, state: BackfillState, running: bool = True) -> str:
+# Managing a server does not open every channel in it: a channel the admin cannot read is named
+# only as this, and neither its file names nor its counts are shown.
+HIDDEN_CHANNEL = "a channel you cannot view"
+
+
+def _state_line(channel: str | None, state: BackfillState, running: bool = True) -> str:
+    """One channel's backfill; `channel` None for one the admin cannot view (no name, no counts)."""
     status = "done" if state.done else "in progress" if running else "stopped: `/shoebox backfill` goes on from here"
+    if channel is None:
+        return f"{HIDDEN_CHANNEL}: {status}"
     return f"{channel}: {state.scanned:,} messages scanned, {state.queued:,} photos queued ({status})"
 
 
@@ -187,11 +196,17 @@ class Admin(commands.GroupCog, group_name="shoebox", group_description="Manage S
             lines.append(f"Channel rules: {described}")
         else:
             lines.append("Channel rules: none (every channel I can read)")
-        states = await self.bot.jobs.backfill_states(guild.id)
+        admin = interaction.user
+        readable = (
+            readable_channel_ids(guild, admin, await self.bot.jobs.known_threads(guild.id))
+            if isinstance(admin, discord.Member) else set()
+        )
+        states = [s for s in await self.bot.jobs.backfill_states(guild.id) if s.channel_id in readable]
         for state in states[:5]:
             running = self.indexing.is_backfilling(state.channel_id)
             lines.append("Backfill " + _state_line(f"<#{state.channel_id}>", state, running))
-        errors = await self.bot.jobs.recent_errors(5, guild.id)
+        noted = await self.bot.jobs.recent_errors(KEEP_ERRORS, guild.id)
+        errors = [e for e in noted if e.channel_id is None or e.channel_id in readable][:5]
         if errors:
             lines.append("Recent problems:")
             lines += [f"• {e.at} {e.place}: {e.message}" for e in errors]
@@ -281,24 +296,30 @@ class Admin(commands.GroupCog, group_name="shoebox", group_description="Manage S
 
         for number, target in enumerate(targets, start=1):
             header = f"Backfill {number}/{len(targets)}"
+            # A whole-server backfill also reads channels this admin cannot view: named for them
+            # only as that, with no counts.
+            admin = interaction.user
+            label = target.mention if isinstance(admin, discord.Member) and can_read_history(target, admin) else None
 
-            async def report(state: BackfillState, header: str = header, target: object = target) -> None:
-                await progress.show(f"{header}: " + _state_line(getattr(target, "mention", "?"), state))
+            async def report(state: BackfillState, header: str = header, label: str | None = label) -> None:
+                await progress.show(f"{header}: " + _state_line(label, state))
 
             try:
                 state = await indexing.backfill(target, limit, report, restart)  # type: ignore[arg-type]
             except BackfillBusy as error:
-                finished.append(f"{target.mention}: {error}")  # type: ignore[union-attr]
+                finished.append(f"{label or HIDDEN_CHANNEL}: {'already being backfilled' if label is None else error}")
                 continue
             except discord.Forbidden:
-                finished.append(f"{target.mention}: I may not read its history")  # type: ignore[union-attr]
+                finished.append(f"{label or HIDDEN_CHANNEL}: I may not read its history")
                 continue
             except discord.HTTPException as error:
                 log.warning("Backfill of %s stopped: %s", target, error)
-                await self.bot.jobs.note_error("backfill", f"#{getattr(target, 'name', target)}: {error}", guild.id)
-                finished.append(f"{target.mention}: stopped ({error.status}); run it again to resume")  # type: ignore[union-attr]
+                await self.bot.jobs.note_error(
+                    "backfill", f"#{getattr(target, 'name', target)}: {error}", guild.id, target.id
+                )
+                finished.append(f"{label or HIDDEN_CHANNEL}: stopped ({error.status}); run it again to resume")
                 continue
-            finished.append(_state_line(target.mention, state))  # type: ignore[union-attr]
+            finished.append(_state_line(label, state))
         summary = "Backfill finished; the photos are being indexed now.\n" + "\n".join(finished)
         await progress.show(summary[:2000], final=True)
 

@@ -313,7 +313,7 @@ class Indexing(commands.Cog):
                     scanned, found = await self._catch_up_channel(channel, mark.newest_id)
                 except discord.HTTPException as error:
                     log.warning("Could not catch up on #%s: %s", channel.name, error)
-                    await self.bot.jobs.note_error("catch-up", f"#{channel.name}: {error}", mark.guild_id)
+                    await self.bot.jobs.note_error("catch-up", f"#{channel.name}: {error}", mark.guild_id, channel.id)
                     continue
                 channels += 1
                 read += scanned
