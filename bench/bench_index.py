@@ -9,8 +9,9 @@ advance and is timed alone, in the same precision the indexer uses.
 A shared 2-core machine drifts by 10-20% from one minute to the next, more than most changes to
 the pipeline are worth, so the two are measured in alternation: bare, index, bare, index, ...,
 bare. Each round's ratio is its indexing rate over the mean of the bare passes either side of
-it, and the figure reported is the median round. A profile of the CPU each photo costs outside
-the model, step by step on one thread, follows the ratio.
+it, and the figure reported is the median round. Then where the CPU goes: the model's passes per
+photo alone and while indexing (timed on the threads that run them), each thread pool's CPU per
+photo while indexing, and a profile of each step outside the model on one quiet thread.
 
 The default job, 480 photos (30 batches), is long enough to measure the pipeline's steady rate,
 the one a backfill sees. Filling the pipeline costs nothing (both cores decode the first batches),
@@ -101,14 +102,19 @@ def bare_in_lanes(embedder: ClipEmbedder, batches: list[torch.Tensor], lanes: in
     return sum(len(t) for t in batches) / watch.seconds
 
 
-def bare_forward(embedder: ClipEmbedder, batches: list[torch.Tensor], ways: dict[str, list[float]]) -> float:
+def bare_forward(
+    embedder: ClipEmbedder, batches: list[torch.Tensor], ways: dict[str, list[float]], clock: ModelClock
+) -> tuple[float, float]:
     """The bare pass in its fastest setting here: one batch on all threads, or batches in lanes
-    as the indexer runs them, whichever is faster (both are recorded in `ways`)."""
+    as the indexer runs them, whichever is faster (both are recorded in `ways`); and the CPU
+    milliseconds per image of the passes in lanes, whose one thread each the clock sees whole."""
     one = bare_one_pass(embedder, batches)
+    clock.take_ms_per_image()  # that pass's other OpenMP thread is not on the clock: left out
     lanes = bare_in_lanes(embedder, batches, MODEL_LANES)
+    model_ms = clock.take_ms_per_image()
     ways.setdefault("one_batch_all_threads", []).append(round(one, 2))
     ways.setdefault(f"{MODEL_LANES}_lanes", []).append(round(lanes, 2))
-    return max(one, lanes)
+    return max(one, lanes), model_ms
 
 
 def cpu_seconds() -> float:
@@ -116,19 +122,78 @@ def cpu_seconds() -> float:
     return times.user + times.system
 
 
-async def pipeline(settings: Settings, embedder: ClipEmbedder, paths: list[Path]) -> tuple[float, float]:
-    """Images per second indexing `paths[1:]` into a new library (`paths[0]` warms it up), and
-    how many cores the process kept busy meanwhile."""
+class ModelClock:
+    """CPU time of the model's forward passes, on whichever thread runs them: whether a pass
+    costs more beside the pipeline's other work (caches, memory bandwidth) than alone."""
+
+    def __init__(self, embedder: ClipEmbedder) -> None:
+        self.seconds = 0.0
+        self.images = 0
+        self._lock = threading.Lock()
+        forward = embedder._embed_batch
+
+        def timed(batch: torch.Tensor) -> np.ndarray:
+            started = time.thread_time()
+            vectors = forward(batch)
+            with self._lock:
+                self.seconds += time.thread_time() - started
+                self.images += len(batch)
+            return vectors
+
+        embedder._embed_batch = timed  # type: ignore[method-assign]
+
+    def take_ms_per_image(self) -> float:
+        """Milliseconds per image since the last call."""
+        with self._lock:
+            result = 1000 * self.seconds / max(1, self.images)
+            self.seconds, self.images = 0.0, 0
+        return round(result, 2)
+
+
+def threads_cpu() -> dict[str, float]:
+    """CPU seconds so far of this process's threads, summed per pool (the name before `_n`);
+    empty where /proc is not there."""
+    names = {thread.native_id: thread.name for thread in threading.enumerate()}
+    ticks = os.sysconf("SC_CLK_TCK")
+    totals: dict[str, float] = {}
+    try:
+        tasks = os.listdir("/proc/self/task")
+    except OSError:
+        return totals
+    for tid in tasks:
+        try:
+            with open(f"/proc/self/task/{tid}/stat") as handle:
+                fields = handle.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue  # the thread ended meanwhile
+        name = names.get(int(tid), "other").rsplit("_", 1)[0]
+        name = "sqlite" if "_connection_worker" in name else name
+        totals[name] = totals.get(name, 0.0) + (int(fields[11]) + int(fields[12])) / ticks
+    return totals
+
+
+async def pipeline(
+    settings: Settings, embedder: ClipEmbedder, paths: list[Path], by_thread: dict[str, float], clock: ModelClock
+) -> tuple[float, float, float]:
+    """Images per second indexing `paths[1:]` into a new library (`paths[0]` warms it up), how
+    many cores the process kept busy meanwhile, and the model's CPU milliseconds per image in
+    its lanes; `by_thread` gets each thread pool's CPU milliseconds per photo."""
     library = await Library.open(settings, embedder)
     try:
         await library.index([IncomingImage(file_source(paths[0]))])  # warm-up, not counted
+        clock.take_ms_per_image()
         items = [IncomingImage(file_source(p)) for p in paths[1:]]
+        threads_before = threads_cpu()
         cpu_before = cpu_seconds()
         with Stopwatch() as watch:
             outcomes = await library.index(items)
         busy = (cpu_seconds() - cpu_before) / watch.seconds
+        for name, seconds in threads_cpu().items():
+            spent = seconds - threads_before.get(name, 0.0)
+            if spent > 0:
+                by_thread[name] = round(1000 * spent / len(items), 2)
         assert sum(o.status == "indexed" for o in outcomes) == len(items), "every photo must index"
-        return len(items) / watch.seconds, busy
+        return len(items) / watch.seconds, busy, clock.take_ms_per_image()
     finally:
         await library.close()
 
@@ -195,15 +260,23 @@ def main() -> None:
         embedder = ClipEmbedder(clip)
         batches = model_inputs(embedder, paths[1:], args.batch)
         ways: dict[str, list[float]] = {}
-        bare = [bare_forward(embedder, batches, ways)]
+        clock = ModelClock(embedder)
+        rate, model_ms = bare_forward(embedder, batches, ways, clock)
+        bare, model_alone = [rate], [model_ms]
+        model_indexing: list[float] = []
+        by_thread: list[dict[str, float]] = []
         indexed: list[float] = []
         cores_busy: list[float] = []
         for number in range(max(1, args.rounds)):
             settings = Settings(data_dir=root / f"data{number}", clip=clip, ingest=IngestSettings())
-            rate, busy = asyncio.run(pipeline(settings, embedder, paths))
+            by_thread.append({})
+            rate, busy, model_ms = asyncio.run(pipeline(settings, embedder, paths, by_thread[-1], clock))
             indexed.append(rate)
             cores_busy.append(round(busy, 2))
-            bare.append(bare_forward(embedder, batches, ways))
+            model_indexing.append(model_ms)
+            rate, model_ms = bare_forward(embedder, batches, ways, clock)
+            bare.append(rate)
+            model_alone.append(model_ms)
         ratios = [rate / ((before + after) / 2) for rate, before, after in zip(indexed, bare, bare[1:])]
         middle = sorted(range(len(ratios)), key=ratios.__getitem__)[len(ratios) // 2]
         result = {
@@ -220,6 +293,11 @@ def main() -> None:
             "bare_per_pass": [round(b, 2) for b in bare],
             "bare_per_pass_by_setting": ways,
             "cores_busy_while_indexing": cores_busy,
+            # Where a photo's CPU goes while indexing (the median round): the model's passes,
+            # measured on the threads that run them, and each thread pool in all.
+            "model_cpu_ms_per_photo_alone": model_alone,
+            "model_cpu_ms_per_photo_while_indexing": model_indexing,
+            "cpu_ms_per_photo_by_thread_while_indexing": by_thread[middle],
         }
         result["cpu_ms_per_photo_one_thread"] = cpu_per_photo(IngestSettings(), embedder, paths[1:41], root)
         if embedder.precision == "bf16":
