@@ -8,6 +8,7 @@ by editing one ephemeral message.
 from __future__ import annotations
 
 import asyncio
+from datetime import timedelta
 
 import discord
 import pytest
@@ -359,3 +360,46 @@ async def test_admin_views_leave_out_channels_the_admin_cannot_view(start_bot: S
     assert "could not index menu.txt" in status
     status = "\n".join(texts(await harness.slash("chief", "general", "shoebox status")))
     assert "could not index layoff-list.txt" in status and f"Backfill <#{secret}>: 1 messages scanned" in status
+
+
+def test_unseen_between_takes_the_stretch_from_lower_up_to_upper() -> None:
+    from bot.cogs.indexing import unseen_between
+
+    indexed = [10, 20, 30, 40, 50]
+    assert unseen_between(indexed, 20, 50, {20, 40}) == [30]  # 50 is above the stretch
+    assert unseen_between(indexed, 0, 25, set()) == [10, 20]
+    assert unseen_between(indexed, 60, 99, set()) == []
+
+
+async def test_a_fresh_backfill_forgets_photos_of_messages_deleted_while_the_bot_was_away(start_bot: StartBot, library: Library) -> None:  # noqa: F811
+    """No delete event reaches a stopped bot; walking the history again shows the messages that
+    are gone (in every page, and under the last one), and their photos leave the index."""
+    harness = await start_bot(LAYOUT)
+    channel_id = harness.channel_ids["old"]
+    user = harness.world.users[harness.user_ids["ann"]]
+    member = harness.world.members[(harness.guild_id, harness.user_ids["ann"])]
+    photos = []
+    last_week = discord.utils.utcnow() - timedelta(days=7)
+    for n in range(250):
+        files = [harness.upload(f"{n}.jpg", scene_jpeg("red" if n % 2 else "blue", "star", seed=n))] if n % 25 == 0 else []
+        data = harness.http.world_message(channel_id, user, f"message {n}", guild_id=harness.guild_id, member=member,
+                                          attachments=files,
+                                          message_id=discord.utils.time_snowflake(last_week + timedelta(minutes=n)))
+        if files:
+            photos.append(int(data["id"]))
+    options = [{"name": "channel", "type": 7, "value": str(channel_id)}]
+    resolved = {"channels": {str(channel_id): _resolved_channel(harness, "old")}}
+    await harness.slash("boss", "general", "shoebox backfill", options, resolved=resolved)
+    await harness.drain()
+    assert len(await library.catalog.sources_for_messages(photos)) == 10
+
+    # Deleted while the bot was away: the oldest, one in the middle page, and the newest photo.
+    deleted = [photos[0], photos[5], photos[9]]
+    for message_id in deleted:
+        del harness.world.messages[channel_id][message_id]
+    restart = [*options, {"name": "restart", "type": 5, "value": True}]
+    sent = await harness.slash("boss", "general", "shoebox backfill", restart, resolved=resolved)
+    assert "247 messages scanned" in texts(sent)[-1]
+    await harness.drain()
+    kept = {s.message_id for s in await library.catalog.sources_for_messages(photos)}
+    assert kept == set(photos) - set(deleted)

@@ -11,7 +11,8 @@ and batches in flight.
 
 Backfill walks a channel's history newest to oldest through `channel.history` (discord.py pages
 and rate-limits the requests), queueing photos as it goes and saving how far it got after every
-page, so an interrupted backfill resumes where it stopped.
+page, so an interrupted backfill resumes where it stopped. The walk also forgets the photos of
+indexed messages it should have met and did not: deleted while no delete event could arrive.
 
 Catching up covers the other gap: photos posted while the bot was stopped or disconnected. The
 newest message seen in each channel is kept; on connecting, each channel with newer messages is
@@ -21,10 +22,13 @@ read forward from there.
 from __future__ import annotations
 
 import asyncio
+import bisect
 import contextlib
 import logging
 import re
+from collections.abc import Sequence, Set
 from dataclasses import replace
+from datetime import timedelta
 from typing import TYPE_CHECKING, Awaitable, Callable, Iterable
 
 import discord
@@ -42,6 +46,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 BACKFILL_PAGE = 100  # messages per saved step; also discord.py's page size for history
+RECENT_MARGIN = timedelta(minutes=1)  # newer messages are left to live events, whatever the clocks say
 Progress = Callable[[BackfillState], Awaitable[None]]
 Messageable = discord.TextChannel | discord.VoiceChannel | discord.StageChannel | discord.Thread
 MESSAGEABLE = (discord.TextChannel, discord.VoiceChannel, discord.StageChannel, discord.Thread)
@@ -98,6 +103,13 @@ def jobs_for(message: discord.Message, react: bool) -> list[IndexJob]:
         )
         for attachment in message.attachments
     ]
+
+
+def unseen_between(indexed: Sequence[int], lower: int, upper: int, seen: Set[int]) -> list[int]:
+    """The ids in sorted `indexed` from `lower` up to (not including) `upper` that are not in
+    `seen`: messages a walk through that stretch of history should have met, and did not."""
+    start, end = bisect.bisect_left(indexed, lower), bisect.bisect_left(indexed, upper)
+    return [message_id for message_id in indexed[start:end] if message_id not in seen]
 
 
 def rule_allows(rules: dict[int, str], ids: Iterable[int]) -> bool:
@@ -429,8 +441,18 @@ class Indexing(commands.Cog):
             return state
         await self.remember_thread(channel)
         before = discord.Object(state.before_id) if state.before_id else None
+        # Walking the history also shows which indexed messages are gone: deleted while the bot
+        # was away, when no delete event reached it. Below the walk's top: the message it resumes
+        # under, or (from the newest) a minute before it started, so a post arriving meanwhile,
+        # newer than the first page, is never taken for deleted.
+        indexed = sorted(
+            {s.message_id for s in await self.bot.library.catalog.find_sources("channel_id", channel.id)
+             if s.message_id is not None}
+        )
+        upper = before.id if before else discord.utils.time_snowflake(discord.utils.utcnow() - RECENT_MARGIN)
         seen = unsaved = 0
         page: list[IndexJob] = []
+        page_ids: set[int] = set()
         oldest: int | None = None
         async for message in channel.history(limit=limit, before=before, oldest_first=False):
             if before is None and seen == 0:
@@ -438,13 +460,25 @@ class Indexing(commands.Cog):
             seen += 1
             unsaved += 1
             oldest = message.id
+            page_ids.add(message.id)
             if self.indexable(message):
                 page.extend(jobs_for(message, react=False))
             if seen % BACKFILL_PAGE == 0:
+                await self._forget_deleted(channel, unseen_between(indexed, oldest, upper, page_ids))
                 state = await self._save_step(state, page, unsaved, oldest, False, progress)
-                page, unsaved = [], 0
+                page, unsaved, page_ids, upper = [], 0, set(), oldest
         done = limit is None or seen < limit
+        lower = 0 if done else (oldest or upper)  # done: nothing is older than the last page
+        await self._forget_deleted(channel, unseen_between(indexed, lower, upper, page_ids))
         return await self._save_step(state, page, unsaved, oldest, done, progress)
+
+    async def _forget_deleted(self, channel: Messageable, message_ids: list[int]) -> None:
+        if message_ids:
+            gone = await self.queue.forget_messages(message_ids, guild_id=channel.guild.id)
+            log.info(
+                "Backfill of #%s: %d message(s) were deleted while I was away; forgot %d photo(s)",
+                channel.name, len(message_ids), len(gone),
+            )
 
     async def _save_step(
         self,
