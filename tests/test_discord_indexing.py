@@ -370,13 +370,17 @@ async def test_photos_posted_while_the_bot_was_away_are_caught_up_on_connecting(
     missed.append(harness.post_while_away("general", "ben", "late", [("g.jpg", scene_jpeg("yellow", "heart"))]))
     calls = len(harness.world.calls)
 
+    harness.bot.dispatch("connect")
+    # Messages arrive as soon as the connection opens, before `on_ready`: this one must not
+    # move #general's mark past the photo posted there while the bot was away.
+    await harness.post("general", "ben", "hello again")
     harness.bot.dispatch("ready")
     indexing = harness.bot.get_cog("Indexing")
     for _ in range(100):  # the listener runs as a task of its own
         if indexing._catching_up is not None:  # type: ignore[union-attr]
             break
         await asyncio.sleep(0.01)
-    assert await indexing._catching_up == (131, 4)  # type: ignore[union-attr]
+    assert await indexing._catching_up == (132, 4)  # type: ignore[union-attr]
     await harness.drain()
 
     indexed = await library.catalog.sources_for_messages(missed)
@@ -387,8 +391,10 @@ async def test_photos_posted_while_the_bot_was_away_are_caught_up_on_connecting(
     assert asked == {harness.channel_ids["photos"], harness.channel_ids["general"]}  # #random had nothing new
     marks = {m.channel_id: m.newest_id for m in await harness.bot.jobs.seen_marks()}
     assert marks[harness.channel_ids["photos"]] == max(harness.world.messages[harness.channel_ids["photos"]])
+    assert marks[harness.channel_ids["general"]] == max(harness.world.messages[harness.channel_ids["general"]])
     # Connecting again reads nothing twice.
     calls = len(harness.world.calls)
+    await indexing.on_connect()  # type: ignore[union-attr]
     assert await indexing.catch_up() == (0, 0)  # type: ignore[union-attr]
     assert not any(c.startswith("logs_from") for c in harness.world.calls[calls:])
 
@@ -401,6 +407,7 @@ async def test_a_failed_catch_up_keeps_its_place_for_the_next_connection(start_b
     missed = harness.post_while_away("photos", "ann", "away", [("a.jpg", scene_jpeg("red", "circle"))])
     harness.world.history_failures[harness.channel_ids["photos"]] = 1
     indexing = harness.bot.get_cog("Indexing")
+    await indexing.on_connect()  # type: ignore[union-attr]
     assert await indexing.catch_up() == (0, 0)  # type: ignore[union-attr]
     assert "catch-up" in [e.place for e in await harness.bot.jobs.recent_errors(5, harness.guild_id)]
     live = await harness.post("photos", "ben", "live now")
@@ -423,5 +430,43 @@ async def test_channels_never_seen_or_excluded_are_not_caught_up(start_bot: Star
     harness.post_while_away("random", "ann", "away", [("r.jpg", scene_jpeg("red", "circle"))])
     harness.post_while_away("general", "ann", "away", [("g.jpg", scene_jpeg("blue", "star"))])
     calls = len(harness.world.calls)
+    await indexing.on_connect()  # type: ignore[union-attr]
     assert await indexing.catch_up() == (0, 0)  # type: ignore[union-attr]
     assert not any(c.startswith("logs_from") for c in harness.world.calls[calls:])
+
+
+async def test_a_later_post_does_not_move_the_mark_past_photos_still_on_their_way_to_the_queue(start_bot: StartBot, library: Library) -> None:  # noqa: F811
+    """A post's photos wait for room in a full queue; a text post arriving meanwhile must not
+    record the channel as seen past them, or a crash then would lose them for good."""
+    harness = await start_bot(LAYOUT, run_worker=False)
+    indexing = harness.bot.get_cog("Indexing")
+    submit = indexing.queue.submit  # type: ignore[union-attr]
+    room = asyncio.Event()
+
+    async def full_queue(jobs, wait=True):  # type: ignore[no-untyped-def]
+        await room.wait()
+        return await submit(jobs, wait)
+
+    indexing.queue.submit = full_queue  # type: ignore[union-attr]
+    channel_id = harness.channel_ids["photos"]
+    user_id = harness.user_ids["ann"]
+    member = harness.world.members[(harness.guild_id, user_id)]
+
+    def arrives(content: str, files: list) -> int:  # type: ignore[type-arg]
+        data = harness.http.world_message(channel_id, harness.world.users[user_id], content,
+                                          guild_id=harness.guild_id, member=member, attachments=files)
+        harness.bot._connection.parse_message_create(data)  # type: ignore[arg-type]
+        return int(data["id"])
+
+    photo = arrives("the photo", [harness.upload("a.jpg", scene_jpeg("red", "circle"))])
+    words = arrives("nice!", [])
+    try:
+        await asyncio.sleep(0.2)
+        marks = {m.channel_id: m.newest_id for m in await harness.bot.jobs.seen_marks()}
+        assert marks.get(channel_id, 0) < photo
+    finally:
+        room.set()
+    await harness.settle()
+    marks = {m.channel_id: m.newest_id for m in await harness.bot.jobs.seen_marks()}
+    assert marks[channel_id] == words
+    assert await indexing.queue.pending() == 1  # type: ignore[union-attr]

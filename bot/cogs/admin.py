@@ -152,6 +152,12 @@ class Admin(commands.GroupCog, group_name="shoebox", group_description="Manage S
         assert cog is not None, "the indexing cog is not loaded"
         return cog  # type: ignore[return-value]
 
+    async def _readable_by(self, admin: discord.Member | discord.User, guild: discord.Guild) -> set[int]:
+        """The channels and threads whose photos, names and problems this admin may be shown."""
+        if not isinstance(admin, discord.Member):
+            return set()
+        return readable_channel_ids(guild, admin, await self.bot.jobs.known_threads(guild.id))
+
     async def interaction_check(self, interaction: discord.Interaction) -> bool:
         if interaction.guild is None:
             raise app_commands.NoPrivateMessage()
@@ -196,17 +202,15 @@ class Admin(commands.GroupCog, group_name="shoebox", group_description="Manage S
             lines.append(f"Channel rules: {described}")
         else:
             lines.append("Channel rules: none (every channel I can read)")
-        admin = interaction.user
-        readable = (
-            readable_channel_ids(guild, admin, await self.bot.jobs.known_threads(guild.id))
-            if isinstance(admin, discord.Member) else set()
-        )
+        readable = await self._readable_by(interaction.user, guild)
         states = [s for s in await self.bot.jobs.backfill_states(guild.id) if s.channel_id in readable]
         for state in states[:5]:
             running = self.indexing.is_backfilling(state.channel_id)
             lines.append("Backfill " + _state_line(f"<#{state.channel_id}>", state, running))
         noted = await self.bot.jobs.recent_errors(KEEP_ERRORS, guild.id)
-        errors = [e for e in noted if e.channel_id is None or e.channel_id in readable][:5]
+        # Each problem names the channel it is about; rows from before channels were kept are
+        # not shown, as their channel cannot be told.
+        errors = [e for e in noted if e.channel_id in readable][:5]
         if errors:
             lines.append("Recent problems:")
             lines += [f"• {e.at} {e.place}: {e.message}" for e in errors]
@@ -293,13 +297,24 @@ class Admin(commands.GroupCog, group_name="shoebox", group_description="Manage S
                 return
             await progress.show(f"Backfill: starting on {len(targets)} channel(s)…", final=True)
         finished: list[str] = []
+        admin = interaction.user
+        readable = await self._readable_by(admin, guild)
+
+        def admin_reads(target: object) -> bool:
+            """A public thread not yet known (archived, not in the cache) is read through its
+            parent; a private one only where `readable` has it (membership decides)."""
+            if getattr(target, "id", None) in readable:
+                return True
+            return (
+                isinstance(target, discord.Thread) and not target.is_private()
+                and isinstance(admin, discord.Member) and can_read_history(target, admin)
+            )
 
         for number, target in enumerate(targets, start=1):
             header = f"Backfill {number}/{len(targets)}"
             # A whole-server backfill also reads channels this admin cannot view: named for them
             # only as that, with no counts.
-            admin = interaction.user
-            label = target.mention if isinstance(admin, discord.Member) and can_read_history(target, admin) else None
+            label = target.mention if admin_reads(target) else None
 
             async def report(state: BackfillState, header: str = header, label: str | None = label) -> None:
                 await progress.show(f"{header}: " + _state_line(label, state))

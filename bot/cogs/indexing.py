@@ -147,12 +147,17 @@ class Indexing(commands.Cog):
         )
         self._rules: dict[int, dict[int, str]] = {}
         self._backfilling: set[int] = set()
-        self._newest_noted: dict[int, int] = {}
-        self._behind: dict[int, int] = {}  # channel -> newest live message, held while it catches up
+        self._marks: dict[int, int] = {}  # channel -> the newest message kept as seen
+        self._holds: dict[int, int] = {}  # channel -> how many reasons hold its mark back
+        self._held: dict[int, int] = {}  # channel -> the newest message seen while held
+        self._awaiting_catch_up: set[int] = set()
         self._catching_up: asyncio.Task[tuple[int, int]] | None = None
+        self._catch_up_again = False
 
     async def cog_load(self) -> None:
         self._rules = await self.bot.jobs.rules()
+        self._marks = {mark.channel_id: mark.newest_id for mark in await self.bot.jobs.seen_marks()}
+        self._hold_for_catching_up()  # until connected and caught up
         pending = await self.queue.pending()
         if pending:
             log.info("Resuming %d queued photo(s) from before the restart", pending)
@@ -206,9 +211,14 @@ class Indexing(commands.Cog):
     @commands.Cog.listener()
     async def on_message(self, message: discord.Message) -> None:
         if self.indexable(message):
-            await self.remember_thread(message.channel)
-            await self.queue.submit(jobs_for(message, react=self.bot.config.reaction is not None))
-        await self.note_seen(message)  # after its photos are queued: a crash between misses nothing
+            # Until its photos are queued, no later post may move the channel's mark past it.
+            self._hold(message.channel.id)
+            try:
+                await self.remember_thread(message.channel)
+                await self.queue.submit(jobs_for(message, react=self.bot.config.reaction is not None))
+            finally:
+                await self._release(message.channel.id, message.guild.id)  # type: ignore[union-attr]
+        await self.note_seen(message)
 
     async def acknowledge(self, job: IndexJob, outcome: IndexOutcome) -> None:
         """React to an indexed photo's message; silently skip when reactions are not allowed."""
@@ -285,53 +295,96 @@ class Indexing(commands.Cog):
         log.info("Removed from %s: forgot %d photo(s)", guild.name, len(gone))
 
     # ---- what was posted while the bot was away -----------------------------------------------
+    #
+    # Each channel's newest message seen is kept (`seen` in bot.sqlite3); catching up reads
+    # forward from it. The kept mark must never pass a message that is not yet safely queued, so
+    # it is held back while there is a reason: a connection began and the channel has not been
+    # caught up since (messages arrive before `on_ready`, and a gap lies behind them), or a live
+    # post's photos are still on their way into the queue (a later post must not pass it). The
+    # newest message seen meanwhile is written when the last reason goes.
+
+    def _hold(self, channel_id: int) -> None:
+        self._holds[channel_id] = self._holds.get(channel_id, 0) + 1
+
+    async def _release(self, channel_id: int, guild_id: int) -> None:
+        self._holds[channel_id] -= 1
+        if self._holds[channel_id] == 0:
+            del self._holds[channel_id]
+            newest = self._held.pop(channel_id, None)
+            if newest is not None:
+                await self._write_mark(channel_id, guild_id, newest)
+
+    async def _write_mark(self, channel_id: int, guild_id: int, message_id: int) -> None:
+        if channel_id in self._holds:
+            self._held[channel_id] = max(self._held.get(channel_id, 0), message_id)
+        elif message_id > self._marks.get(channel_id, 0):
+            self._marks[channel_id] = message_id
+            await self.bot.jobs.note_seen(channel_id, guild_id, message_id)
+
+    def _hold_for_catching_up(self) -> None:
+        """Every channel with a mark waits for a catch-up before its mark moves again."""
+        for channel_id in self._marks.keys() - self._awaiting_catch_up:
+            self._awaiting_catch_up.add(channel_id)
+            self._hold(channel_id)
 
     async def note_seen(self, message: discord.Message) -> None:
-        """Keep the newest message of each indexed channel, where a restart catches up from.
-
-        Held back while the channel is behind (being caught up, or its catch-up failed): the
-        kept mark must not jump past messages that have not been read yet.
-        """
+        """Keep the newest message of an indexed channel: a restart catches up from there."""
         channel = message.channel
-        if message.guild is None or not isinstance(channel, MESSAGEABLE):
+        if message.guild is None or not isinstance(channel, MESSAGEABLE) or not self.wants(channel):
             return
-        if not self.wants(channel):
-            return
-        if channel.id in self._behind:
-            self._behind[channel.id] = max(self._behind[channel.id], message.id)
-            return
-        if message.id <= self._newest_noted.get(channel.id, 0):
-            return
-        self._newest_noted[channel.id] = message.id
-        await self.bot.jobs.note_seen(channel.id, message.guild.id, message.id)
+        await self._write_mark(channel.id, message.guild.id, message.id)
+
+    @commands.Cog.listener()
+    async def on_connect(self) -> None:
+        self._hold_for_catching_up()
 
     @commands.Cog.listener()
     async def on_ready(self) -> None:
-        """Every (re)connection that starts a new gateway session may have missed messages."""
-        if self._catching_up is None or self._catching_up.done():
-            self._catching_up = asyncio.create_task(self.catch_up(), name="shoebox-catch-up")
+        """A new gateway session: messages sent while the bot was away were never delivered."""
+        self._start_catching_up()
+
+    @commands.Cog.listener()
+    async def on_resumed(self) -> None:
+        """A resumed session replays what it missed; the channels held since connecting are
+        caught up (most have nothing new) so that their marks move again."""
+        self._start_catching_up()
+
+    def _start_catching_up(self) -> None:
+        if self._catching_up is not None and not self._catching_up.done():
+            self._catch_up_again = True  # channels held since the pass began get their turn
+            return
+        self._catching_up = asyncio.create_task(self._catch_up_until_done(), name="shoebox-catch-up")
+
+    async def _catch_up_until_done(self) -> tuple[int, int]:
+        read = queued = 0
+        while True:
+            self._catch_up_again = False
+            scanned, found = await self.catch_up()
+            read, queued = read + scanned, queued + found
+            if not self._catch_up_again:
+                return read, queued
 
     async def catch_up(self) -> tuple[int, int]:
-        """Queue the photos posted while the bot was away: each channel with messages newer than
-        the newest one it had seen is read forward from there. Returns (messages read, photos
-        queued). A channel that fails is reported and tried again on the next connection."""
+        """Queue the photos posted while the bot was away: each held channel with messages newer
+        than its mark is read forward from there. Returns (messages read, photos queued).
+
+        A channel that fails, or that is not in the cache (an archived thread), stays held: its
+        mark stays where it was, and a later catch-up (or restart) starts from there."""
         read = queued = channels = 0
-        try:
-            for mark in await self.bot.jobs.seen_marks():
-                channel = self._needs_catching_up(mark)
-                if channel is None:
-                    continue
-                try:
+        for mark in await self.bot.jobs.seen_marks():
+            if mark.channel_id not in self._awaiting_catch_up:
+                continue
+            try:
+                channel, reachable = self._catch_up_target(mark)
+                if channel is not None:
                     scanned, found = await self._catch_up_channel(channel, mark.newest_id)
-                except discord.HTTPException as error:
-                    log.warning("Could not catch up on #%s: %s", channel.name, error)
-                    await self.bot.jobs.note_error("catch-up", f"#{channel.name}: {error}", mark.guild_id, channel.id)
-                    continue
-                channels += 1
-                read += scanned
-                queued += found
-        except Exception:
-            log.exception("Catching up on missed messages failed")
+                    channels, read, queued = channels + 1, read + scanned, queued + found
+                if channel is not None or reachable:
+                    self._awaiting_catch_up.discard(mark.channel_id)
+                    await self._release(mark.channel_id, mark.guild_id)
+            except Exception as error:  # one channel's failure leaves the others to go on
+                log.warning("Could not catch up on channel %s: %s", mark.channel_id, error)
+                await self.bot.jobs.note_error("catch-up", f"<#{mark.channel_id}>: {error}", mark.guild_id, mark.channel_id)
         if read:
             log.info(
                 "Caught up on %d message(s) posted while away, in %d channel(s): %d photo(s) queued",
@@ -339,47 +392,44 @@ class Indexing(commands.Cog):
             )
         return read, queued
 
-    def _needs_catching_up(self, mark: SeenMark) -> Messageable | None:
-        """The channel of `mark` if it may have unread messages the bot may read, else None."""
+    def _catch_up_target(self, mark: SeenMark) -> tuple[Messageable | None, bool]:
+        """(the channel to read, if it may have unread messages the bot may read; whether it was
+        found at all). Not found: gone, or an archived thread, which the cache does not hold."""
         guild = self.bot.get_guild(mark.guild_id)
-        if guild is None or guild.me is None:
-            return None
-        channel = guild.get_channel_or_thread(mark.channel_id)
-        if not isinstance(channel, MESSAGEABLE):
-            return None  # gone, or an archived thread (nothing can be posted in one)
+        channel = guild.get_channel_or_thread(mark.channel_id) if guild is not None else None
+        if guild is None or guild.me is None or not isinstance(channel, MESSAGEABLE):
+            return None, False
         if not can_read_history(channel, guild.me) or not self.wants(channel):
-            return None
+            return None, True
         last = channel.last_message_id
-        if last is not None and last <= mark.newest_id and mark.channel_id not in self._behind:
-            return None  # nothing new: no request needed
-        return channel
+        if last is not None and last <= mark.newest_id:
+            return None, True  # nothing new: no request needed
+        return channel, True
 
     async def _catch_up_channel(self, channel: Messageable, after_id: int) -> tuple[int, int]:
         """Read `channel` forward from `after_id` to the present, queueing photos and moving the
         kept mark along a page at a time (a restart meanwhile goes on from there)."""
-        self._behind[channel.id] = max(self._behind.get(channel.id, 0), after_id)
         await self.remember_thread(channel)
         read = queued = 0
-        newest = after_id
         page: list[IndexJob] = []
         async for message in channel.history(limit=None, after=discord.Object(after_id), oldest_first=True):
             read += 1
-            newest = message.id
             if self.indexable(message):
                 page.extend(jobs_for(message, react=False))
             if read % BACKFILL_PAGE == 0:
-                queued += await self._queue_caught_up(channel, page, newest)
+                queued += await self._queue_caught_up(channel, page, message.id)
                 page = []
-        queued += await self._queue_caught_up(channel, page, newest)
-        newest_live = self._behind.pop(channel.id)
-        if newest_live > newest:
-            self._newest_noted[channel.id] = newest_live
-            await self.bot.jobs.note_seen(channel.id, channel.guild.id, newest_live)
+        if read:
+            queued += await self._queue_caught_up(channel, page, message.id)
         return read, queued
 
     async def _queue_caught_up(self, channel: Messageable, page: list[IndexJob], newest: int) -> int:
+        """Queue a page's photos, then move the mark to its newest message (the reader's own
+        progress, so past any hold)."""
         queued = await self.queue.submit(page) if page else 0
-        await self.bot.jobs.note_seen(channel.id, channel.guild.id, newest)
+        if newest > self._marks.get(channel.id, 0):
+            self._marks[channel.id] = newest
+            await self.bot.jobs.note_seen(channel.id, channel.guild.id, newest)
         return queued
 
     # ---- backfill ---------------------------------------------------------------------------
