@@ -124,7 +124,9 @@ def cpu_seconds() -> float:
 
 class ModelClock:
     """CPU time of the model's forward passes, on whichever thread runs them: whether a pass
-    costs more beside the pipeline's other work (caches, memory bandwidth) than alone."""
+    costs more beside the pipeline's other work (caches, memory bandwidth) than alone. Whole
+    only where each lane runs one thread (two lanes on two cores); with more, the OpenMP
+    workers' share is not on the clock."""
 
     def __init__(self, embedder: ClipEmbedder) -> None:
         self.seconds = 0.0
