@@ -355,8 +355,13 @@ async def test_admin_views_leave_out_channels_the_admin_cannot_view(start_bot: S
     assert f"<#{secret}>" not in backfill and "a channel you cannot view: done" in backfill
     assert f"<#{harness.channel_ids['general']}>: 1 messages scanned" in backfill
 
+    # A problem kept before problems carried their channel cannot be placed: shown to no one.
+    await harness.bot.jobs.conn.execute(
+        "INSERT INTO errors (at, place, message, guild_id) VALUES ('2026-01-01T00:00:00+00:00', 'index', "
+        "'could not index payroll.txt', ?)", (harness.guild_id,),
+    )
     status = "\n".join(texts(await harness.slash("boss", "general", "shoebox status")))
-    assert "layoff-list" not in status and f"<#{secret}>" not in status
+    assert "layoff-list" not in status and f"<#{secret}>" not in status and "payroll" not in status
     assert "could not index menu.txt" in status
     status = "\n".join(texts(await harness.slash("chief", "general", "shoebox status")))
     assert "could not index layoff-list.txt" in status and f"Backfill <#{secret}>: 1 messages scanned" in status
