@@ -317,7 +317,13 @@ class Indexing(commands.Cog):
     async def _write_mark(self, channel_id: int, guild_id: int, message_id: int) -> None:
         if channel_id in self._holds:
             self._held[channel_id] = max(self._held.get(channel_id, 0), message_id)
-        elif message_id > self._marks.get(channel_id, 0):
+        else:
+            await self._store_mark(channel_id, guild_id, message_id)
+
+    async def _store_mark(self, channel_id: int, guild_id: int, message_id: int) -> None:
+        """Move the kept mark forward (never back), whatever holds it: for live posts once no
+        reason holds it, for a catch-up as it reads."""
+        if message_id > self._marks.get(channel_id, 0):
             self._marks[channel_id] = message_id
             await self.bot.jobs.note_seen(channel_id, guild_id, message_id)
 
@@ -427,9 +433,7 @@ class Indexing(commands.Cog):
         """Queue a page's photos, then move the mark to its newest message (the reader's own
         progress, so past any hold)."""
         queued = await self.queue.submit(page) if page else 0
-        if newest > self._marks.get(channel.id, 0):
-            self._marks[channel.id] = newest
-            await self.bot.jobs.note_seen(channel.id, channel.guild.id, newest)
+        await self._store_mark(channel.id, channel.guild.id, newest)
         return queued
 
     # ---- backfill ---------------------------------------------------------------------------
