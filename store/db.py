@@ -646,6 +646,24 @@ class Catalog:
             rows = await cur.fetchall()
         return np.fromiter((row[0] for row in rows), dtype=np.int64, count=len(rows))
 
+    async def visible_among(self, flt: SourceFilter, image_ids: Sequence[int]) -> set[int]:
+        """Which of these images have at least one source the filter lets through.
+
+        The check a wide scope's search makes on its best candidates, in place of listing every
+        image the scope allows (a million ids at a million images).
+        """
+        where, params = flt.where("s")
+        visible: set[int] = set()
+        ids = [int(i) for i in image_ids]
+        for start in range(0, len(ids), 500):
+            chunk = ids[start : start + 500]
+            sql = (
+                "SELECT DISTINCT s.image_id FROM sources s INDEXED BY sources_image "
+                f"WHERE s.image_id IN ({','.join('?' * len(chunk))}) AND {where}"
+            )
+            visible.update(int(row[0]) for row in await self.reader.execute_fetchall(sql, [*chunk, *params]))
+        return visible
+
     async def all_image_ids(self) -> np.ndarray:
         async with self.reader.execute("SELECT id FROM images ORDER BY id") as cur:
             rows = await cur.fetchall()

@@ -12,9 +12,11 @@ Two layouts, chosen by size (figures from `bench/bench_search.py`, 512-d, 2 core
   probing a few dozen of ~4·√n clusters costs a few ms with recall@10 ≥ 0.95 on real (clustered)
   data. Vectors stay uncompressed (2 KB each at 512-d), so memory stays under 3 KB per image.
 
-Scopes are applied inside the search. A narrow scope (up to `EXACT_SUBSET` visible images) is
-searched exactly over just those vectors; a wide one uses the IVF with an id selector and probes
-more clusters until it has k results, so a scope never comes back short.
+Scopes given as ids are applied inside the search. A narrow scope (up to `EXACT_SUBSET` visible
+images) is searched exactly over just those vectors; a wide one uses the IVF with an id selector and
+probes more clusters until it has k results, so a scope never comes back short. (The library hands
+over a scope's ids only when it is too narrow for checking the best unrestricted candidates
+against it; see `Library._search_visible`.)
 """
 
 from __future__ import annotations

@@ -126,3 +126,36 @@ def test_a_path_sqlite_cannot_open_leaves_no_thread_to_fail_after_the_error(
             asyncio.run(Catalog(path).open())
     assert not sqlite_threads_left(before)
     assert failures == []
+
+
+async def test_visible_among_checks_every_candidate_against_the_filter(tmp_path: Path) -> None:
+    path = tmp_path / "many.sqlite3"
+    catalog = await Catalog(path).open()
+    await catalog.close()
+    with sqlite3.connect(path) as conn:
+        for image_id in range(1, 1201):
+            conn.execute(
+                "INSERT INTO images (id, sha256, size_bytes, width, height, format, thumb, model_id, vector, created_at)"
+                " VALUES (?, ?, 1, 1, 1, 'JPEG', 't', 'm', x'00', '2026-01-01T00:00:00+00:00')",
+                (image_id, f"{image_id:064x}"),
+            )
+            conn.execute(
+                "INSERT INTO sources (image_id, kind, guild_id, channel_id, attachment_id, filename, posted_at, added_at)"
+                " VALUES (?, 'discord', 7, ?, ?, 'a.jpg', '2026-01-01T00:00:00+00:00', '2026-01-01T00:00:00+00:00')",
+                (image_id, 70 + image_id % 3, image_id),
+            )
+        # One photo also posted where the filter reads: one visible source is enough.
+        conn.execute(
+            "INSERT INTO sources (image_id, kind, guild_id, channel_id, attachment_id, filename, posted_at, added_at)"
+            " VALUES (2, 'discord', 7, 70, 99999, 'a.jpg', '2026-01-01T00:00:00+00:00', '2026-01-01T00:00:00+00:00')"
+        )
+    catalog = await Catalog(path).open()
+    try:
+        readable = SourceFilter(channel_ids=frozenset({70, 71}), include_files=False)
+        candidates = [*range(1200, 0, -1), 5000]  # more than one query's worth, and an id with no row
+        visible = await catalog.visible_among(readable, candidates)
+        assert visible == {i for i in range(1, 1201) if i % 3 != 2} | {2}
+        assert visible == set((await catalog.visible_image_ids(readable)).tolist())
+        assert await catalog.visible_among(SourceFilter(channel_ids=frozenset(), include_files=False), candidates) == set()
+    finally:
+        await catalog.close()

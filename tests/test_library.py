@@ -14,7 +14,8 @@ import pytest
 
 import store.db
 
-from store.db import DatabaseUnavailable, SourceRecord
+from store import vectors as vectors_module
+from store.db import DatabaseUnavailable, SourceFilter, SourceRecord
 from store.embedder import ClipEmbedder
 from store.library import DB_FILE, IncomingImage, Library, ModelMismatch, ReindexIncomplete, file_source
 from store.settings import Settings
@@ -161,6 +162,69 @@ async def test_scope_returns_k_in_scope_results_even_when_others_rank_higher(lib
     assert await find_similar(library, query, k=5, scope=Scope.channels(set())) == []
     with pytest.raises(ToolError):  # an image outside the scope looks exactly like a missing one
         await get_description(library, outcomes[0].image_id or 0, scope=Scope.channels({1}))
+
+
+async def _ten_channels(library: Library, count: int = 300) -> dict[int, int]:
+    """`count` distinct photos spread over channels 0-9 of one server: image id -> channel."""
+    rng = np.random.default_rng(5)
+    colours = [tuple(int(v) for v in rng.integers(0, 256, 3)) for _ in range(count)]
+    items = [IncomingImage(discord_source(1000 + i, channel=i % 10), jpeg_bytes(colours[i], mark=i % 7)) for i in range(count)]
+    outcomes = await library.index(items)
+    assert all(o.status == "indexed" for o in outcomes)
+    return {o.image_id or 0: i % 10 for i, o in enumerate(outcomes)}
+
+
+def _exact_top(library: Library, query: np.ndarray, ids: list[int], k: int) -> list[int]:
+    vectors = {i: library.vectors.vector(i) for i in ids}
+    return sorted(ids, key=lambda i: -float(np.dot(vectors[i], query)))[:k]
+
+
+async def test_wide_and_narrow_scopes_give_the_exact_visible_top_k(
+    library: Library, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    channel_of = await _ten_channels(library)
+    listed: list[SourceFilter] = []
+    list_all = library.catalog.visible_image_ids
+
+    async def counting(flt: SourceFilter) -> np.ndarray:
+        listed.append(flt)
+        return await list_all(flt)
+
+    monkeypatch.setattr(library.catalog, "visible_image_ids", counting)
+    query = library.vectors.vector(next(iter(channel_of)))
+    assert query is not None
+    # Nine channels of ten: the best candidates are checked, nothing is listed.
+    wide = Filters().source_filter(Scope.channels(set(range(9)), {1}))
+    visible = [i for i, c in channel_of.items() if c != 9]
+    hits = await library.search_vector(query, 10, wide)
+    assert [i for i, _ in hits] == _exact_top(library, query, visible, 10)
+    assert listed == []
+    # One channel of ten: too few would pass among the candidates, so its images are listed.
+    narrow = Filters().source_filter(Scope.channels({4}, {1}))
+    hits = await library.search_vector(query, 10, narrow)
+    assert [i for i, _ in hits] == _exact_top(library, query, [i for i, c in channel_of.items() if c == 4], 10)
+    assert listed == [narrow]
+    # An excluded image (find_similar's own) is neither returned nor counted.
+    own = [i for i, c in channel_of.items() if c == 0][0]
+    own_vector = library.vectors.vector(own)
+    assert own_vector is not None
+    hits = await library.search_vector(own_vector, 5, wide, exclude=[own])
+    assert own not in {i for i, _ in hits} and len(hits) == 5
+
+
+async def test_a_wide_scope_whose_probed_lists_run_out_probes_further(
+    library: Library, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    channel_of = await _ten_channels(library)
+    monkeypatch.setattr(vectors_module, "APPROXIMATE_FROM", 200)
+    await library.save_vectors()
+    assert library.vectors.layout == "ivf"
+    library.vectors.nprobe = 1  # one list of ~19 vectors: fewer candidates than asked for
+    wide = Filters().source_filter(Scope.channels(set(range(9)), {1}))
+    query = library.vectors.vector(next(iter(channel_of)))
+    assert query is not None
+    hits = await library.search_vector(query, 40, wide)
+    assert len(hits) == 40 and all(channel_of[i] != 9 for i, _ in hits)
 
 
 async def test_filters_author_channel_dates_and_sort(library: Library) -> None:
