@@ -6,11 +6,14 @@ SQLite, so a crash between the two writes can only ever cost a little re-work, n
 
 Two layouts, chosen by size (figures from `bench/bench_search.py`, 512-d, 2 cores):
 
-* up to `APPROXIMATE_FROM` vectors, an exact flat inner-product index — a full scan is only a few
-  milliseconds there, and exact is the best recall there is;
+* up to `APPROXIMATE_FROM` vectors, an exact flat inner-product index — a full scan takes at most
+  8 ms there (4 ms at 50k), and exact is the best recall there is (clusters probed for 2 ms found
+  only 0.92 of the top 10 at 50k);
 * past it, an inverted-file index (IVF, flat lists) — a scan of 1M vectors costs ~170 ms, while
-  probing a few dozen of ~4·√n clusters costs a few ms with recall@10 ≥ 0.95 on real (clustered)
-  data. Vectors stay uncompressed (2 KB each at 512-d), so memory stays under 3 KB per image.
+  probing enough of ~4·√n clusters to scan `PROBED_VECTORS` vectors costs ~2 ms. On clustered
+  (real-like) data that gives recall@10 0.96 at 100k and 0.99 at 1M; a fixed 32 probes gave 0.89
+  at 100k, where each list is small. Vectors stay uncompressed (2 KB each at 512-d), so memory
+  stays under 3 KB per image.
 
 Scopes given as ids are applied inside the search. A narrow scope (up to `EXACT_SUBSET` visible
 images) is searched exactly over just those vectors; a wide one uses the IVF with an id selector and
@@ -39,14 +42,19 @@ T = TypeVar("T")
 
 INDEX_FILE = "vectors.faiss"
 HEADER_FILE = "vectors.json"
-APPROXIMATE_FROM = 50_000
+APPROXIMATE_FROM = 100_000
 EXACT_SUBSET = 20_000
 # Scoring a scope exactly in the clustered layout: copying one vector out of its list costs about
 # as much as scanning 40 in place with the scope's id filter (measured at 100k images: 10k visible
 # ids, 29 ms copied against 8 ms scanning every list), so a scope wider than count / 40 is scored
 # by scanning every list.
 COPY_COST_IN_SCANS = 40
-DEFAULT_NPROBE = 32
+# Vectors a clustered search scans (through as many lists as that takes, at least
+# `MIN_NPROBE`): about 2 ms on one core at 512-d. Measured recall@10 on bench_search's clustered
+# vectors, probes -> recall: 100k images (1,264 lists) 32 -> 0.887, 128 -> 0.932,
+# 256 -> 0.958; 1M (4,000 lists) 32 -> 0.985, 96 -> 0.988.
+PROBED_VECTORS = 20_000
+MIN_NPROBE = 32
 RETRAIN_GROWTH = 8  # rebuild the clusters once the index is this many times its training size
 
 
@@ -143,7 +151,7 @@ class VectorIndex:
         self.dim = dim
         self.model_id = model_id
         self.generation = 0
-        self.nprobe = DEFAULT_NPROBE
+        self.nprobe: int | None = None  # None: as many lists as hold `PROBED_VECTORS`
         self._index: faiss.Index = _flat(dim)
         self._trained_on = 0
         self._lock = threading.RLock()
@@ -188,6 +196,15 @@ class VectorIndex:
             except RuntimeError:
                 return None
 
+    def probes(self) -> int:
+        """Lists a clustered search probes first: enough to scan `PROBED_VECTORS` vectors."""
+        if self.nprobe is not None:
+            return self.nprobe
+        if self.layout == "flat" or self.count == 0:
+            return MIN_NPROBE
+        per_list = self.count / self._index.nlist
+        return int(min(self._index.nlist, max(MIN_NPROBE, math.ceil(PROBED_VECTORS / per_list))))
+
     def wants_relayout(self) -> bool:
         """Whether the collection has outgrown the current layout (see the module docstring)."""
         if self.layout == "flat":
@@ -214,7 +231,7 @@ class VectorIndex:
         query = np.ascontiguousarray(query, dtype=np.float32).reshape(1, self.dim)
         with self._lock, _single_threaded():
             if allowed is None:
-                return self._search(query, k, None, self.nprobe)
+                return self._search(query, k, None, self.probes())
             if len(allowed) == 0:
                 return []
             exact = self.layout == "ivf" and len(allowed) <= EXACT_SUBSET
@@ -224,7 +241,7 @@ class VectorIndex:
             if exact:
                 return self._search(query, k, selector, self._index.nlist)  # every list: exact
             wanted = min(k, len(allowed))
-            nprobe = self.nprobe
+            nprobe = self.probes()
             while True:
                 hits = self._search(query, k, selector, nprobe)
                 if len(hits) >= wanted or self.layout == "flat" or nprobe >= self._index.nlist:

@@ -49,6 +49,10 @@ def test_large_collections_switch_to_clusters_with_good_recall(small_threshold: 
     index.relayout()
     assert index.layout == "ivf" and index.count == 6_000
     assert sorted(index.ids().tolist()) == sorted(ids.tolist())
+    # So few vectors per list that the scan budget covers every list; search the rest as a big
+    # collection would, probing a fraction of them.
+    assert index.probes() == index._index.nlist
+    index.nprobe = 32
     queries = data[:100] + np.random.default_rng(1).normal(scale=0.05, size=data[:100].shape).astype(np.float32)
     exact = data @ queries.T
     recall = []
@@ -121,3 +125,18 @@ def test_faiss_builds_on_a_passing_thread_and_everything_else_single_threaded(
     index.search(data[0], 5, ids[::10])
     index.vector(int(ids[0]))
     assert spy.threads and set(spy.threads) == {1}, spy.threads
+
+
+def test_clustered_search_probes_enough_lists_to_scan_its_budget(
+    small_threshold: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    index, _, data = build(6_000)
+    index.relayout()
+    per_list = 6_000 / index._index.nlist
+    monkeypatch.setattr(vectors_module, "PROBED_VECTORS", 3_000)
+    assert index.probes() == int(np.ceil(3_000 / per_list)) > vectors_module.MIN_NPROBE
+    monkeypatch.setattr(vectors_module, "PROBED_VECTORS", 100)
+    assert index.probes() == vectors_module.MIN_NPROBE
+    index.nprobe = 5
+    assert index.probes() == 5
+    assert VectorIndex(32, "m").probes() == vectors_module.MIN_NPROBE  # flat: probes mean nothing
