@@ -393,7 +393,10 @@ class Harness:
         reaction: str | None = "\N{CAMERA WITH FLASH}",
         queue: QueueSettings | None = None,
         run_worker: bool = True,
+        world: "World | None" = None,
     ) -> "Harness":
+        """A bot connected to a fake Discord: `world`, to restart against the same Discord (its
+        messages and files), or a new one."""
         config = BotSettings(
             token="test", sync_commands=False, reaction=reaction, progress_interval=0.0,
             queue=queue or QueueSettings(batch_size=8, retry_delays=(0.0,), idle_poll=0.2,
@@ -401,10 +404,12 @@ class Harness:
         )
         bot = ShoeboxBot(settings, config, library=library, agent=agent)
         loop = asyncio.get_running_loop()
-        app_id = snowflake()
-        bot_user = {"id": str(app_id), "username": "Shoebox", "discriminator": "0", "global_name": None,
-                    "avatar": None, "bot": True}
-        world = World(application_id=app_id, bot_user=bot_user)
+        if world is None:
+            app_id = snowflake()
+            bot_user = {"id": str(app_id), "username": "Shoebox", "discriminator": "0", "global_name": None,
+                        "avatar": None, "bot": True}
+            world = World(application_id=app_id, bot_user=bot_user)
+        app_id, bot_user = world.application_id, world.bot_user
         http = FakeDiscordHttp(world, loop)
         await bot.http.close()
         bot.http = http
@@ -420,6 +425,10 @@ class Harness:
         harness.build(layout)
         await bot.setup_hook()
         indexing = bot.get_cog("Indexing")
+        if indexing is not None:
+            # What connecting does: every channel is watched from its present newest message.
+            await indexing.on_connect()  # type: ignore[attr-defined]
+            await indexing.catch_up()  # type: ignore[attr-defined]
         if not run_worker and indexing is not None:
             await indexing.queue.stop()  # type: ignore[attr-defined]
         return harness
@@ -677,6 +686,24 @@ class Harness:
         self.world.messages[message.channel.id][message.id] = data
         self.bot._connection.parse_message_update(data)  # type: ignore[arg-type]
         await self.settle()
+
+    async def create_channel(self, name: str, *, while_away: bool = False) -> int:
+        """A text channel everyone can read appears. Live, the bot gets CHANNEL_CREATE; while it
+        is away it gets no event, and the next connection's server data lists the channel."""
+        channel_id = snowflake()
+        channel = {
+            "id": str(channel_id), "type": 0, "name": name, "position": len(self.channel_ids),
+            "guild_id": str(self.guild_id), "permission_overwrites": [], "nsfw": False, "topic": None,
+            "last_message_id": None, "rate_limit_per_user": 0, "parent_id": None,
+        }
+        self.world.channels[channel_id] = channel
+        self.channel_ids[name] = channel_id
+        if while_away:
+            self.guild._add_channel(discord.TextChannel(state=self.bot._connection, guild=self.guild, data=channel))  # type: ignore[arg-type]
+        else:
+            self.bot._connection.parse_channel_create(channel)  # type: ignore[arg-type]
+            await self.settle()
+        return channel_id
 
     async def delete_channel(self, name: str) -> None:
         channel = self.world.channels.pop(self.channel_ids[name])

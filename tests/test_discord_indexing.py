@@ -299,10 +299,8 @@ async def test_pending_photos_survive_a_restart(start_bot: StartBot, settings, l
     # A new process: a new library instance on the same folder, a new bot, the same Discord.
     reopened = await Library.open(settings, library.embedder)
     try:
-        restarted = await Harness.start(settings, reopened, offline_agent(reopened), Layout(), run_worker=True)
+        restarted = await Harness.start(settings, reopened, offline_agent(reopened), Layout(), world=world)
         try:
-            restarted.world.cdn.update(world.cdn)
-            restarted.world.messages.update(world.messages)
             await restarted.drain()
             for message in messages:
                 assert len(await sources_of(reopened, message)) == 1
@@ -421,18 +419,57 @@ async def test_a_failed_catch_up_keeps_its_place_for_the_next_connection(start_b
     assert marks[harness.channel_ids["photos"]] == live.id
 
 
-async def test_channels_never_seen_or_excluded_are_not_caught_up(start_bot: StartBot, library: Library) -> None:  # noqa: F811
-    """Catching up covers the gap after what the bot saw; older history is what a backfill is for."""
+async def test_excluded_channels_are_not_caught_up(start_bot: StartBot, library: Library) -> None:  # noqa: F811
     harness = await start_bot(LAYOUT)
     await harness.post("random", "ann", "seen")
     indexing = harness.bot.get_cog("Indexing")
     await indexing.set_rule(harness.guild_id, harness.channel_ids["random"], "exclude")  # type: ignore[union-attr]
     harness.post_while_away("random", "ann", "away", [("r.jpg", scene_jpeg("red", "circle"))])
-    harness.post_while_away("general", "ann", "away", [("g.jpg", scene_jpeg("blue", "star"))])
     calls = len(harness.world.calls)
     await indexing.on_connect()  # type: ignore[union-attr]
     assert await indexing.catch_up() == (0, 0)  # type: ignore[union-attr]
     assert not any(c.startswith("logs_from") for c in harness.world.calls[calls:])
+
+
+async def test_quiet_and_new_channels_are_caught_up_but_history_from_before_the_bot_is_not(
+    start_bot: StartBot, library: Library  # noqa: F811
+) -> None:
+    """Every channel is watched from the message that was newest when the bot connected, even one
+    nobody has posted in since; a channel created while the bot was away, or created while it was
+    there and quiet until it left, is read from its start. What came before a first connection is
+    what a backfill is for."""
+    harness = await start_bot(LAYOUT)
+    quiet_new = await harness.create_channel("trip")
+    await harness.post("photos", "ann", "seen after #trip was created")
+    photos = {
+        "general": harness.post_while_away("general", "ann", "quiet until now", [("g.jpg", scene_jpeg("blue", "star"))]),
+        "trip": harness.post_while_away("trip", "ann", "first post", [("t.jpg", scene_jpeg("red", "circle"))]),
+    }
+    away_new = await harness.create_channel("offsite", while_away=True)
+    photos["offsite"] = harness.post_while_away("offsite", "ben", "", [("o.jpg", scene_jpeg("green", "heart"))])
+    harness.post_while_away("offsite", "ben", "just words")
+
+    indexing = harness.bot.get_cog("Indexing")
+    await indexing.on_connect()  # type: ignore[union-attr]
+    # A post in the new channel before the catch-up reaches it must not make it look watched.
+    live = await harness.post("offsite", "ann", "hello")
+    assert await indexing.catch_up() == (5, 3)  # type: ignore[union-attr]
+    await harness.drain()
+    indexed = await library.catalog.sources_for_messages(list(photos.values()))
+    assert sorted(s.message_id for s in indexed) == sorted(photos.values())
+    marks = {m.channel_id: m.newest_id for m in await harness.bot.jobs.seen_marks()}
+    assert marks[away_new] == live.id and marks[quiet_new] == photos["trip"]
+
+    # A server the bot joins is watched from its present: its history is a backfill's.
+    other = harness.add_guild(LAYOUT, "elsewhere")
+    harness.use_guild(other)
+    older = harness.post_while_away("photos", "ann", "before the bot", [("b.jpg", scene_jpeg("yellow", "star"))])
+    await indexing.on_guild_join(harness.guild)  # type: ignore[union-attr]
+    later = harness.post_while_away("photos", "ann", "while away", [("w.jpg", scene_jpeg("blue", "circle"))])
+    await indexing.on_connect()  # type: ignore[union-attr]
+    assert await indexing.catch_up() == (1, 1)  # type: ignore[union-attr]
+    await harness.drain()
+    assert [s.message_id for s in await library.catalog.sources_for_messages([older, later])] == [later]
 
 
 async def test_a_later_post_does_not_move_the_mark_past_photos_still_on_their_way_to_the_queue(start_bot: StartBot, library: Library) -> None:  # noqa: F811

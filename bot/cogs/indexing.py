@@ -16,7 +16,7 @@ indexed messages it should have met and did not: deleted while no delete event c
 
 Catching up covers the other gap: photos posted while the bot was stopped or disconnected. The
 newest message seen in each channel is kept; on connecting, each channel with newer messages is
-read forward from there.
+read forward from there, and a channel created since the bot last saw its server is read whole.
 """
 
 from __future__ import annotations
@@ -148,6 +148,11 @@ class Indexing(commands.Cog):
         self._rules: dict[int, dict[int, str]] = {}
         self._backfilling: set[int] = set()
         self._marks: dict[int, int] = {}  # channel -> the newest message kept as seen
+        self._mark_guilds: dict[int, int] = {}  # channel -> its server, for the marks above
+        # Server -> the newest message seen there before this connection: a channel created
+        # after it was created while the bot was away (see `_catch_up_unmarked`).
+        self._present_until: dict[int, int] = {}
+        self._holding_first_marks = False  # from connecting until a catch-up pass has run
         self._holds: dict[int, int] = {}  # channel -> how many reasons hold its mark back
         self._held: dict[int, int] = {}  # channel -> the newest message seen while held
         self._awaiting_catch_up: set[int] = set()
@@ -156,7 +161,9 @@ class Indexing(commands.Cog):
 
     async def cog_load(self) -> None:
         self._rules = await self.bot.jobs.rules()
-        self._marks = {mark.channel_id: mark.newest_id for mark in await self.bot.jobs.seen_marks()}
+        for mark in await self.bot.jobs.seen_marks():
+            self._marks[mark.channel_id] = mark.newest_id
+            self._mark_guilds[mark.channel_id] = mark.guild_id
         self._hold_for_catching_up()  # until connected and caught up
         pending = await self.queue.pending()
         if pending:
@@ -292,6 +299,7 @@ class Indexing(commands.Cog):
     async def on_guild_remove(self, guild: discord.Guild) -> None:
         gone = await self.queue.forget_guild(guild.id)
         self._rules.pop(guild.id, None)
+        self._present_until.pop(guild.id, None)  # joining again starts afresh, like a first join
         log.info("Removed from %s: forgot %d photo(s)", guild.name, len(gone))
 
     # ---- what was posted while the bot was away -----------------------------------------------
@@ -315,6 +323,8 @@ class Indexing(commands.Cog):
                 await self._write_mark(channel_id, guild_id, newest)
 
     async def _write_mark(self, channel_id: int, guild_id: int, message_id: int) -> None:
+        if self._holding_first_marks and channel_id not in self._marks:
+            self._hold_until_caught_up(channel_id)  # it may be new: nothing it held may be skipped
         if channel_id in self._holds:
             self._held[channel_id] = max(self._held.get(channel_id, 0), message_id)
         else:
@@ -325,13 +335,28 @@ class Indexing(commands.Cog):
         reason holds it, for a catch-up as it reads."""
         if message_id > self._marks.get(channel_id, 0):
             self._marks[channel_id] = message_id
+            self._mark_guilds[channel_id] = guild_id
             await self.bot.jobs.note_seen(channel_id, guild_id, message_id)
 
-    def _hold_for_catching_up(self) -> None:
-        """Every channel with a mark waits for a catch-up before its mark moves again."""
-        for channel_id in self._marks.keys() - self._awaiting_catch_up:
+    def _hold_until_caught_up(self, channel_id: int) -> None:
+        if channel_id not in self._awaiting_catch_up:
             self._awaiting_catch_up.add(channel_id)
             self._hold(channel_id)
+
+    async def _caught_up(self, channel_id: int, guild_id: int) -> None:
+        if channel_id in self._awaiting_catch_up:
+            self._awaiting_catch_up.discard(channel_id)
+            await self._release(channel_id, guild_id)
+
+    def _hold_for_catching_up(self) -> None:
+        """Every channel with a mark waits for a catch-up before its mark moves again, and so
+        does one whose first mark would be written before then."""
+        self._present_until = {}
+        for channel_id, newest in self._marks.items():
+            guild_id = self._mark_guilds[channel_id]
+            self._present_until[guild_id] = max(self._present_until.get(guild_id, 0), newest)
+            self._hold_until_caught_up(channel_id)
+        self._holding_first_marks = True
 
     async def note_seen(self, message: discord.Message) -> None:
         """Keep the newest message of an indexed channel: a restart catches up from there."""
@@ -339,6 +364,24 @@ class Indexing(commands.Cog):
         if message.guild is None or not isinstance(channel, MESSAGEABLE) or not self.wants(channel):
             return
         await self._write_mark(channel.id, message.guild.id, message.id)
+
+    @commands.Cog.listener()
+    async def on_guild_channel_create(self, channel: discord.abc.GuildChannel) -> None:
+        """A new channel is watched from its first message (its own id is older than all of
+        them), so photos posted in it while the bot is away are caught up even if it was quiet
+        until then."""
+        if isinstance(channel, MESSAGEABLE) and self.wants(channel):
+            await self._write_mark(channel.id, channel.guild.id, channel.id)
+
+    @commands.Cog.listener()
+    async def on_thread_create(self, thread: discord.Thread) -> None:
+        await self.on_guild_channel_create(thread)
+
+    @commands.Cog.listener()
+    async def on_guild_join(self, guild: discord.Guild) -> None:
+        """Watch the new server's channels from their present messages (older ones are what a
+        backfill is for)."""
+        await self._catch_up_unmarked(guild)
 
     @commands.Cog.listener()
     async def on_connect(self) -> None:
@@ -386,17 +429,52 @@ class Indexing(commands.Cog):
                     scanned, found = await self._catch_up_channel(channel, mark.newest_id)
                     channels, read, queued = channels + 1, read + scanned, queued + found
                 if channel is not None or reachable:
-                    self._awaiting_catch_up.discard(mark.channel_id)
-                    await self._release(mark.channel_id, mark.guild_id)
+                    await self._caught_up(mark.channel_id, mark.guild_id)
             except Exception as error:  # one channel's failure leaves the others to go on
-                log.warning("Could not catch up on channel %s: %s", mark.channel_id, error)
-                await self.bot.jobs.note_error("catch-up", f"<#{mark.channel_id}>: {error}", mark.guild_id, mark.channel_id)
+                await self._report_catch_up_failure(mark.channel_id, mark.guild_id, error)
+        for guild in self.bot.guilds:
+            scanned, found, new_channels = await self._catch_up_unmarked(guild)
+            channels, read, queued = channels + new_channels, read + scanned, queued + found
+        self._holding_first_marks = False
         if read:
             log.info(
                 "Caught up on %d message(s) posted while away, in %d channel(s): %d photo(s) queued",
                 read, channels, queued,
             )
         return read, queued
+
+    async def _report_catch_up_failure(self, channel_id: int, guild_id: int, error: Exception) -> None:
+        log.warning("Could not catch up on channel %s: %s", channel_id, error)
+        await self.bot.jobs.note_error("catch-up", f"<#{channel_id}>: {error}", guild_id, channel_id)
+
+    async def _catch_up_unmarked(self, guild: discord.Guild) -> tuple[int, int, int]:
+        """Give each readable channel without a mark one: a channel created after the newest
+        message the bot had seen in the server was created while it was away, and is read whole;
+        any other starts from its present newest message. Returns (messages read, photos
+        queued, channels read).
+
+        A channel that fails stays held and without a mark (or with the mark of the pages it
+        got through), so the next catch-up tries it again."""
+        me = guild.me
+        if me is None:
+            return 0, 0, 0
+        present_until = self._present_until.get(guild.id)
+        read = queued = channels = 0
+        for channel in [*guild.text_channels, *guild.voice_channels, *guild.stage_channels, *guild.threads]:
+            if channel.id in self._marks:  # (a mark from an earlier try: the loop over marks has it)
+                continue
+            try:
+                if can_read_history(channel, me) and self.wants(channel):
+                    self._hold_until_caught_up(channel.id)
+                    created_while_away = present_until is not None and channel.id > present_until
+                    if created_while_away and channel.last_message_id is not None:
+                        scanned, found = await self._catch_up_channel(channel, channel.id)
+                        channels, read, queued = channels + 1, read + scanned, queued + found
+                    await self._store_mark(channel.id, guild.id, channel.last_message_id or channel.id)
+                await self._caught_up(channel.id, guild.id)
+            except Exception as error:  # one channel's failure leaves the others to go on
+                await self._report_catch_up_failure(channel.id, guild.id, error)
+        return read, queued, channels
 
     def _catch_up_target(self, mark: SeenMark) -> tuple[Messageable | None, bool]:
         """(the channel to read, if it may have unread messages the bot may read; whether it was
@@ -408,8 +486,8 @@ class Indexing(commands.Cog):
         if not can_read_history(channel, guild.me) or not self.wants(channel):
             return None, True
         last = channel.last_message_id
-        if last is not None and last <= mark.newest_id:
-            return None, True  # nothing new: no request needed
+        if last is None or last <= mark.newest_id:
+            return None, True  # nothing new (None: nothing ever posted): no request needed
         return channel, True
 
     async def _catch_up_channel(self, channel: Messageable, after_id: int) -> tuple[int, int]:
