@@ -507,3 +507,40 @@ async def test_a_later_post_does_not_move_the_mark_past_photos_still_on_their_wa
     marks = {m.channel_id: m.newest_id for m in await harness.bot.jobs.seen_marks()}
     assert marks[channel_id] == words
     assert await indexing.queue.pending() == 1  # type: ignore[union-attr]
+
+
+async def test_a_connection_begun_during_a_catch_up_keeps_new_channels_held_for_its_own(
+    start_bot: StartBot, library: Library, monkeypatch: pytest.MonkeyPatch  # noqa: F811
+) -> None:
+    """A pass that started before a reconnection must not end the new connection's care for
+    channels that may be new; and a channel whose history the bot may not read is not held
+    forever for lack of a catch-up it can never have."""
+    no_history = (discord.Permissions.none(), discord.Permissions(read_message_history=True))
+    layout = Layout(channels=[*LAYOUT.channels, ChannelSpec("notices", overwrites={"Shoebox": no_history})],
+                    members=LAYOUT.members)
+    harness = await start_bot(layout)
+    await harness.post("photos", "ann", "seen")
+    indexing = harness.bot.get_cog("Indexing")
+    new = await harness.create_channel("offsite", while_away=True)
+    missed = harness.post_while_away("offsite", "ben", "", [("o.jpg", scene_jpeg("green", "heart"))])
+    await indexing.on_connect()  # type: ignore[union-attr]
+    await harness.post("notices", "ann", "read it now or never")
+    seen_marks = harness.bot.jobs.seen_marks
+
+    async def reconnecting_meanwhile() -> list:
+        marks = await seen_marks()
+        monkeypatch.undo()
+        harness.guild._remove_channel(harness.guild.get_channel(new))  # not in this pass's cache yet
+        await indexing.on_connect()  # type: ignore[union-attr]
+        return marks
+
+    monkeypatch.setattr(harness.bot.jobs, "seen_marks", reconnecting_meanwhile)
+    assert await indexing.catch_up() == (0, 0)  # type: ignore[union-attr]
+    assert harness.channel_ids["notices"] not in indexing._holds  # type: ignore[union-attr]
+    # A live post in the new channel arrives before the second connection's pass: still held.
+    harness.guild._add_channel(discord.TextChannel(state=harness.bot._connection, guild=harness.guild,  # type: ignore[arg-type]
+                                                   data=harness.world.channels[new]))
+    await harness.post("offsite", "ann", "hello")
+    assert await indexing.catch_up() == (2, 1)  # type: ignore[union-attr]
+    await harness.drain()
+    assert len(await library.catalog.sources_for_messages([missed])) == 1

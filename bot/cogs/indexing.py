@@ -153,6 +153,7 @@ class Indexing(commands.Cog):
         # after it was created while the bot was away (see `_catch_up_unmarked`).
         self._present_until: dict[int, int] = {}
         self._holding_first_marks = False  # from connecting until a catch-up pass has run
+        self._connections = 0  # connections begun, so a pass clears only its own connection's hold
         self._holds: dict[int, int] = {}  # channel -> how many reasons hold its mark back
         self._held: dict[int, int] = {}  # channel -> the newest message seen while held
         self._awaiting_catch_up: set[int] = set()
@@ -289,17 +290,21 @@ class Indexing(commands.Cog):
     @commands.Cog.listener()
     async def on_guild_channel_delete(self, channel: discord.abc.GuildChannel) -> None:
         await self.queue.forget_channel(channel.id)
+        self._forget_marks([channel.id])
         self._rules = await self.bot.jobs.rules()
 
     @commands.Cog.listener()
     async def on_raw_thread_delete(self, payload: discord.RawThreadDeleteEvent) -> None:
         await self.queue.forget_channel(payload.thread_id)
+        self._forget_marks([payload.thread_id])
 
     @commands.Cog.listener()
     async def on_guild_remove(self, guild: discord.Guild) -> None:
         gone = await self.queue.forget_guild(guild.id)
         self._rules.pop(guild.id, None)
-        self._present_until.pop(guild.id, None)  # joining again starts afresh, like a first join
+        # Joining again starts afresh, like a first join.
+        self._present_until.pop(guild.id, None)
+        self._forget_marks([c for c, g in self._mark_guilds.items() if g == guild.id])
         log.info("Removed from %s: forgot %d photo(s)", guild.name, len(gone))
 
     # ---- what was posted while the bot was away -----------------------------------------------
@@ -320,7 +325,7 @@ class Indexing(commands.Cog):
             del self._holds[channel_id]
             newest = self._held.pop(channel_id, None)
             if newest is not None:
-                await self._write_mark(channel_id, guild_id, newest)
+                await self._store_mark(channel_id, guild_id, newest)
 
     async def _write_mark(self, channel_id: int, guild_id: int, message_id: int) -> None:
         if self._holding_first_marks and channel_id not in self._marks:
@@ -338,6 +343,12 @@ class Indexing(commands.Cog):
             self._mark_guilds[channel_id] = guild_id
             await self.bot.jobs.note_seen(channel_id, guild_id, message_id)
 
+    def _forget_marks(self, channel_ids: Iterable[int]) -> None:
+        """Drop the kept marks of channels whose rows `forget_channel` / `forget_guild` removed."""
+        for channel_id in channel_ids:
+            self._marks.pop(channel_id, None)
+            self._mark_guilds.pop(channel_id, None)
+
     def _hold_until_caught_up(self, channel_id: int) -> None:
         if channel_id not in self._awaiting_catch_up:
             self._awaiting_catch_up.add(channel_id)
@@ -351,6 +362,7 @@ class Indexing(commands.Cog):
     def _hold_for_catching_up(self) -> None:
         """Every channel with a mark waits for a catch-up before its mark moves again, and so
         does one whose first mark would be written before then."""
+        self._connections += 1
         self._present_until = {}
         for channel_id, newest in self._marks.items():
             guild_id = self._mark_guilds[channel_id]
@@ -420,6 +432,7 @@ class Indexing(commands.Cog):
         A channel that fails, or that is not in the cache (an archived thread), stays held: its
         mark stays where it was, and a later catch-up (or restart) starts from there."""
         read = queued = channels = 0
+        connection = self._connections
         for mark in await self.bot.jobs.seen_marks():
             if mark.channel_id not in self._awaiting_catch_up:
                 continue
@@ -435,7 +448,8 @@ class Indexing(commands.Cog):
         for guild in self.bot.guilds:
             scanned, found, new_channels = await self._catch_up_unmarked(guild)
             channels, read, queued = channels + new_channels, read + scanned, queued + found
-        self._holding_first_marks = False
+        if connection == self._connections:  # not reconnected meanwhile: that needs a pass of its own
+            self._holding_first_marks = False
         if read:
             log.info(
                 "Caught up on %d message(s) posted while away, in %d channel(s): %d photo(s) queued",
