@@ -35,6 +35,7 @@ from typing import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 import aiosqlite
 
 from bot.scope import KnownThread
+from bot.tasks import cancel_and_wait
 from store.db import DatabaseUnavailable, SourceRecord, open_connection, utc_now
 from store.library import IncomingImage, IndexOutcome, Library
 
@@ -600,12 +601,7 @@ class IndexQueue:
 
     async def stop(self) -> None:
         task, self._task = self._task, None
-        if task is not None:
-            task.cancel()
-            try:
-                await task
-            except asyncio.CancelledError:
-                pass
+        await cancel_and_wait(task)
         for callback in list(self._callbacks):
             callback.cancel()
 

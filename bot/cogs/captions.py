@@ -8,7 +8,6 @@ a bot without captions carries nothing of it.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from typing import TYPE_CHECKING
 
@@ -17,6 +16,7 @@ from discord.ext import commands
 
 from bot.captions import Captioner, background_task
 from bot.llm import AgentSettings, make_client
+from bot.tasks import cancel_and_wait
 
 if TYPE_CHECKING:
     from bot.discord_app import ShoeboxBot
@@ -53,10 +53,7 @@ class Captions(commands.Cog):
             self.captioner.wake()
 
     async def cog_unload(self) -> None:
-        if self.task is not None:
-            self.task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self.task
+        await cancel_and_wait(self.task)
         if self.client is not None:
             await self.client.close()
 

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import asyncio
 import bisect
-import contextlib
 import logging
 import re
 from collections.abc import Sequence, Set
@@ -37,6 +36,7 @@ from discord.ext import commands
 from bot.discord_app import addresses_bot
 from bot.jobs import BackfillState, DownloadGone, IndexJob, IndexQueue, SeenMark
 from bot.scope import KnownThread, can_read_history
+from bot.tasks import cancel_and_wait
 from store.db import to_iso
 from store.library import IndexOutcome
 
@@ -172,10 +172,7 @@ class Indexing(commands.Cog):
         self.queue.start()
 
     async def cog_unload(self) -> None:
-        if self._catching_up is not None:
-            self._catching_up.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._catching_up
+        await cancel_and_wait(self._catching_up)
         await self.queue.stop()
 
     # ---- rules ----------------------------------------------------------------------------
