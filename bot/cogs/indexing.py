@@ -147,8 +147,7 @@ class Indexing(commands.Cog):
         )
         self._rules: dict[int, dict[int, str]] = {}
         self._backfilling: set[int] = set()
-        self._marks: dict[int, int] = {}  # channel -> the newest message kept as seen
-        self._mark_guilds: dict[int, int] = {}  # channel -> its server, for the marks above
+        self._marks: dict[int, SeenMark] = {}  # channel -> the newest message kept as seen
         # Server -> the newest message seen there before this connection: a channel created
         # after it was created while the bot was away (see `_catch_up_unmarked`).
         self._present_until: dict[int, int] = {}
@@ -162,9 +161,7 @@ class Indexing(commands.Cog):
 
     async def cog_load(self) -> None:
         self._rules = await self.bot.jobs.rules()
-        for mark in await self.bot.jobs.seen_marks():
-            self._marks[mark.channel_id] = mark.newest_id
-            self._mark_guilds[mark.channel_id] = mark.guild_id
+        self._marks = {mark.channel_id: mark for mark in await self.bot.jobs.seen_marks()}
         self._hold_for_catching_up()  # until connected and caught up
         pending = await self.queue.pending()
         if pending:
@@ -301,7 +298,7 @@ class Indexing(commands.Cog):
         self._rules.pop(guild.id, None)
         # Joining again starts afresh, like a first join.
         self._present_until.pop(guild.id, None)
-        self._forget_marks([c for c, g in self._mark_guilds.items() if g == guild.id])
+        self._forget_marks([mark.channel_id for mark in self._marks.values() if mark.guild_id == guild.id])
         log.info("Removed from %s: forgot %d photo(s)", guild.name, len(gone))
 
     # ---- what was posted while the bot was away -----------------------------------------------
@@ -335,16 +332,15 @@ class Indexing(commands.Cog):
     async def _store_mark(self, channel_id: int, guild_id: int, message_id: int) -> None:
         """Move the kept mark forward (never back), whatever holds it: for live posts once no
         reason holds it, for a catch-up as it reads."""
-        if message_id > self._marks.get(channel_id, 0):
-            self._marks[channel_id] = message_id
-            self._mark_guilds[channel_id] = guild_id
+        kept = self._marks.get(channel_id)
+        if kept is None or message_id > kept.newest_id:
+            self._marks[channel_id] = SeenMark(channel_id, guild_id, message_id)
             await self.bot.jobs.note_seen(channel_id, guild_id, message_id)
 
     def _forget_marks(self, channel_ids: Iterable[int]) -> None:
         """Drop the kept marks of channels whose rows `forget_channel` / `forget_guild` removed."""
         for channel_id in channel_ids:
             self._marks.pop(channel_id, None)
-            self._mark_guilds.pop(channel_id, None)
 
     def _hold_until_caught_up(self, channel_id: int) -> None:
         if channel_id not in self._awaiting_catch_up:
@@ -361,10 +357,9 @@ class Indexing(commands.Cog):
         does one whose first mark would be written before then."""
         self._connections += 1
         self._present_until = {}
-        for channel_id, newest in self._marks.items():
-            guild_id = self._mark_guilds[channel_id]
-            self._present_until[guild_id] = max(self._present_until.get(guild_id, 0), newest)
-            self._hold_until_caught_up(channel_id)
+        for mark in self._marks.values():
+            self._present_until[mark.guild_id] = max(self._present_until.get(mark.guild_id, 0), mark.newest_id)
+            self._hold_until_caught_up(mark.channel_id)
         self._holding_first_marks = True
 
     async def note_seen(self, message: discord.Message) -> None:
