@@ -257,6 +257,7 @@ class FakeDiscordHttp(HTTPClient):
         return {**member, "user": self.world.users[int(member_id)]}
 
     async def get_channel(self, channel_id: int) -> Any:
+        self.world.calls.append(f"get_channel {channel_id}")
         channel = self.world.channels.get(int(channel_id))
         if channel is None:
             raise not_found("channel")
@@ -705,8 +706,13 @@ class Harness:
             await self.settle()
         return channel_id
 
-    async def delete_channel(self, name: str) -> None:
+    async def delete_channel(self, name: str, *, while_away: bool = False) -> None:
+        """A channel goes: live, the bot gets CHANNEL_DELETE; while it is away it gets no event,
+        and the next connection's server data just lacks the channel."""
         channel = self.world.channels.pop(self.channel_ids[name])
+        if while_away:
+            self.guild._remove_channel(self.guild.get_channel(int(channel["id"])))  # type: ignore[arg-type]
+            return
         self.bot._connection.parse_channel_delete(channel)  # type: ignore[arg-type]
         await self.settle()
 

@@ -13,6 +13,7 @@ import discord
 import pytest
 
 from bot.jobs import QueueSettings
+from bot.scope import KnownThread
 from store.db import SourceFilter
 from store.library import Library
 from tests.discord_harness import (
@@ -544,3 +545,38 @@ async def test_a_connection_begun_during_a_catch_up_keeps_new_channels_held_for_
     assert await indexing.catch_up() == (2, 1)  # type: ignore[union-attr]
     await harness.drain()
     assert len(await library.catalog.sources_for_messages([missed])) == 1
+
+
+async def test_a_channel_deleted_while_the_bot_was_away_takes_its_photos_with_it(
+    start_bot: StartBot, library: Library  # noqa: F811
+) -> None:
+    """Only Discord saying the channel is unknown counts: one merely missing from the cache
+    (as an archived thread is) keeps its photos and its place."""
+    harness = await start_bot(LAYOUT)
+    gone = await harness.post("random", "ann", files=[("r.jpg", scene_jpeg("red", "circle"))])
+    hidden = await harness.post("general", "ann", files=[("g.jpg", scene_jpeg("green", "heart"))])
+    kept = await harness.post("photos", "ann", files=[("p.jpg", scene_jpeg("blue", "star"))])
+    await harness.drain()
+    await harness.delete_channel("random", while_away=True)
+    harness.guild._remove_channel(harness.channel("general"))  # still in Discord, not in the cache
+    indexing = harness.bot.get_cog("Indexing")
+    await indexing.on_connect()  # type: ignore[union-attr]
+    assert await indexing.catch_up() == (0, 0)  # type: ignore[union-attr]
+    assert await sources_of(library, gone) == []
+    assert len(await sources_of(library, hidden)) == 1 and len(await sources_of(library, kept)) == 1
+    marks = {m.channel_id for m in await harness.bot.jobs.seen_marks()}
+    assert harness.channel_ids["random"] not in marks and harness.channel_ids["general"] in marks
+    # The deleted channel is settled: the next connection asks about the missing one alone,
+    calls = len(harness.world.calls)
+    await indexing.on_connect()  # type: ignore[union-attr]
+    await indexing.catch_up()  # type: ignore[union-attr]
+    asked = [c for c in harness.world.calls[calls:] if c.startswith("get_channel")]
+    assert asked == [f"get_channel {harness.channel_ids['general']}"]
+    # and a thread it knows (archived ones are missing from the cache) is not asked about at all.
+    general = harness.channel_ids["general"]
+    await harness.bot.jobs.remember_thread(KnownThread(general, harness.channel_ids["photos"], harness.guild_id, False, None))
+    calls = len(harness.world.calls)
+    await indexing.on_connect()  # type: ignore[union-attr]
+    await indexing.catch_up()  # type: ignore[union-attr]
+    assert not [c for c in harness.world.calls[calls:] if c.startswith("get_channel")]
+    assert len(await sources_of(library, hidden)) == 1

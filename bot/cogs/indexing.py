@@ -430,6 +430,8 @@ class Indexing(commands.Cog):
                 continue
             try:
                 channel, reachable = self._catch_up_target(mark)
+                if not reachable and await self._deleted_while_away(mark):
+                    continue
                 if channel is not None:
                     scanned, found = await self._catch_up_channel(channel, mark.newest_id)
                     channels, read, queued = channels + 1, read + scanned, queued + found
@@ -448,6 +450,29 @@ class Indexing(commands.Cog):
                 read, channels, queued,
             )
         return read, queued
+
+    async def _deleted_while_away(self, mark: SeenMark) -> bool:
+        """Whether a marked channel missing from the cache was deleted while the bot was away;
+        if so, its photos go, as its delete event would have taken them.
+
+        Only Discord's "unknown channel" counts: a thread that archived is missing from the cache
+        too, so known threads are not asked about, and one found this way becomes known.
+        """
+        guild = self.bot.get_guild(mark.guild_id)
+        if guild is None or guild.unavailable:
+            return False  # the server itself is missing or in an outage: nothing to judge by
+        if mark.channel_id in {t.thread_id for t in await self.bot.jobs.known_threads(mark.guild_id)}:
+            return False
+        try:
+            await self.remember_thread(await self.bot.fetch_channel(mark.channel_id))
+            return False
+        except discord.NotFound:
+            pass
+        await self._caught_up(mark.channel_id, mark.guild_id)
+        gone = await self.queue.forget_channel(mark.channel_id)
+        self._forget_marks([mark.channel_id])
+        log.info("Channel %s was deleted while the bot was away: forgot %d photo(s)", mark.channel_id, len(gone))
+        return True
 
     async def _report_catch_up_failure(self, channel_id: int, guild_id: int, error: Exception) -> None:
         log.warning("Could not catch up on channel %s: %s", channel_id, error)
