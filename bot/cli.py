@@ -121,16 +121,26 @@ async def open_library(
 ) -> AsyncIterator[Any]:
     """The library the command line points at, with the configured model unless `embedder` is
     given; a library that cannot be opened becomes a one-line error."""
-    from store.db import DatabaseUnavailable
-    from store.library import Library, ModelMismatch
-
     settings = load_settings(args)
     if embedder is None:
         embedder = load_model(settings.clip)
+    async with library_at(settings, embedder, allow_other_model=allow_other_model) as library:
+        yield library
+
+
+@asynccontextmanager
+async def library_at(
+    settings: Any, embedder: Any, *, allow_other_model: bool = False, advice: str = ""
+) -> AsyncIterator[Any]:
+    """The library in `settings`' folder, closed afterwards; one that cannot be opened (another
+    model's, or a damaged database) becomes a one-line error, `advice` appended."""
+    from store.db import DatabaseUnavailable
+    from store.library import Library, ModelMismatch
+
     try:
         library = await Library.open(settings, embedder, allow_other_model=allow_other_model)
     except (ModelMismatch, DatabaseUnavailable) as error:
-        raise UserError(str(error)) from None
+        raise UserError(f"{error}{advice}") from None
     try:
         yield library
     finally:

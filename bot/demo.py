@@ -33,9 +33,8 @@ def add_command(sub: Any) -> None:
 
 
 async def run_demo(args: argparse.Namespace) -> int:
-    from bot.cli import ProgressBar, UserError, format_result, load_model, load_settings
-    from store.db import DatabaseUnavailable
-    from store.library import IncomingImage, Library, ModelMismatch, expand_paths, file_source
+    from bot.cli import ProgressBar, UserError, format_result, library_at, load_model, load_settings
+    from store.library import IncomingImage, expand_paths, file_source
     from store.tinyclip import MODEL_NAME
     from store.tinyclip.scenes import generate_gallery
     from tools.search import find_similar, search_images
@@ -54,11 +53,8 @@ async def run_demo(args: argparse.Namespace) -> int:
         raise UserError(f"cannot draw the gallery into {gallery} ({error.strerror or error}): choose another folder with --data") from None
     print(f"2. Loading the {MODEL_NAME} CLIP model shipped with Shoebox ...")
     embedder = load_model(clip)
-    try:
-        library = await Library.open(settings, embedder)
-    except (ModelMismatch, DatabaseUnavailable) as error:
-        raise UserError(f"{error} (or delete {settings.data_dir} to start the demo afresh)") from None
-    try:
+    advice = f" (or delete {settings.data_dir} to start the demo afresh)"
+    async with library_at(settings, embedder, advice=advice) as library:
         items = [IncomingImage(file_source(p)) for p in expand_paths([gallery])]
         outcomes = await library.index(items, ProgressBar("   indexing"))
         new = sum(o.status == "indexed" for o in outcomes)
@@ -71,8 +67,6 @@ async def run_demo(args: argparse.Namespace) -> int:
         print(f"\n4. look-alikes of {Path(str(first.source.path)).name} (image #{first.image_id}):")
         for result in await find_similar(library, first.image_id, k=3):
             print("   " + format_result(result).replace("\n", "\n   "))
-    finally:
-        await library.close()
     print(
         f"\nDone in {time.monotonic() - started:.0f}s. The file names tell what each scene shows; "
         f"try `SHOEBOX_CLIP_MODEL={MODEL_NAME} shoebox --data {settings.data_dir} search \"a white cross\"` "

@@ -10,6 +10,8 @@ import pytest
 
 from bot.cli import main
 from bot.demo import DEMO_QUERIES
+from store.library import DB_FILE
+from tests.conftest import NOT_A_DATABASE
 
 
 def test_demo_finds_what_each_search_names(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -27,3 +29,15 @@ def test_demo_finds_what_each_search_names(tmp_path: Path, capsys: pytest.Captur
     # a second run finds everything already indexed
     assert main(["--data", str(tmp_path / "demo"), "demo"]) == 0
     assert "0 new, 80 already indexed." in capsys.readouterr().out
+
+
+def test_a_demo_folder_that_cannot_be_opened_says_how_to_start_afresh(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    folder = tmp_path / "demo"
+    folder.mkdir()
+    (folder / DB_FILE).write_bytes(NOT_A_DATABASE)
+    assert main(["--data", str(folder), "demo", "--images", "4"]) != 0
+    err = capsys.readouterr().err
+    assert f"or delete {folder} to start the demo afresh" in err and "Traceback" not in err
+    assert (folder / DB_FILE).read_bytes() == NOT_A_DATABASE  # nothing of it was overwritten
