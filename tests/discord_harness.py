@@ -243,10 +243,11 @@ class FakeDiscordHttp(HTTPClient):
 
     async def get_public_archived_threads(self, channel_id: int, before: Any = None, limit: int = 50) -> Any:
         self.world.calls.append(f"archived_threads {channel_id}")
-        threads = [
-            c for c in self.world.channels.values()
-            if c.get("type") == 11 and c.get("parent_id") == str(channel_id) and c["thread_metadata"]["archived"]
-        ]
+        threads = sorted(
+            (c for c in self.world.channels.values()
+             if c.get("type") == 11 and c.get("parent_id") == str(channel_id) and c["thread_metadata"]["archived"]),
+            key=lambda c: c["thread_metadata"]["archive_timestamp"], reverse=True,  # most recently archived first
+        )
         return {"threads": [] if before else threads, "members": [], "has_more": False}
 
     async def get_member(self, guild_id: int, member_id: int) -> Any:

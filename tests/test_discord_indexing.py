@@ -7,6 +7,7 @@ from the (fake) CDN, decodes and embeds with the real small CLIP into a real lib
 from __future__ import annotations
 
 import asyncio
+from datetime import datetime, timezone
 import logging
 
 import discord
@@ -24,6 +25,7 @@ from tests.discord_harness import (
     deny,
     offline_agent,
     scene_jpeg,
+    snowflake,
     start_bot,  # noqa: F401 - fixture
 )
 
@@ -580,3 +582,71 @@ async def test_a_channel_deleted_while_the_bot_was_away_takes_its_photos_with_it
     await indexing.catch_up()  # type: ignore[union-attr]
     assert not [c for c in harness.world.calls[calls:] if c.startswith("get_channel")]
     assert len(await sources_of(library, hidden)) == 1
+
+
+def _public_thread(harness: Harness, parent: str, name: str, archived_at: str | None = None) -> dict:
+    """A public thread of `parent` in Discord's records (the caller decides whether the bot has
+    it in its cache): archived at `archived_at`, or open."""
+    thread_id = snowflake()
+    thread = {
+        "id": str(thread_id), "name": name, "type": 11, "guild_id": str(harness.guild_id),
+        "parent_id": str(harness.channel_ids[parent]), "owner_id": str(harness.user_ids["ann"]),
+        "member_count": 2, "message_count": 0, "rate_limit_per_user": 0, "flags": 0, "last_message_id": None,
+        "thread_metadata": {"archived": archived_at is not None, "auto_archive_duration": 1440,
+                            "archive_timestamp": archived_at or datetime.now(timezone.utc).isoformat(), "locked": False},
+    }
+    harness.world.channels[thread_id] = thread
+    harness.channel_ids[name] = thread_id
+    return thread
+
+
+def _post_in_thread_while_away(harness: Harness, thread: dict, name: str) -> int:
+    user = harness.world.users[harness.user_ids["ann"]]
+    member = harness.world.members[(harness.guild_id, harness.user_ids["ann"])]
+    posted = harness.http.world_message(int(thread["id"]), user, "", guild_id=harness.guild_id, member=member,
+                                        attachments=[harness.upload(name, scene_jpeg("blue", "circle"))])
+    thread["last_message_id"] = posted["id"]
+    return int(posted["id"])
+
+
+async def test_threads_that_archived_while_the_bot_was_away_are_caught_up_after_a_new_session(
+    start_bot: StartBot, library: Library  # noqa: F811
+) -> None:
+    """An archived thread is not in the cache, so only listing the archived threads finds those
+    that took photos and then archived while the bot was away; one archived before it went is a
+    backfill's."""
+    harness = await start_bot(LAYOUT)
+    watched = _public_thread(harness, "photos", "trip")
+    harness.guild._add_thread(discord.Thread(guild=harness.guild, state=harness.bot._connection, data=watched))  # type: ignore[arg-type]
+    await harness.post("trip", "ann", "packing now")
+    long_ago = _public_thread(harness, "photos", "last-summer", archived_at="2024-08-01T00:00:00+00:00")
+    _post_in_thread_while_away(harness, long_ago, "old.jpg")
+
+    now = datetime.now(timezone.utc).isoformat()
+    missed = [_post_in_thread_while_away(harness, watched, "trip.jpg")]
+    watched["thread_metadata"].update(archived=True, archive_timestamp=now)
+    harness.guild._remove_thread(discord.Object(int(watched["id"])))
+    unseen = _public_thread(harness, "photos", "offsite", archived_at=now)
+    missed.append(_post_in_thread_while_away(harness, unseen, "offsite.jpg"))
+
+    indexing = harness.bot.get_cog("Indexing")
+    await indexing.on_connect()  # type: ignore[union-attr]
+    await indexing.on_ready()  # type: ignore[union-attr]
+    assert await indexing._catching_up == (2, 2)  # type: ignore[union-attr]
+    await harness.drain()
+    indexed = await library.catalog.sources_for_messages([*missed, int(long_ago["last_message_id"])])
+    assert sorted(s.message_id for s in indexed) == sorted(missed)
+    marks = {m.channel_id: m.newest_id for m in await harness.bot.jobs.seen_marks()}
+    assert marks[int(watched["id"])] == missed[0] and marks[int(unseen["id"])] == missed[1]
+    assert int(long_ago["id"]) not in marks
+    # Caught up, the thread is free again: reopened, a live post moves its mark at once.
+    watched["thread_metadata"]["archived"] = False
+    harness.guild._add_thread(discord.Thread(guild=harness.guild, state=harness.bot._connection, data=watched))  # type: ignore[arg-type]
+    live = await harness.post("trip", "ann", "back home")
+    marks = {m.channel_id: m.newest_id for m in await harness.bot.jobs.seen_marks()}
+    assert marks[int(watched["id"])] == live.id
+    # A resumed session replays what it missed: no listing then.
+    calls = len(harness.world.calls)
+    await indexing.on_connect()  # type: ignore[union-attr]
+    assert await indexing.catch_up() == (0, 0)  # type: ignore[union-attr]
+    assert not any(c.startswith("archived_threads") for c in harness.world.calls[calls:])

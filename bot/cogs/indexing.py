@@ -17,6 +17,7 @@ indexed messages it should have met and did not: deleted while no delete event c
 Catching up covers the other gap: photos posted while the bot was stopped or disconnected. The
 newest message seen in each channel is kept; on connecting, each channel with newer messages is
 read forward from there, and a channel created since the bot last saw its server is read whole.
+Public threads that archived meanwhile are not in the cache; a new session lists them.
 """
 
 from __future__ import annotations
@@ -153,6 +154,7 @@ class Indexing(commands.Cog):
         self._present_until: dict[int, int] = {}
         self._holding_first_marks = False  # from connecting until a catch-up pass has run
         self._connections = 0  # connections begun, so a pass clears only its own connection's hold
+        self._list_archived = False  # a new session: threads may have archived unseen (see catch_up)
         self._holds: dict[int, int] = {}  # channel -> how many reasons hold its mark back
         self._held: dict[int, int] = {}  # channel -> the newest message seen while held
         self._awaiting_catch_up: set[int] = set()
@@ -394,6 +396,7 @@ class Indexing(commands.Cog):
     @commands.Cog.listener()
     async def on_ready(self) -> None:
         """A new gateway session: messages sent while the bot was away were never delivered."""
+        self._list_archived = True
         self._start_catching_up()
 
     @commands.Cog.listener()
@@ -422,9 +425,11 @@ class Indexing(commands.Cog):
         than its mark is read forward from there. Returns (messages read, photos queued).
 
         A channel that fails, or that is not in the cache (an archived thread), stays held: its
-        mark stays where it was, and a later catch-up (or restart) starts from there."""
+        mark stays where it was, and a later catch-up (or restart) starts from there. After a
+        new session, public threads that archived while the bot was away are read as well."""
         read = queued = channels = 0
         connection = self._connections
+        list_archived, self._list_archived = self._list_archived, False
         for mark in await self.bot.jobs.seen_marks():
             if mark.channel_id not in self._awaiting_catch_up:
                 continue
@@ -442,6 +447,9 @@ class Indexing(commands.Cog):
         for guild in self.bot.guilds:
             scanned, found, new_channels = await self._catch_up_unmarked(guild)
             channels, read, queued = channels + new_channels, read + scanned, queued + found
+            if list_archived:
+                scanned, found, new_channels = await self._catch_up_archived(guild)
+                channels, read, queued = channels + new_channels, read + scanned, queued + found
         if connection == self._connections:  # not reconnected meanwhile: that needs a pass of its own
             self._holding_first_marks = False
         if read:
@@ -473,6 +481,38 @@ class Indexing(commands.Cog):
         self._forget_marks([mark.channel_id])
         log.info("Channel %s was deleted while the bot was away: forgot %d photo(s)", mark.channel_id, len(gone))
         return True
+
+    async def _catch_up_archived(self, guild: discord.Guild) -> tuple[int, int, int]:
+        """Public threads that archived while the bot was away: not in the cache, so neither
+        caught up above nor ever seen new. Each readable channel lists its archived threads,
+        most recently archived first, up to the first one archived before the bot went away: a
+        thread with a mark is read forward from it, one created while away from its start.
+        Returns (messages read, photos queued, threads read)."""
+        me = guild.me
+        present_until = self._present_until.get(guild.id)
+        if me is None or present_until is None:
+            return 0, 0, 0
+        away_since = discord.utils.snowflake_time(present_until)
+        read = queued = threads = 0
+        for parent in [*guild.text_channels, *guild.forums]:
+            if not can_read_history(parent, me):
+                continue
+            try:
+                async for thread in parent.archived_threads(limit=None):
+                    if thread.archive_timestamp < away_since:
+                        break
+                    if not can_read_history(thread, me) or not self.wants(thread):
+                        continue
+                    mark = self._marks.get(thread.id)
+                    after = mark.newest_id if mark is not None else thread.id if thread.id > present_until else None
+                    if after is not None and (thread.last_message_id or 0) > after:
+                        scanned, found = await self._catch_up_channel(thread, after)
+                        threads, read, queued = threads + 1, read + scanned, queued + found
+                    await self._store_mark(thread.id, guild.id, thread.last_message_id or thread.id)
+                    await self._caught_up(thread.id, guild.id)
+            except discord.HTTPException as error:
+                await self._report_catch_up_failure(parent.id, guild.id, error)
+        return read, queued, threads
 
     async def _report_catch_up_failure(self, channel_id: int, guild_id: int, error: Exception) -> None:
         log.warning("Could not catch up on channel %s: %s", channel_id, error)
