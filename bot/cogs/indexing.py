@@ -505,12 +505,10 @@ class Indexing(commands.Cog):
                         continue
                     mark = self._marks.get(thread.id)
                     after = mark.newest_id if mark is not None else thread.id if thread.id > present_until else None
-                    if after is not None and (thread.last_message_id or 0) > after:
-                        scanned, found = await self._catch_up_channel(thread, after)
-                        threads, read, queued = threads + 1, read + scanned, queued + found
-                    await self._store_mark(thread.id, guild.id, thread.last_message_id or thread.id)
+                    scanned, found = await self._read_and_mark(thread, after)
+                    threads, read, queued = threads + bool(scanned), read + scanned, queued + found
                     await self._caught_up(thread.id, guild.id)
-            except discord.HTTPException as error:
+            except Exception as error:  # one channel's failure leaves the others to go on
                 await self._report_catch_up_failure(parent.id, guild.id, error)
         return read, queued, threads
 
@@ -538,14 +536,22 @@ class Indexing(commands.Cog):
                 if can_read_history(channel, me) and self.wants(channel):
                     self._hold_until_caught_up(channel.id)
                     created_while_away = present_until is not None and channel.id > present_until
-                    if created_while_away and channel.last_message_id is not None:
-                        scanned, found = await self._catch_up_channel(channel, channel.id)
-                        channels, read, queued = channels + 1, read + scanned, queued + found
-                    await self._store_mark(channel.id, guild.id, channel.last_message_id or channel.id)
+                    scanned, found = await self._read_and_mark(channel, channel.id if created_while_away else None)
+                    channels, read, queued = channels + bool(scanned), read + scanned, queued + found
                 await self._caught_up(channel.id, guild.id)
             except Exception as error:  # one channel's failure leaves the others to go on
                 await self._report_catch_up_failure(channel.id, guild.id, error)
         return read, queued, channels
+
+    async def _read_and_mark(self, channel: Messageable, after_id: int | None) -> tuple[int, int]:
+        """Read `channel` forward from `after_id` when it has newer messages (None: nothing to
+        read), then mark it as seen up to its newest message. Returns (messages read, photos
+        queued)."""
+        scanned = found = 0
+        if after_id is not None and (channel.last_message_id or 0) > after_id:
+            scanned, found = await self._catch_up_channel(channel, after_id)
+        await self._store_mark(channel.id, channel.guild.id, channel.last_message_id or channel.id)
+        return scanned, found
 
     def _catch_up_target(self, mark: SeenMark) -> tuple[Messageable | None, bool]:
         """(the channel to read, if it may have unread messages the bot may read; whether it was
