@@ -225,33 +225,15 @@ _INSERT_SOURCE = (
     "author_id, author_name, channel_name, filename, posted_text, posted_at, added_at) "
     "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
 )
-# Full-text matching (see `Catalog.text_matches`), per table: the rowid of the oldest match that is
-# ranked, among all matches or among those in the filter (parameters: the match, the filter's, the
-# offset); then those matches with their bm25 (FTS5's `rank`).
+# Full-text matching (see `Catalog.text_matches`), per table: the newest matches in the filter,
+# each with its image and its bm25 (FTS5's `rank`); parameters: the match, the filter's, how many.
 RANKED_TEXT_MATCHES = 2000
-
-
-@dataclass(frozen=True)
-class _TextTable:
-    newest: str
-    newest_in_filter: str
-    ranked: str
-
-
-_POSTED_TEXT = _TextTable(
-    "SELECT rowid FROM sources_fts WHERE sources_fts MATCH ? ORDER BY rowid DESC LIMIT 1 OFFSET ?",
-    "SELECT t.rowid FROM sources_fts t JOIN sources s ON s.id = t.rowid"
-    " WHERE sources_fts MATCH ? AND {where} ORDER BY t.rowid DESC LIMIT 1 OFFSET ?",
-    "SELECT s.image_id, SUM(t.rank) FROM sources_fts t JOIN sources s ON s.id = t.rowid"
-    " WHERE sources_fts MATCH ? AND t.rowid >= ? AND {where} GROUP BY s.image_id",
-)
-_DESCRIPTIONS = _TextTable(
-    "SELECT rowid FROM images_fts WHERE images_fts MATCH ? ORDER BY rowid DESC LIMIT 1 OFFSET ?",
-    "SELECT f.rowid FROM images_fts f WHERE images_fts MATCH ?"
+_RANKED_TEXT = (
+    "SELECT s.image_id, t.rank FROM sources_fts t JOIN sources s ON s.id = t.rowid"
+    " WHERE sources_fts MATCH ? AND {where} ORDER BY t.rowid DESC LIMIT ?",
+    "SELECT f.rowid, f.rank FROM images_fts f WHERE images_fts MATCH ?"
     " AND EXISTS (SELECT 1 FROM sources s WHERE s.image_id = f.rowid AND {where})"
-    " ORDER BY f.rowid DESC LIMIT 1 OFFSET ?",
-    "SELECT f.rowid, f.rank FROM images_fts f WHERE images_fts MATCH ? AND f.rowid >= ?"
-    " AND EXISTS (SELECT 1 FROM sources s WHERE s.image_id = f.rowid AND {where})",
+    " ORDER BY f.rowid DESC LIMIT ?",
 )
 _SET_TEXT = "INSERT OR REPLACE INTO images_fts (rowid, body) VALUES (?, ?)"
 _DELETE_TEXT = "DELETE FROM images_fts WHERE rowid = ?"
@@ -709,24 +691,20 @@ class Catalog:
 
         bm25 is computed for every row it orders, about 1.3 us each: a common word in a million
         posts matches ten thousand of them, which took 35 ms. So each table ranks only its
-        `RANKED_TEXT_MATCHES` most recently indexed matches in the filter (found first by walking
-        the matches newest first, which FTS5 does without scoring them). Search fuses this list
-        with the CLIP ranking, which covers everything.
+        `RANKED_TEXT_MATCHES` most recently indexed matches in the filter: FTS5 walks the matches
+        newest first, and bm25 is computed only for the rows that pass the filter before the
+        limit. (Finding the oldest of them first and ranking from there walked the matches twice:
+        23 ms against 13 ms in a 5-of-50-channel scope at 1M posts.) Search fuses this list with
+        the CLIP ranking, which covers everything.
         """
         match = fts_query(query)
         if match is None:
             return []
         where, params = flt.where("s")
         scores: dict[int, float] = {}
-        for table in (_POSTED_TEXT, _DESCRIPTIONS):
-            # Unrestricted, every match counts: no row needs looking up to find the newest.
-            newest, newest_params = (
-                (table.newest, [match]) if flt.unrestricted else (table.newest_in_filter.format(where=where), [match, *params])
-            )
-            rows = await self.reader.execute_fetchall(newest, [*newest_params, RANKED_TEXT_MATCHES - 1])
-            oldest_ranked = int(next(iter(rows))[0]) if rows else 0
+        for ranked in _RANKED_TEXT:
             for image_id, score in await self.reader.execute_fetchall(
-                table.ranked.format(where=where), [match, oldest_ranked, *params]
+                ranked.format(where=where), [match, *params, RANKED_TEXT_MATCHES]
             ):
                 scores[int(image_id)] = scores.get(int(image_id), 0.0) + float(score)
         return sorted(scores, key=scores.__getitem__)[:limit]
