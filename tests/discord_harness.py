@@ -106,6 +106,7 @@ class World:
     calls: list[str] = field(default_factory=list)
     cdn_failures: dict[str, int] = field(default_factory=dict)  # url -> how many times to fail first
     history_failures: dict[int, int] = field(default_factory=dict)  # channel -> history requests to fail
+    archived_page: int = 100  # archived threads per page of the listing (Discord's most)
 
 
 class FakeDiscordHttp(HTTPClient):
@@ -245,10 +246,14 @@ class FakeDiscordHttp(HTTPClient):
         self.world.calls.append(f"archived_threads {channel_id}")
         threads = sorted(
             (c for c in self.world.channels.values()
-             if c.get("type") == 11 and c.get("parent_id") == str(channel_id) and c["thread_metadata"]["archived"]),
-            key=lambda c: c["thread_metadata"]["archive_timestamp"], reverse=True,  # most recently archived first
+             if c.get("type") == 11 and c.get("parent_id") == str(channel_id) and c["thread_metadata"]["archived"]
+             and (before is None or datetime.fromisoformat(c["thread_metadata"]["archive_timestamp"])
+                  < datetime.fromisoformat(str(before)))),
+            key=lambda c: datetime.fromisoformat(c["thread_metadata"]["archive_timestamp"]),
+            reverse=True,  # most recently archived first, a page at a time
         )
-        return {"threads": [] if before else threads, "members": [], "has_more": False}
+        page = min(limit, self.world.archived_page)
+        return {"threads": threads[:page], "members": [], "has_more": len(threads) > page}
 
     async def get_member(self, guild_id: int, member_id: int) -> Any:
         self.world.calls.append(f"get_member {guild_id} {member_id}")

@@ -7,7 +7,7 @@ from the (fake) CDN, decodes and embeds with the real small CLIP into a real lib
 from __future__ import annotations
 
 import asyncio
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 import logging
 
 import discord
@@ -613,26 +613,32 @@ async def test_threads_that_archived_while_the_bot_was_away_are_caught_up_after_
     start_bot: StartBot, library: Library  # noqa: F811
 ) -> None:
     """An archived thread is not in the cache, so only listing the archived threads finds those
-    that took photos and then archived while the bot was away; one archived before it went is a
-    backfill's."""
+    that took photos and then archived while the bot was away. The listing comes most recently
+    archived first, and stops at the first thread archived before the bot went: that one and
+    older are a backfill's."""
     harness = await start_bot(LAYOUT)
     watched = _public_thread(harness, "photos", "trip")
     harness.guild._add_thread(discord.Thread(guild=harness.guild, state=harness.bot._connection, data=watched))  # type: ignore[arg-type]
     await harness.post("trip", "ann", "packing now")
     long_ago = _public_thread(harness, "photos", "last-summer", archived_at="2024-08-01T00:00:00+00:00")
     _post_in_thread_while_away(harness, long_ago, "old.jpg")
+    _public_thread(harness, "photos", "the-year-before", archived_at="2023-08-01T00:00:00+00:00")
 
-    now = datetime.now(timezone.utc).isoformat()
+    now = datetime.now(timezone.utc)
     missed = [_post_in_thread_while_away(harness, watched, "trip.jpg")]
-    watched["thread_metadata"].update(archived=True, archive_timestamp=now)
+    watched["thread_metadata"].update(archived=True, archive_timestamp=now.isoformat())
     harness.guild._remove_thread(discord.Object(int(watched["id"])))
-    unseen = _public_thread(harness, "photos", "offsite", archived_at=now)
+    unseen = _public_thread(harness, "photos", "offsite", archived_at=(now + timedelta(seconds=1)).isoformat())
     missed.append(_post_in_thread_while_away(harness, unseen, "offsite.jpg"))
+    harness.world.archived_page = 1
+    calls = len(harness.world.calls)
 
     indexing = harness.bot.get_cog("Indexing")
     await indexing.on_connect()  # type: ignore[union-attr]
     await indexing.on_ready()  # type: ignore[union-attr]
     assert await indexing._catching_up == (2, 2)  # type: ignore[union-attr]
+    listed = [c for c in harness.world.calls[calls:] if c == f"archived_threads {harness.channel_ids['photos']}"]
+    assert len(listed) == 3  # offsite, trip, last-summer: a page each, and no further
     await harness.drain()
     indexed = await library.catalog.sources_for_messages([*missed, int(long_ago["last_message_id"])])
     assert sorted(s.message_id for s in indexed) == sorted(missed)
