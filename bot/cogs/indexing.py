@@ -124,6 +124,11 @@ def rule_allows(rules: dict[int, str], ids: Iterable[int]) -> bool:
     return True
 
 
+def messageable_channels(guild: discord.Guild) -> list[Messageable]:
+    """The server's channels and the threads in the cache: every place a photo can be posted."""
+    return [*guild.text_channels, *guild.voice_channels, *guild.stage_channels, *guild.threads]
+
+
 def rule_ids(channel: discord.abc.GuildChannel | discord.Thread) -> list[int]:
     """The channel, its parent (for a thread) and their categories: the ids a rule may name."""
     ids = [channel.id]
@@ -529,7 +534,7 @@ class Indexing(commands.Cog):
             return 0, 0, 0
         present_until = self._present_until.get(guild.id)
         read = queued = channels = 0
-        for channel in [*guild.text_channels, *guild.voice_channels, *guild.stage_channels, *guild.threads]:
+        for channel in messageable_channels(guild):
             if channel.id in self._marks:  # (a mark from an earlier try: the loop over marks has it)
                 continue
             try:
@@ -601,7 +606,7 @@ class Indexing(commands.Cog):
         if me is None:
             return []
         targets: dict[int, Messageable] = {}
-        for channel in [*guild.text_channels, *guild.voice_channels, *guild.stage_channels, *guild.threads]:
+        for channel in messageable_channels(guild):
             if can_read_history(channel, me) and self.wants(channel):
                 targets[channel.id] = channel
         for parent in [*guild.text_channels, *guild.forums]:
