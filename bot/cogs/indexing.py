@@ -435,12 +435,13 @@ class Indexing(commands.Cog):
         read = queued = channels = 0
         connection = self._connections
         list_archived, self._list_archived = self._list_archived, False
+        known_threads = {thread.thread_id for thread in await self.bot.jobs.known_threads()}
         for mark in await self.bot.jobs.seen_marks():
             if mark.channel_id not in self._awaiting_catch_up:
                 continue
             try:
                 channel, reachable = self._catch_up_target(mark)
-                if not reachable and await self._deleted_while_away(mark):
+                if not reachable and await self._deleted_while_away(mark, known_threads):
                     continue
                 if channel is not None:
                     scanned, found = await self._catch_up_channel(channel, mark.newest_id)
@@ -464,7 +465,7 @@ class Indexing(commands.Cog):
             )
         return read, queued
 
-    async def _deleted_while_away(self, mark: SeenMark) -> bool:
+    async def _deleted_while_away(self, mark: SeenMark, known_threads: Set[int]) -> bool:
         """Whether a marked channel missing from the cache was deleted while the bot was away;
         if so, its photos go, as its delete event would have taken them.
 
@@ -474,7 +475,7 @@ class Indexing(commands.Cog):
         guild = self.bot.get_guild(mark.guild_id)
         if guild is None or guild.unavailable:
             return False  # the server itself is missing or in an outage: nothing to judge by
-        if mark.channel_id in {t.thread_id for t in await self.bot.jobs.known_threads(mark.guild_id)}:
+        if mark.channel_id in known_threads:
             return False
         try:
             await self.remember_thread(await self.bot.fetch_channel(mark.channel_id))
