@@ -843,9 +843,10 @@ class Library:
 
         Reciprocal-rank fusion lets a name CLIP cannot see ("grandpa") lift a photo whose posted
         text says it, while the score reported stays the CLIP cosine people can compare. The
-        SQLite work (catch-up check, visible ids, full-text match: under a millisecond) runs
-        before the text tower rather than beside it: on two cores the tower's threads then wait
-        for the one sharing its core with SQLite (p99 30 ms against 20 ms at 100k images).
+        SQLite work that needs no vector (catch-up check, full-text match) runs before the text
+        tower rather than beside it: on two cores the tower's threads then wait for the one
+        sharing its core with SQLite (p99 30 ms against 20 ms at 100k images). The scope's check
+        of the CLIP candidates can only come after the tower.
         """
         pool = max(k * 4, 50)
         text_ids, _ = await asyncio.gather(self.catalog.text_matches(query, pool, flt), self.sync_vectors())
