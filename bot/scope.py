@@ -94,7 +94,7 @@ def readable_channel_ids(
             member,
             private=thread.is_private(),
             owner_id=thread.owner_id,
-            joined=thread.get_member(member.id) is not None,
+            joined=any(joined.id == member.id for joined in thread.members),
         ):
             readable.add(thread.id)
     for known in known_threads:

@@ -107,6 +107,8 @@ class World:
     cdn_failures: dict[str, int] = field(default_factory=dict)  # url -> how many times to fail first
     history_failures: dict[int, int] = field(default_factory=dict)  # channel -> history requests to fail
     archived_page: int = 100  # archived threads per page of the listing (Discord's most)
+    thread_members: dict[int, set[int]] = field(default_factory=dict)  # thread -> user ids in it
+    thread_member_failures: int = 0  # membership lookups to answer with a server error
 
 
 class FakeDiscordHttp(HTTPClient):
@@ -261,6 +263,15 @@ class FakeDiscordHttp(HTTPClient):
         if member is None:
             raise not_found("member")
         return {**member, "user": self.world.users[int(member_id)]}
+
+    async def get_thread_member(self, channel_id: int, user_id: int) -> Any:
+        self.world.calls.append(f"thread_member {channel_id} {user_id}")
+        if self.world.thread_member_failures > 0:
+            self.world.thread_member_failures -= 1
+            raise discord.DiscordServerError(_Response(500, "Internal Server Error"), {"message": "try again"})  # type: ignore[arg-type]
+        if int(user_id) not in self.world.thread_members.get(int(channel_id), set()):
+            raise not_found("thread member")
+        return {"id": str(channel_id), "user_id": str(user_id), "join_timestamp": "2026-01-01T00:00:00+00:00", "flags": 0}
 
     async def get_channel(self, channel_id: int) -> Any:
         self.world.calls.append(f"get_channel {channel_id}")
@@ -721,6 +732,30 @@ class Harness:
             return
         self.bot._connection.parse_channel_delete(channel)  # type: ignore[arg-type]
         await self.settle()
+
+    def add_thread(
+        self, parent: str, name: str, *, owner: str = "ann", private: bool = False,
+        archived_at: str | None = None, cached: bool = False,
+    ) -> dict[str, Any]:
+        """A thread of `parent` in Discord's records, archived at `archived_at` or open; `cached`
+        puts it in the bot's cache too (as the server data of a connection does for open threads).
+        A private thread has its owner as its only member."""
+        thread_id = snowflake()
+        thread = {
+            "id": str(thread_id), "name": name, "type": 12 if private else 11, "guild_id": str(self.guild_id),
+            "parent_id": str(self.channel_ids[parent]), "owner_id": str(self.user_ids[owner]),
+            "member_count": 2, "message_count": 0, "rate_limit_per_user": 0, "flags": 0, "last_message_id": None,
+            "thread_metadata": {"archived": archived_at is not None, "auto_archive_duration": 1440,
+                                "archive_timestamp": archived_at or datetime.now(timezone.utc).isoformat(),
+                                "locked": False},
+        }
+        self.world.channels[thread_id] = thread
+        self.channel_ids[name] = thread_id
+        if private:
+            self.world.thread_members[thread_id] = {self.user_ids[owner]}
+        if cached:
+            self.guild._add_thread(discord.Thread(guild=self.guild, state=self.bot._connection, data=thread))  # type: ignore[arg-type]
+        return thread
 
     async def remove_bot_from_guild(self) -> None:
         self.bot._connection.parse_guild_delete({"id": str(self.guild_id)})  # type: ignore[arg-type]

@@ -25,7 +25,6 @@ from tests.discord_harness import (
     deny,
     offline_agent,
     scene_jpeg,
-    snowflake,
     start_bot,  # noqa: F401 - fixture
 )
 
@@ -584,22 +583,6 @@ async def test_a_channel_deleted_while_the_bot_was_away_takes_its_photos_with_it
     assert len(await sources_of(library, hidden)) == 1
 
 
-def _public_thread(harness: Harness, parent: str, name: str, archived_at: str | None = None) -> dict:
-    """A public thread of `parent` in Discord's records (the caller decides whether the bot has
-    it in its cache): archived at `archived_at`, or open."""
-    thread_id = snowflake()
-    thread = {
-        "id": str(thread_id), "name": name, "type": 11, "guild_id": str(harness.guild_id),
-        "parent_id": str(harness.channel_ids[parent]), "owner_id": str(harness.user_ids["ann"]),
-        "member_count": 2, "message_count": 0, "rate_limit_per_user": 0, "flags": 0, "last_message_id": None,
-        "thread_metadata": {"archived": archived_at is not None, "auto_archive_duration": 1440,
-                            "archive_timestamp": archived_at or datetime.now(timezone.utc).isoformat(), "locked": False},
-    }
-    harness.world.channels[thread_id] = thread
-    harness.channel_ids[name] = thread_id
-    return thread
-
-
 def _post_in_thread_while_away(harness: Harness, thread: dict, name: str) -> int:
     user = harness.world.users[harness.user_ids["ann"]]
     member = harness.world.members[(harness.guild_id, harness.user_ids["ann"])]
@@ -617,18 +600,17 @@ async def test_threads_that_archived_while_the_bot_was_away_are_caught_up_after_
     archived first, and stops at the first thread archived before the bot went: that one and
     older are a backfill's."""
     harness = await start_bot(LAYOUT)
-    watched = _public_thread(harness, "photos", "trip")
-    harness.guild._add_thread(discord.Thread(guild=harness.guild, state=harness.bot._connection, data=watched))  # type: ignore[arg-type]
+    watched = harness.add_thread("photos", "trip", cached=True)
     await harness.post("trip", "ann", "packing now")
-    long_ago = _public_thread(harness, "photos", "last-summer", archived_at="2024-08-01T00:00:00+00:00")
+    long_ago = harness.add_thread("photos", "last-summer", archived_at="2024-08-01T00:00:00+00:00")
     _post_in_thread_while_away(harness, long_ago, "old.jpg")
-    _public_thread(harness, "photos", "the-year-before", archived_at="2023-08-01T00:00:00+00:00")
+    harness.add_thread("photos", "the-year-before", archived_at="2023-08-01T00:00:00+00:00")
 
     now = datetime.now(timezone.utc)
     missed = [_post_in_thread_while_away(harness, watched, "trip.jpg")]
     watched["thread_metadata"].update(archived=True, archive_timestamp=now.isoformat())
     harness.guild._remove_thread(discord.Object(int(watched["id"])))
-    unseen = _public_thread(harness, "photos", "offsite", archived_at=(now + timedelta(seconds=1)).isoformat())
+    unseen = harness.add_thread("photos", "offsite", archived_at=(now + timedelta(seconds=1)).isoformat())
     missed.append(_post_in_thread_while_away(harness, unseen, "offsite.jpg"))
     harness.world.archived_page = 1
     calls = len(harness.world.calls)

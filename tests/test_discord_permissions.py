@@ -153,3 +153,18 @@ async def test_archived_threads_follow_their_parent(start_bot: StartBot) -> None
         for member in MATRIX
     }
     assert visible == {"ann": {901, 902, 903}, "ben": {901}, "cat": {901}, "dan": {903}}
+
+
+async def test_an_open_thread_shows_its_photos_to_those_who_read_its_parent(start_bot: StartBot) -> None:  # noqa: F811
+    """Open threads are in the cache and judged there, by their parent's permissions."""
+    harness = await server_with_photos(start_bot)
+    harness.add_thread("staff", "rota", owner="ann", cached=True)
+    await harness.post("rota", "ann", "a purple square", files=[("rota.jpg", scene_jpeg("purple", "square"))])
+    await harness.drain()
+    assert (await harness.bot.library.stats())["images"] == 4
+    seen = {}
+    for member in ("ann", "ben", "dan"):
+        before = len(harness.world.sent)
+        await harness.post("", member, "shapes", dm=True)
+        seen[member] = shown_channels(harness, harness.sent_since(before))
+    assert seen == {"ann": {"general", "staff", "vault", "rota"}, "ben": {"general"}, "dan": {"staff", "rota"}}
