@@ -7,13 +7,15 @@ needed because a member who can view a channel but not read its history cannot s
 photos in Discord either, and Shoebox must not become a way around that.
 
 This module is pure: it reads discord.py objects that are already in memory and does no I/O, so
-the rules are testable without Discord. Looking members up (an HTTP call in DMs) is the caller's
-job.
+the rules are testable without Discord. Looking members up (an HTTP call in DMs), and asking
+Discord whether the owner of a private thread is still in it, are the caller's job
+(`bot/access.py`).
 
 Threads need care: an archived thread is not in discord.py's cache, yet photos posted in it are in
 the index under the thread's id. The bot remembers each thread's parent when it indexes a photo
 from it (`KnownThread`), so such photos stay visible to exactly the people who can read the parent
-(and, for a private thread, who are in it or may manage threads).
+(and, for a private thread, to those who may manage threads, and to its owner while Discord
+confirms they are still in it).
 
 An answer posted in a server channel is seen by everyone who can view that channel, not only by
 the asker (Read Message History only governs scrolling back; new messages reach every viewer), so
@@ -25,7 +27,7 @@ already read the photo's channel.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Iterable, Mapping, Protocol, cast
+from typing import Callable, Iterable, Iterator, Mapping, Protocol, cast
 
 import discord
 
@@ -53,85 +55,77 @@ def can_read_history(channel: _HasPermissions, member: discord.Member) -> bool:
     return bool(permissions.view_channel and permissions.read_message_history)
 
 
-def _thread_readable(
+def _thread_access(
     parent: _HasPermissions | None,
     member: discord.Member,
     *,
     private: bool,
     owner_id: int | None,
     joined: bool,
-) -> bool:
+) -> str:
     """A thread inherits its parent's permissions; a private one also needs membership.
 
-    Membership of a private thread is only known for threads in the cache; for the rest, the
-    owner and members who may manage threads are the people certain to have access.
+    Returns "no", "yes", or "as owner". Membership of a private thread is only known for threads in
+    the cache, and without the members intent only the bot's own; so its owner stands in for its
+    members, with those who may manage threads. But a moderator can remove even the owner, and no
+    cache says so: "as owner" is access the caller must confirm with Discord
+    (`owner_only_thread_ids`).
     """
     if parent is None:
-        return False  # parent gone or unknown: nothing to check against, so nothing is shown
+        return "no"  # parent gone or unknown: nothing to check against, so nothing is shown
     permissions = parent.permissions_for(member)
     if not (permissions.view_channel and permissions.read_message_history):
-        return False
-    if private:
-        return joined or owner_id == member.id or permissions.manage_threads
-    return True
+        return "no"
+    if not private or joined or permissions.manage_threads:
+        return "yes"
+    return "as owner" if owner_id == member.id else "no"
+
+
+def _thread_accesses(
+    guild: discord.Guild, member: discord.Member, known_threads: Iterable[KnownThread]
+) -> Iterator[tuple[int, str]]:
+    """(thread id, access) for the guild's cached threads, then for the remembered ones out of
+    the cache (archived threads are not in it), judged by the parent remembered for them."""
+    cached_threads: set[int] = set()
+    for thread in guild.threads:
+        cached_threads.add(thread.id)
+        yield thread.id, _thread_access(
+            thread.parent,
+            member,
+            private=thread.is_private(),
+            owner_id=thread.owner_id,
+            joined=any(joined.id == member.id for joined in thread.members),
+        )
+    for known in known_threads:
+        if known.guild_id != guild.id or known.thread_id in cached_threads:
+            continue
+        parent = guild.get_channel(known.parent_id)
+        yield known.thread_id, _thread_access(
+            parent, member, private=known.private, owner_id=known.owner_id, joined=False
+        )
 
 
 def readable_channel_ids(
     guild: discord.Guild, member: discord.Member, known_threads: Iterable[KnownThread] = ()
 ) -> set[int]:
-    """Ids of every channel and thread in `guild` whose photos `member` may be shown."""
+    """Ids of every channel and thread in `guild` whose photos `member` may be shown, counting the
+    private threads they own (see `owner_only_thread_ids` for those)."""
     readable: set[int] = set()
     for channel in guild.channels:
         if isinstance(channel, discord.CategoryChannel):
             continue  # categories hold no messages
         if can_read_history(channel, member):
             readable.add(channel.id)
-    cached_threads: set[int] = set()
-    for thread in guild.threads:
-        cached_threads.add(thread.id)
-        if _thread_readable(
-            thread.parent,
-            member,
-            private=thread.is_private(),
-            owner_id=thread.owner_id,
-            joined=any(joined.id == member.id for joined in thread.members),
-        ):
-            readable.add(thread.id)
-    for known in known_threads:
-        if known.guild_id != guild.id or known.thread_id in cached_threads:
-            continue
-        parent = guild.get_channel(known.parent_id)
-        if _thread_readable(parent, member, private=known.private, owner_id=known.owner_id, joined=False):
-            readable.add(known.thread_id)
+    readable.update(thread_id for thread_id, access in _thread_accesses(guild, member, known_threads) if access != "no")
     return readable
 
 
-def guild_scope(
+def owner_only_thread_ids(
     guild: discord.Guild, member: discord.Member, known_threads: Iterable[KnownThread] = ()
-) -> Scope:
-    """The scope of a question asked inside `guild`: that guild's channels the member can read.
-
-    Limited to the one guild even when the member shares others with the bot: an answer posted
-    in a channel is read by that channel's audience, which belongs to this guild.
-    """
-    return Scope.channels(readable_channel_ids(guild, member, known_threads), {guild.id})
-
-
-def dm_scope(
-    members: Iterable[discord.Member], known_threads: Mapping[int, Iterable[KnownThread]] | None = None
-) -> Scope:
-    """The scope of a question asked in a DM: the union over every guild the user shares with the bot.
-
-    `members` are the user's Member objects, one per shared guild (each carries its guild and
-    roles); `known_threads` maps a guild id to the threads remembered for it.
-    """
-    channel_ids: set[int] = set()
-    guild_ids: set[int] = set()
-    for member in members:
-        threads = (known_threads or {}).get(member.guild.id, ())
-        channel_ids |= readable_channel_ids(member.guild, member, threads)
-        guild_ids.add(member.guild.id)
-    return Scope.channels(channel_ids, guild_ids)
+) -> set[int]:
+    """The private threads among `readable_channel_ids` that `member` reads only as their owner,
+    as far as the cache can tell: the ones to confirm with Discord before showing their photos."""
+    return {thread_id for thread_id, access in _thread_accesses(guild, member, known_threads) if access == "as owner"}
 
 
 _READ_BITS = discord.Permissions(view_channel=True, read_message_history=True).value
@@ -403,9 +397,8 @@ __all__ = [
     "KnownThread",
     "audience_channel_ids",
     "can_read_history",
-    "dm_scope",
-    "guild_scope",
     "nothing",
     "overwrite_member_ids",
+    "owner_only_thread_ids",
     "readable_channel_ids",
 ]

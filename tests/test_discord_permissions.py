@@ -22,6 +22,7 @@ from __future__ import annotations
 import discord
 import pytest
 
+from bot import access
 from bot.scope import KnownThread, readable_channel_ids
 from tests.discord_harness import (
     ChannelSpec,
@@ -155,6 +156,46 @@ async def test_archived_threads_follow_their_parent(start_bot: StartBot) -> None
     assert visible == {"ann": {901, 902, 903}, "ben": {901}, "cat": {901}, "dan": {903}}
 
 
+async def test_a_private_thread_shows_its_owner_only_while_they_are_still_in_it(
+    start_bot: StartBot, caplog: pytest.LogCaptureFixture  # noqa: F811
+) -> None:
+    """Without the members intent the owner stands in for a private thread's members, so Discord
+    is asked whether they are still in it: a moderator can remove even the owner. Removed, or
+    unconfirmed because the API failed, the thread's photos are held back."""
+    harness = await server_with_photos(start_bot)
+    thread = int(harness.add_thread("general", "plans", owner="ben", private=True, cached=True)["id"])
+    await harness.post("plans", "ben", "a yellow square", files=[("square.jpg", scene_jpeg("yellow", "square"))])
+    await harness.drain()
+    assert (await harness.bot.library.stats())["images"] == 4
+
+    async def ben_sees() -> set[str]:
+        before = len(harness.world.sent)
+        await harness.post("", "ben", "shapes", dm=True)
+        return shown_channels(harness, harness.sent_since(before))
+
+    ben = harness.user_ids["ben"]
+    asked = len(harness.world.calls)
+    assert await ben_sees() == {"general", "plans"}
+    assert f"thread_member {thread} {ben}" in harness.world.calls[asked:]
+    # Nobody else is asked about: Ann is not the owner, so she never saw the thread in the first place.
+    sent = await harness.slash("ann", "general", "ask", [
+        {"name": "question", "type": 3, "value": "shapes"}, {"name": "private", "type": 5, "value": True},
+    ])
+    assert shown_channels(harness, sent) == {"general", "staff", "vault"}
+
+    harness.world.thread_member_failures = 1
+    with caplog.at_level("WARNING", logger="bot.access"):
+        assert await ben_sees() == {"general"}
+    assert f"Could not confirm that {ben} is still in thread {thread}" in caplog.text
+
+    harness.world.thread_members[thread].discard(ben)  # a moderator removes him
+    assert await ben_sees() == {"general"}
+    sent = await harness.slash("ben", "general", "ask", [
+        {"name": "question", "type": 3, "value": "shapes"}, {"name": "private", "type": 5, "value": True},
+    ])
+    assert shown_channels(harness, sent) == {"general"}
+
+
 async def test_an_open_thread_shows_its_photos_to_those_who_read_its_parent(start_bot: StartBot) -> None:  # noqa: F811
     """Open threads are in the cache and judged there, by their parent's permissions."""
     harness = await server_with_photos(start_bot)
@@ -168,3 +209,23 @@ async def test_an_open_thread_shows_its_photos_to_those_who_read_its_parent(star
         await harness.post("", member, "shapes", dm=True)
         seen[member] = shown_channels(harness, harness.sent_since(before))
     assert seen == {"ann": {"general", "staff", "vault", "rota"}, "ben": {"general"}, "dan": {"staff", "rota"}}
+
+
+async def test_threads_past_the_lookup_limit_are_held_back(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Confirming costs a request a thread; past the limit nothing is confirmed, so nothing is shown."""
+
+    class Members:
+        asked: list[int] = []
+
+        async def get_thread_member(self, thread_id: int, user_id: int) -> dict:
+            self.asked.append(thread_id)
+            return {"id": str(thread_id), "user_id": str(user_id)}
+
+    monkeypatch.setattr(access, "MAX_MEMBERSHIP_LOOKUPS", 2)
+    http = Members()
+    with caplog.at_level("WARNING", logger="bot.access"):
+        held = await access.unconfirmed_threads(http, 7, [30, 10, 20])  # type: ignore[arg-type]
+    assert held == {30} and sorted(http.asked) == [10, 20]
+    assert "owns 3 private threads with photos; only 2 were confirmed" in caplog.text

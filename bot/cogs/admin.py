@@ -27,7 +27,8 @@ from discord.ext import commands
 
 from bot.discord_app import explain_check_failure, send_ephemeral
 from bot.jobs import KEEP_ERRORS, BackfillState
-from bot.scope import can_read_history, readable_channel_ids
+from bot.access import readable_now
+from bot.scope import can_read_history
 from store.db import SourceFilter
 from store.library import ReindexIncomplete
 
@@ -156,7 +157,7 @@ class Admin(commands.GroupCog, group_name="shoebox", group_description="Manage S
         """The channels and threads whose photos, names and problems this admin may be shown."""
         if not isinstance(admin, discord.Member):
             return set()
-        return readable_channel_ids(guild, admin, await self.bot.jobs.known_threads(guild.id))
+        return await readable_now(self.bot.http, guild, admin, await self.bot.jobs.known_threads(guild.id))
 
     async def interaction_check(self, interaction: discord.Interaction) -> bool:
         if interaction.guild is None:

@@ -27,13 +27,8 @@ from discord.ext import commands
 
 from bot.discord_app import addresses_bot, mentions_pattern
 from bot.replies import DEFAULT_UPLOAD_LIMIT, OutgoingMessage, plan_reply
-from bot.scope import (
-    audience_channel_ids,
-    dm_scope,
-    nothing,
-    overwrite_member_ids,
-    readable_channel_ids,
-)
+from bot.access import readable_now
+from bot.scope import KnownThread, audience_channel_ids, nothing, overwrite_member_ids
 from store.ingest import too_large_reason
 from tools.search import Scope
 
@@ -96,22 +91,24 @@ class Ask(commands.Cog):
             if member is None:
                 return nothing()
             known = await self.bot.jobs.known_threads(guild.id)
-            channel_ids = readable_channel_ids(guild, member, known)
+            channel_ids = await readable_now(self.bot.http, guild, member, known)
             if answer_channel is not None:
                 wanted = overwrite_member_ids(guild, answer_channel, channel_ids, known)
                 members = await self._overwrite_members(guild, wanted)
                 members.setdefault(member.id, member)
                 channel_ids = audience_channel_ids(guild, answer_channel, channel_ids, known, members)
             return Scope.channels(channel_ids, {guild.id})
-        members = []
+        # A DM: the union over every server the user shares with the bot.
+        threads: dict[int, list[KnownThread]] = {}
+        for known in await self.bot.jobs.known_threads():
+            threads.setdefault(known.guild_id, []).append(known)
+        channel_ids, guild_ids = set(), set()
         for shared in self.bot.guilds:
             member = await self._member(shared, user.id)
             if member is not None:
-                members.append(member)
-        threads: dict[int, list[Any]] = {}
-        for known in await self.bot.jobs.known_threads():
-            threads.setdefault(known.guild_id, []).append(known)
-        return dm_scope(members, threads)
+                channel_ids |= await readable_now(self.bot.http, shared, member, threads.get(shared.id, ()))
+                guild_ids.add(shared.id)
+        return Scope.channels(channel_ids, guild_ids)
 
     async def _overwrite_members(
         self, guild: discord.Guild, user_ids: Sequence[int]
