@@ -100,8 +100,8 @@ class Ask(commands.Cog):
             return Scope.channels(channel_ids, {guild.id})
         # A DM: the union over every server the user shares with the bot.
         threads: dict[int, list[KnownThread]] = {}
-        for known in await self.bot.jobs.known_threads():
-            threads.setdefault(known.guild_id, []).append(known)
+        for thread in await self.bot.jobs.known_threads():
+            threads.setdefault(thread.guild_id, []).append(thread)
         channel_ids, guild_ids = set(), set()
         for shared in self.bot.guilds:
             member = await self._member(shared, user.id)
