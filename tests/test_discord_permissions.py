@@ -210,6 +210,14 @@ async def test_an_open_thread_shows_its_photos_to_those_who_read_its_parent(star
         seen[member] = shown_channels(harness, harness.sent_since(before))
     assert seen == {"ann": {"general", "staff", "vault", "rota"}, "ben": {"general"}, "dan": {"staff", "rota"}}
 
+    # Asked in the thread itself, the answer is posted there for #staff's audience to read: Dan
+    # reads neither #general nor #vault's history, so only the thread and #staff may be shown.
+    before = len(harness.world.sent)
+    await harness.post("rota", "ann", "show me the shapes", mention_bot=True)
+    sent = harness.sent_since(before)
+    assert sent and sent[0].channel_id == harness.channel_ids["rota"]
+    assert shown_channels(harness, sent) == {"staff", "rota"}
+
 
 async def test_threads_past_the_lookup_limit_are_held_back(
     monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
