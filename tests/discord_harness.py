@@ -244,18 +244,44 @@ class FakeDiscordHttp(HTTPClient):
             return [m for m in newest_first if int(m["id"]) > int(after)][-limit:]
         return newest_first[:limit]
 
-    async def get_public_archived_threads(self, channel_id: int, before: Any = None, limit: int = 50) -> Any:
-        self.world.calls.append(f"archived_threads {channel_id}")
-        threads = sorted(
-            (c for c in self.world.channels.values()
-             if c.get("type") == 11 and c.get("parent_id") == str(channel_id) and c["thread_metadata"]["archived"]
-             and (before is None or datetime.fromisoformat(c["thread_metadata"]["archive_timestamp"])
-                  < datetime.fromisoformat(str(before)))),
-            key=lambda c: datetime.fromisoformat(c["thread_metadata"]["archive_timestamp"]),
-            reverse=True,  # most recently archived first, a page at a time
-        )
+    def _archived(self, channel_id: int, kind: int) -> list[dict[str, Any]]:
+        return [c for c in self.world.channels.values()
+                if c.get("type") == kind and c.get("parent_id") == str(channel_id) and c["thread_metadata"]["archived"]]
+
+    def _archived_page(self, threads: list[dict[str, Any]], limit: int) -> Any:
         page = min(limit, self.world.archived_page)
         return {"threads": threads[:page], "members": [], "has_more": len(threads) > page}
+
+    def _by_archive_time(self, threads: list[dict[str, Any]], before: Any) -> list[dict[str, Any]]:
+        """Most recently archived first, those archived before `before` (an ISO time) only."""
+        archived_at = lambda c: datetime.fromisoformat(c["thread_metadata"]["archive_timestamp"])  # noqa: E731
+        earlier = [c for c in threads if before is None or archived_at(c) < datetime.fromisoformat(str(before))]
+        return sorted(earlier, key=archived_at, reverse=True)
+
+    async def get_public_archived_threads(self, channel_id: int, before: Any = None, limit: int = 50) -> Any:
+        self.world.calls.append(f"archived_threads {channel_id}")
+        return self._archived_page(self._by_archive_time(self._archived(channel_id, 11), before), limit)
+
+    async def get_private_archived_threads(self, channel_id: int, before: Any = None, limit: int = 50) -> Any:
+        """Every private archived thread: Discord wants Manage Threads for this listing."""
+        self.world.calls.append(f"private_archived_threads {channel_id}")
+        guild = self.state._get_guild(int(self.world.channels[int(channel_id)]["guild_id"]))
+        channel = guild.get_channel(int(channel_id))
+        if not channel.permissions_for(guild.me).manage_threads:
+            raise forbidden("manage threads")
+        return self._archived_page(self._by_archive_time(self._archived(channel_id, 12), before), limit)
+
+    async def get_joined_private_archived_threads(self, channel_id: int, before: Any = None, limit: int = 50) -> Any:
+        """The private archived threads the bot is in, by decreasing id (not archive time)."""
+        self.world.calls.append(f"joined_private_archived_threads {channel_id}")
+        bot_id = int(self.world.bot_user["id"])
+        threads = sorted(
+            (c for c in self._archived(channel_id, 12)
+             if bot_id in self.world.thread_members.get(int(c["id"]), set())
+             and (before is None or int(c["id"]) < int(before))),
+            key=lambda c: int(c["id"]), reverse=True,
+        )
+        return self._archived_page(threads, limit)
 
     async def get_member(self, guild_id: int, member_id: int) -> Any:
         self.world.calls.append(f"get_member {guild_id} {member_id}")
@@ -654,9 +680,10 @@ class Harness:
             member=dict(self.world.members[(self.guild_id, user_id)]),
             attachments=[self.upload(name, body) for name, body in files],
         )
-        cached = self.bot.get_channel(channel_id)
-        assert cached is not None
-        cached.last_message_id = int(data["id"])  # type: ignore[union-attr]
+        self.world.channels[channel_id]["last_message_id"] = data["id"]
+        cached = self.bot.get_channel(channel_id)  # an archived thread is not in the cache
+        if cached is not None:
+            cached.last_message_id = int(data["id"])  # type: ignore[union-attr]
         return int(data["id"])
 
     def _dm_channel(self, user_id: int) -> int:

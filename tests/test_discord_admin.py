@@ -13,6 +13,7 @@ from datetime import timedelta
 import discord
 import pytest
 
+from bot.cogs.admin import HIDDEN_CHANNEL
 from store.library import Library
 from tests.discord_harness import (
     ChannelSpec,
@@ -23,7 +24,6 @@ from tests.discord_harness import (
     allow,
     deny,
     scene_jpeg,
-    snowflake,
     start_bot,  # noqa: F401 - fixture
 )
 
@@ -271,23 +271,12 @@ async def test_two_admins_asking_for_a_reindex_at_once_get_one(
     assert texts(sent)[-1].startswith("Re-indexed 1 photos with")
 
 
-def archived_thread_with_a_photo(harness: Harness, parent: str, name: str) -> tuple[int, dict, dict]:
+def archived_thread_with_a_photo(harness: Harness, parent: str, name: str) -> tuple[int, dict, int]:
     """A public thread of `parent`, archived long ago (so not in the bot's cache), in which Ann
-    posted a photo: (its id, its payload, the message)."""
-    thread_id = snowflake()
-    thread = {
-        "id": str(thread_id), "name": name, "type": 11, "guild_id": str(harness.guild_id),
-        "parent_id": str(harness.channel_ids[parent]), "owner_id": str(harness.user_ids["ann"]),
-        "member_count": 2, "message_count": 1, "rate_limit_per_user": 0, "flags": 0,
-        "thread_metadata": {"archived": True, "auto_archive_duration": 1440,
-                            "archive_timestamp": "2024-08-01T00:00:00+00:00", "locked": False},
-    }
-    harness.world.channels[thread_id] = thread
-    user = harness.world.users[harness.user_ids["ann"]]
-    member = harness.world.members[(harness.guild_id, harness.user_ids["ann"])]
-    posted = harness.http.world_message(thread_id, user, "the lake", guild_id=harness.guild_id, member=member,
-                                        attachments=[harness.upload("lake.jpg", scene_jpeg("blue", "circle"))])
-    return thread_id, thread, posted
+    posted a photo: (its id, its payload, the message id)."""
+    thread = harness.add_thread(parent, name, archived_at="2024-08-01T00:00:00+00:00")
+    posted = harness.post_while_away(name, "ann", "the lake", [("lake.jpg", scene_jpeg("blue", "circle"))])
+    return int(thread["id"]), thread, posted
 
 
 async def test_a_backfill_of_the_whole_server_takes_in_archived_threads(start_bot: StartBot, library: Library) -> None:  # noqa: F811
@@ -297,8 +286,31 @@ async def test_a_backfill_of_the_whole_server_takes_in_archived_threads(start_bo
     assert "1 messages scanned" in "\n".join(texts(sent))
     assert f"archived_threads {harness.channel_ids['photos']}" in harness.world.calls
     await harness.drain()
-    assert [s.channel_id for s in await library.catalog.sources_for_messages([int(posted["id"])])] == [thread_id]
+    assert [s.channel_id for s in await library.catalog.sources_for_messages([posted])] == [thread_id]
     assert [t.thread_id for t in await harness.bot.jobs.known_threads(harness.guild_id)] == [thread_id]
+
+
+async def test_a_backfill_reads_private_archived_threads_and_names_them_only_to_their_readers(
+    start_bot: StartBot, library: Library  # noqa: F811
+) -> None:
+    """With Manage Threads the bot lists every private archived thread. The server manager who
+    runs the backfill is not in Ann's private thread and may not manage threads, so it is
+    reported to them only as a channel they cannot view, with no counts; its photo is indexed all
+    the same, and stays Ann's to find."""
+    layout = Layout(roles=LAYOUT.roles, members=LAYOUT.members,
+                    channels=[ChannelSpec("general"), ChannelSpec("photos", {"Shoebox": allow(manage_threads=True)})])
+    harness = await start_bot(layout)
+    thread = harness.add_thread("photos", "plans", owner="ann", private=True, archived_at="2024-08-01T00:00:00+00:00")
+    posted = harness.post_while_away("plans", "ann", "the lake", [("lake.jpg", scene_jpeg("blue", "circle"))])
+    sent = await harness.slash("boss", "general", "shoebox backfill")
+    assert f"private_archived_threads {harness.channel_ids['photos']}" in harness.world.calls
+    report = texts(sent)[-1]
+    assert f"<#{thread['id']}>" not in report and "plans" not in report
+    assert f"{HIDDEN_CHANNEL}: done" in report, report
+    await harness.drain()
+    assert [s.channel_id for s in await library.catalog.sources_for_messages([posted])] == [int(thread["id"])]
+    [known] = await harness.bot.jobs.known_threads(harness.guild_id)
+    assert known.private and known.owner_id == harness.user_ids["ann"]
 
 
 async def test_backfill_of_an_archived_thread_fetches_it(start_bot: StartBot, library: Library) -> None:  # noqa: F811
@@ -312,7 +324,7 @@ async def test_backfill_of_an_archived_thread_fetches_it(start_bot: StartBot, li
     assert not any("AppCommand" in t or "ChannelType" in t for t in texts(sent))
     assert "1 messages scanned" in texts(sent)[-1] and "(done)" in texts(sent)[-1]
     await harness.drain()
-    assert [s.channel_id for s in await library.catalog.sources_for_messages([int(posted["id"])])] == [thread_id]
+    assert [s.channel_id for s in await library.catalog.sources_for_messages([posted])] == [thread_id]
 
     # One that cannot be fetched any more gets a sentence with its name, not an object's repr.
     del harness.world.channels[thread_id]

@@ -583,15 +583,6 @@ async def test_a_channel_deleted_while_the_bot_was_away_takes_its_photos_with_it
     assert len(await sources_of(library, hidden)) == 1
 
 
-def _post_in_thread_while_away(harness: Harness, thread: dict, name: str) -> int:
-    user = harness.world.users[harness.user_ids["ann"]]
-    member = harness.world.members[(harness.guild_id, harness.user_ids["ann"])]
-    posted = harness.http.world_message(int(thread["id"]), user, "", guild_id=harness.guild_id, member=member,
-                                        attachments=[harness.upload(name, scene_jpeg("blue", "circle"))])
-    thread["last_message_id"] = posted["id"]
-    return int(posted["id"])
-
-
 async def test_threads_that_archived_while_the_bot_was_away_are_caught_up_after_a_new_session(
     start_bot: StartBot, library: Library  # noqa: F811
 ) -> None:
@@ -603,15 +594,15 @@ async def test_threads_that_archived_while_the_bot_was_away_are_caught_up_after_
     watched = harness.add_thread("photos", "trip", cached=True)
     await harness.post("trip", "ann", "packing now")
     long_ago = harness.add_thread("photos", "last-summer", archived_at="2024-08-01T00:00:00+00:00")
-    _post_in_thread_while_away(harness, long_ago, "old.jpg")
+    harness.post_while_away("last-summer", "ann", "", [("old.jpg", scene_jpeg("blue", "circle"))])
     harness.add_thread("photos", "the-year-before", archived_at="2023-08-01T00:00:00+00:00")
 
     now = datetime.now(timezone.utc)
-    missed = [_post_in_thread_while_away(harness, watched, "trip.jpg")]
+    missed = [harness.post_while_away("trip", "ann", "", [("trip.jpg", scene_jpeg("blue", "circle"))])]
     watched["thread_metadata"].update(archived=True, archive_timestamp=now.isoformat())
     harness.guild._remove_thread(discord.Object(int(watched["id"])))
     unseen = harness.add_thread("photos", "offsite", archived_at=(now + timedelta(seconds=1)).isoformat())
-    missed.append(_post_in_thread_while_away(harness, unseen, "offsite.jpg"))
+    missed.append(harness.post_while_away("offsite", "ann", "", [("offsite.jpg", scene_jpeg("blue", "circle"))]))
     harness.world.archived_page = 1
     calls = len(harness.world.calls)
 
@@ -638,3 +629,36 @@ async def test_threads_that_archived_while_the_bot_was_away_are_caught_up_after_
     await indexing.on_connect()  # type: ignore[union-attr]
     assert await indexing.catch_up() == (0, 0)  # type: ignore[union-attr]
     assert not any(c.startswith("archived_threads") for c in harness.world.calls[calls:])
+
+
+async def test_private_threads_the_bot_is_in_are_caught_up_too(start_bot: StartBot, library: Library) -> None:  # noqa: F811
+    """Without Manage Threads, the bot lists the private archived threads it is in: the only ones
+    it could read. That listing comes by id, not archive time, so it is read through, skipping
+    the threads archived before the bot went away instead of stopping at the first."""
+    harness = await start_bot(LAYOUT)
+    await harness.post("photos", "ann", "still here")
+    bot_id = int(harness.world.bot_user["id"])
+    now = datetime.now(timezone.utc)
+    joined = harness.add_thread("photos", "plans", private=True, archived_at=(now + timedelta(seconds=1)).isoformat())
+    not_in = harness.add_thread("photos", "secret", private=True, archived_at=(now + timedelta(seconds=2)).isoformat())
+    older = harness.add_thread("photos", "old-plans", private=True, archived_at="2024-08-01T00:00:00+00:00")
+    harness.world.thread_members[int(joined["id"])].add(bot_id)
+    harness.world.thread_members[int(older["id"])].add(bot_id)  # listed first: the newest id
+    missed = harness.post_while_away("plans", "ann", "", [("plans.jpg", scene_jpeg("blue", "circle"))])
+    others = [harness.post_while_away("secret", "ann", "", [("secret.jpg", scene_jpeg("red", "star"))]),
+              harness.post_while_away("old-plans", "ann", "", [("old.jpg", scene_jpeg("green", "triangle"))])]
+    calls = len(harness.world.calls)
+
+    indexing = harness.bot.get_cog("Indexing")
+    await indexing.on_connect()  # type: ignore[union-attr]
+    await indexing.on_ready()  # type: ignore[union-attr]
+    assert await indexing._catching_up == (1, 1)  # type: ignore[union-attr]
+    photos = harness.channel_ids["photos"]
+    assert f"joined_private_archived_threads {photos}" in harness.world.calls[calls:]
+    assert f"private_archived_threads {photos}" not in harness.world.calls[calls:]  # needs Manage Threads
+    await harness.drain()
+    indexed = await library.catalog.sources_for_messages([missed, *others])
+    assert [s.message_id for s in indexed] == [missed]
+    known = {t.thread_id: t for t in await harness.bot.jobs.known_threads(harness.guild_id)}
+    assert known[int(joined["id"])].private and known[int(joined["id"])].owner_id == harness.user_ids["ann"]
+    assert int(not_in["id"]) not in known

@@ -17,7 +17,8 @@ indexed messages it should have met and did not: deleted while no delete event c
 Catching up covers the other gap: photos posted while the bot was stopped or disconnected. The
 newest message seen in each channel is kept; on connecting, each channel with newer messages is
 read forward from there, and a channel created since the bot last saw its server is read whole.
-Public threads that archived meanwhile are not in the cache; a new session lists them.
+Threads that archived meanwhile are not in the cache; a new session lists them (public ones, and
+the private ones the bot is in or, with Manage Threads, all of them).
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ import re
 from collections.abc import Sequence, Set
 from dataclasses import replace
 from datetime import timedelta
-from typing import TYPE_CHECKING, Awaitable, Callable, Iterable
+from typing import TYPE_CHECKING, AsyncIterator, Awaitable, Callable, Iterable
 
 import discord
 from discord.ext import commands
@@ -127,6 +128,25 @@ def rule_allows(rules: dict[int, str], ids: Iterable[int]) -> bool:
 def messageable_channels(guild: discord.Guild) -> list[Messageable]:
     """The server's channels and the threads in the cache: every place a photo can be posted."""
     return [*guild.text_channels, *guild.voice_channels, *guild.stage_channels, *guild.threads]
+
+
+def archived_listings(
+    parent: discord.TextChannel | discord.ForumChannel, me: discord.Member
+) -> list[tuple[AsyncIterator[discord.Thread], bool]]:
+    """The listings of `parent`'s archived threads that the bot may ask Discord for, each with
+    whether it comes most recently archived first.
+
+    Public threads always. Private ones only exist in text channels: all of them with Manage
+    Threads, or else those the bot is in, the only ones it could read; that listing comes by
+    decreasing id, not archive time.
+    """
+    listings = [(parent.archived_threads(limit=None), True)]
+    if isinstance(parent, discord.TextChannel):
+        if parent.permissions_for(me).manage_threads:
+            listings.append((parent.archived_threads(private=True, limit=None), True))
+        else:
+            listings.append((parent.archived_threads(private=True, joined=True, limit=None), False))
+    return listings
 
 
 def rule_ids(channel: discord.abc.GuildChannel | discord.Thread) -> list[int]:
@@ -489,11 +509,12 @@ class Indexing(commands.Cog):
         return True
 
     async def _catch_up_archived(self, guild: discord.Guild) -> tuple[int, int, int]:
-        """Public threads that archived while the bot was away: not in the cache, so neither
-        caught up above nor ever seen new. Each readable channel lists its archived threads,
-        most recently archived first, up to the first one archived before the bot went away: a
-        thread with a mark is read forward from it, one created while away from its start.
-        Returns (messages read, photos queued, threads read)."""
+        """Threads that archived while the bot was away: not in the cache, so neither caught up
+        above nor ever seen new. Each readable channel lists its archived threads (see
+        `archived_listings`), most recently archived first, up to the first one archived before
+        the bot went away (the listing of private threads the bot is in comes by id, so it is
+        read through, skipping those); a thread with a mark is read forward from it, one created
+        while away from its start. Returns (messages read, photos queued, threads read)."""
         me = guild.me
         present_until = self._present_until.get(guild.id)
         if me is None or present_until is None:
@@ -504,16 +525,19 @@ class Indexing(commands.Cog):
             if not can_read_history(parent, me):
                 continue
             try:
-                async for thread in parent.archived_threads(limit=None):
-                    if thread.archive_timestamp < away_since:
-                        break
-                    if not can_read_history(thread, me) or not self.wants(thread):
-                        continue
-                    mark = self._marks.get(thread.id)
-                    after = mark.newest_id if mark is not None else thread.id if thread.id > present_until else None
-                    scanned, found = await self._read_and_mark(thread, after)
-                    threads, read, queued = threads + bool(scanned), read + scanned, queued + found
-                    await self._caught_up(thread.id, guild.id)
+                for listing, newest_archived_first in archived_listings(parent, me):
+                    async for thread in listing:
+                        if thread.archive_timestamp < away_since:
+                            if newest_archived_first:
+                                break
+                            continue
+                        if not can_read_history(thread, me) or not self.wants(thread):
+                            continue
+                        mark = self._marks.get(thread.id)
+                        after = mark.newest_id if mark is not None else thread.id if thread.id > present_until else None
+                        scanned, found = await self._read_and_mark(thread, after)
+                        threads, read, queued = threads + bool(scanned), read + scanned, queued + found
+                        await self._caught_up(thread.id, guild.id)
             except Exception as error:  # one channel's failure leaves the others to go on
                 await self._report_catch_up_failure(parent.id, guild.id, error)
         return read, queued, threads
@@ -600,9 +624,9 @@ class Indexing(commands.Cog):
     # ---- backfill ---------------------------------------------------------------------------
 
     async def backfill_targets(self, guild: discord.Guild) -> list[Messageable]:
-        """Channels and threads the bot may read, that the rules let in: archived public threads
-        too, which Discord only lists on request (a thread of last summer's trip is archived
-        long since, and its photos are what a backfill is for)."""
+        """Channels and threads the bot may read, that the rules let in: archived threads too
+        (`archived_listings`), which Discord only lists on request (a thread of last summer's
+        trip is archived long since, and its photos are what a backfill is for)."""
         me = guild.me
         if me is None:
             return []
@@ -614,9 +638,10 @@ class Indexing(commands.Cog):
             if not can_read_history(parent, me):
                 continue
             try:
-                async for thread in parent.archived_threads(limit=None):
-                    if can_read_history(thread, me) and self.wants(thread):
-                        targets.setdefault(thread.id, thread)
+                for listing, _ in archived_listings(parent, me):
+                    async for thread in listing:
+                        if can_read_history(thread, me) and self.wants(thread):
+                            targets.setdefault(thread.id, thread)
             except discord.HTTPException as error:
                 log.info("Cannot list the archived threads of #%s: %s", parent.name, error)
         return list(targets.values())
