@@ -153,6 +153,8 @@ class FakeDiscordHttp(HTTPClient):
         files = [(f.filename, _read(f)) for f in (params.files or [])]
         reference = (payload.get("message_reference") or {}).get("message_id")
         channel = self.world.channels.get(int(channel_id))
+        if files and channel and channel.get("guild_id") and not self._bot_may(channel, "attach_files"):
+            raise forbidden("attach files")
         data = self.world_message(
             int(channel_id),
             self.world.bot_user,
@@ -170,6 +172,19 @@ class FakeDiscordHttp(HTTPClient):
         # Discord echoes the bot's own message back over the gateway; the bot must ignore it.
         self.state.parse_message_create(data)
         return data
+
+    def _bot_may(self, channel: dict[str, Any], permission: str) -> bool:
+        """Whether the bot holds `permission` in a server channel, as the bot's cache computes it.
+
+        Only where the bot can view the channel: many layouts hide channels from everyone but a
+        role, the bot's own included, and still post there (the harness delivers every event).
+        """
+        guild = self.state._get_guild(int(channel["guild_id"]))
+        cached = guild.get_channel_or_thread(int(channel["id"])) if guild else None
+        if cached is None:
+            return True
+        permissions = cached.permissions_for(guild.me)
+        return not permissions.view_channel or getattr(permissions, permission)
 
     def world_message(
         self,

@@ -9,6 +9,8 @@ something fails).
 
 from __future__ import annotations
 
+import asyncio
+import dataclasses
 import json
 from typing import Any, AsyncIterator, Callable
 
@@ -16,7 +18,7 @@ import discord
 import pytest
 
 from bot.agent import Agent
-from bot.cogs.ask import FAILED_TEXT, HELP_TEXT
+from bot.cogs.ask import FAILED_TEXT, HELP_TEXT, TIMEOUT_TEXT
 from bot.replies import MESSAGE_LIMIT
 from store.library import Library
 from tests.discord_harness import (
@@ -252,3 +254,28 @@ async def test_a_dm_question_with_a_photo_finds_look_alikes(start_bot: StartBot)
     (reply,) = harness.world.sent
     assert reply.embeds and reply.embeds[0]["footer"]["text"].startswith(f"Image #{ids['staff']}")
     assert (await harness.bot.library.stats())["sources"] == 2  # a DM photo is a question, not a memory
+
+
+async def test_where_the_bot_may_not_attach_files_it_answers_in_text_with_jump_links(start_bot: StartBot) -> None:  # noqa: F811
+    layout = Layout(channels=[ChannelSpec("general"), ChannelSpec("no-files", {"Shoebox": deny(attach_files=True)})],
+                    members={"ann": []})
+    harness = await start_bot(layout)
+    posted = await harness.post("general", "ann", "red circle", files=[("c.jpg", scene_jpeg("red", "circle"))])
+    await harness.drain()
+    await harness.post("no-files", "ann", "red circle", mention_bot=True)
+    (reply,) = harness.world.sent
+    assert reply.files == [] and reply.embeds == []
+    assert f"https://discord.com/channels/{harness.guild_id}/{harness.channel_ids['general']}/{posted.id}" in (reply.content or "")
+
+
+class Slow:
+    async def answer(self, *args: Any, **kwargs: Any) -> Any:
+        await asyncio.sleep(30)
+
+
+async def test_an_answer_that_takes_too_long_gets_a_sentence_not_silence(start_bot: StartBot) -> None:  # noqa: F811
+    harness = await start_bot(LAYOUT, agent=Slow())
+    harness.bot.config = dataclasses.replace(harness.bot.config, answer_timeout=0.2)
+    await harness.post("general", "ben", "red circle", mention_bot=True)
+    (reply,) = harness.world.sent
+    assert reply.content == TIMEOUT_TEXT
