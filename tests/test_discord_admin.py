@@ -109,7 +109,7 @@ async def test_status_shows_only_this_servers_figures_and_problems(start_bot: St
     assert "0 indexed" in content and "1 not photos" in content
 
 
-async def test_exclude_include_and_clear_channels(start_bot: StartBot, library: Library) -> None:  # noqa: F811
+async def test_exclude_remove_include_and_clear_channel_rules(start_bot: StartBot, library: Library) -> None:  # noqa: F811
     harness = await start_bot(LAYOUT)
     await harness.post("old", "ann", files=[("o.jpg", scene_jpeg("red", "circle"))])
     await harness.drain()
@@ -123,6 +123,25 @@ async def test_exclude_include_and_clear_channels(start_bot: StartBot, library: 
     after = await harness.post("old", "ann", files=[("n.jpg", scene_jpeg("blue", "star"))])
     await harness.drain()
     assert await library.catalog.sources_for_messages([after.id]) == []
+
+    async def rule(action: str, name: str) -> str:
+        channel_id = harness.channel_ids[name]
+        sent = await harness.slash("boss", "general", "shoebox channels", [
+            {"name": "action", "type": 3, "value": action}, {"name": "channel", "type": 7, "value": str(channel_id)},
+        ], resolved={"channels": {str(channel_id): _resolved_channel(harness, name)}})
+        return texts(sent)[-1]
+
+    assert f"Removed the rule for <#{old}>" in await rule("remove", "old")
+    assert await harness.bot.jobs.rules(harness.guild_id) == {}
+    # With an include rule, only included channels are indexed.
+    assert "only included channels are indexed" in await rule("include", "photos")
+    posted = [await harness.post(name, "ann", files=[(f"{name}.jpg", scene_jpeg("green", "circle", seed=n))])
+              for n, name in enumerate(("old", "photos"))]
+    await harness.drain()
+    indexed = await library.catalog.sources_for_messages([m.id for m in posted])
+    assert [s.channel_id for s in indexed] == [harness.channel_ids["photos"]]
+    sent = await harness.slash("boss", "general", "shoebox channels", [{"name": "action", "type": 3, "value": "include"}])
+    assert texts(sent) == ["Name the channel to include."]
     sent = await harness.slash("boss", "general", "shoebox channels", [{"name": "action", "type": 3, "value": "clear"}])
     assert "every channel" in texts(sent)[-1]
     assert await harness.bot.jobs.rules(harness.guild_id) == {}
