@@ -109,6 +109,7 @@ class World:
     archived_page: int = 100  # archived threads per page of the listing (Discord's most)
     thread_members: dict[int, set[int]] = field(default_factory=dict)  # thread -> user ids in it
     thread_member_failures: int = 0  # membership lookups to answer with a server error
+    archived_failures: set[int] = field(default_factory=set)  # channels whose archived threads cannot be listed
 
 
 class FakeDiscordHttp(HTTPClient):
@@ -275,6 +276,8 @@ class FakeDiscordHttp(HTTPClient):
 
     async def get_public_archived_threads(self, channel_id: int, before: Any = None, limit: int = 50) -> Any:
         self.world.calls.append(f"archived_threads {channel_id}")
+        if int(channel_id) in self.world.archived_failures:
+            raise discord.DiscordServerError(_Response(500, "Internal Server Error"), {"message": "try again"})  # type: ignore[arg-type]
         return self._archived_page(self._by_archive_time(self._archived(channel_id, 11), before), limit)
 
     async def get_private_archived_threads(self, channel_id: int, before: Any = None, limit: int = 50) -> Any:

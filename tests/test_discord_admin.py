@@ -332,6 +332,36 @@ async def test_a_backfill_reads_private_archived_threads_and_names_them_only_to_
     assert known.private and known.owner_id == harness.user_ids["ann"]
 
 
+async def test_a_whole_server_backfill_forgets_threads_deleted_while_the_bot_was_away(
+    start_bot: StartBot, library: Library  # noqa: F811
+) -> None:
+    """A deleted thread sends no event to a bot that is away, and a known thread missing from the
+    cache may only have archived. A whole-server backfill lists every archived thread: a known one
+    in none of its parent's listings is asked about, and forgotten once Discord says it is gone;
+    while a parent cannot be listed, nothing of it is judged."""
+    harness = await start_bot(LAYOUT)
+    kept, _, kept_post = archived_thread_with_a_photo(harness, "photos", "summer-trip")
+    gone, _, gone_post = archived_thread_with_a_photo(harness, "photos", "old-plans")
+    await harness.slash("boss", "general", "shoebox backfill")
+    await harness.drain()
+    assert len(await library.catalog.sources_for_messages([kept_post, gone_post])) == 2
+    del harness.world.channels[gone]  # deleted while the bot was away
+
+    harness.world.archived_failures.add(harness.channel_ids["photos"])
+    await harness.slash("boss", "general", "shoebox backfill")
+    assert f"get_channel {gone}" not in harness.world.calls
+    assert len(await library.catalog.sources_for_messages([kept_post, gone_post])) == 2
+
+    harness.world.archived_failures.clear()
+    calls = len(harness.world.calls)
+    await harness.slash("boss", "general", "shoebox backfill")
+    await harness.drain()
+    asked = [c for c in harness.world.calls[calls:] if c.startswith("get_channel")]
+    assert asked == [f"get_channel {gone}"]
+    assert [s.message_id for s in await library.catalog.sources_for_messages([kept_post, gone_post])] == [kept_post]
+    assert [t.thread_id for t in await harness.bot.jobs.known_threads(harness.guild_id)] == [kept]
+
+
 async def test_backfill_of_an_archived_thread_fetches_it(start_bot: StartBot, library: Library) -> None:  # noqa: F811
     """An archived thread is not in the bot's cache, so Discord's pick of it arrives as a bare id
     and name: the bot fetches the thread and backfills it like any other channel."""

@@ -490,22 +490,29 @@ class Indexing(commands.Cog):
         if so, its photos go, as its delete event would have taken them.
 
         Only Discord's "unknown channel" counts: a thread that archived is missing from the cache
-        too, so known threads are not asked about, and one found this way becomes known.
+        too, so known threads are not asked about here (a whole-server backfill, which lists every
+        archived thread, finds those that were deleted), and one found this way becomes known.
         """
         guild = self.bot.get_guild(mark.guild_id)
         if guild is None or guild.unavailable:
             return False  # the server itself is missing or in an outage: nothing to judge by
         if mark.channel_id in known_threads:
             return False
+        return await self._forget_if_deleted(mark.channel_id, mark.guild_id)
+
+    async def _forget_if_deleted(self, channel_id: int, guild_id: int) -> bool:
+        """Ask Discord for a channel missing from where it should be; if Discord no longer knows
+        it, it was deleted while the bot was away, and its photos go as its delete event would
+        have taken them. Any other answer (found, forbidden, an outage) keeps them."""
         try:
-            await self.remember_thread(await self.bot.fetch_channel(mark.channel_id))
+            await self.remember_thread(await self.bot.fetch_channel(channel_id))
             return False
         except discord.NotFound:
             pass
-        await self._caught_up(mark.channel_id, mark.guild_id)
-        gone = await self.queue.forget_channel(mark.channel_id)
-        self._forget_marks([mark.channel_id])
-        log.info("Channel %s was deleted while the bot was away: forgot %d photo(s)", mark.channel_id, len(gone))
+        await self._caught_up(channel_id, guild_id)  # its hold released first: no mark written after
+        gone = await self.queue.forget_channel(channel_id)
+        self._forget_marks([channel_id])
+        log.info("Channel %s was deleted while the bot was away: forgot %d photo(s)", channel_id, len(gone))
         return True
 
     async def _catch_up_archived(self, guild: discord.Guild) -> tuple[int, int, int]:
@@ -626,7 +633,10 @@ class Indexing(commands.Cog):
     async def backfill_targets(self, guild: discord.Guild) -> list[Messageable]:
         """Channels and threads the bot may read, that the rules let in: archived threads too
         (`archived_listings`), which Discord only lists on request (a thread of last summer's
-        trip is archived long since, and its photos are what a backfill is for)."""
+        trip is archived long since, and its photos are what a backfill is for).
+
+        Listing them all is also when a thread deleted while the bot was away shows: a known
+        thread in none of its parent's listings (see `_forget_threads_deleted_while_away`)."""
         me = guild.me
         if me is None:
             return []
@@ -634,17 +644,36 @@ class Indexing(commands.Cog):
         for channel in messageable_channels(guild):
             if can_read_history(channel, me) and self.wants(channel):
                 targets[channel.id] = channel
+        present = {thread.id for thread in guild.threads}
+        listed_parents: set[int] = set()
         for parent in [*guild.text_channels, *guild.forums]:
             if not can_read_history(parent, me):
                 continue
             try:
                 for listing, _ in archived_listings(parent, me):
                     async for thread in listing:
+                        present.add(thread.id)
                         if can_read_history(thread, me) and self.wants(thread):
                             targets.setdefault(thread.id, thread)
+                listed_parents.add(parent.id)
             except discord.HTTPException as error:
                 log.info("Cannot list the archived threads of #%s: %s", parent.name, error)
+        await self._forget_threads_deleted_while_away(guild, present, listed_parents)
         return list(targets.values())
+
+    async def _forget_threads_deleted_while_away(
+        self, guild: discord.Guild, present: Set[int], listed_parents: Set[int]
+    ) -> None:
+        """A thread deleted while the bot was away sent no delete event, and its photos would stay
+        findable by whoever reads its parent. One the bot knows, of a parent whose archived
+        threads were all listed, that is neither in the cache nor in a listing is asked about (a
+        private thread the bot may not list is in none either), and forgotten if it is gone."""
+        for known in await self.bot.jobs.known_threads(guild.id):
+            if known.parent_id in listed_parents and known.thread_id not in present:
+                try:
+                    await self._forget_if_deleted(known.thread_id, guild.id)
+                except discord.HTTPException as error:
+                    log.info("Could not check whether thread %s still exists: %s", known.thread_id, error)
 
     def is_backfilling(self, channel_id: int) -> bool:
         return channel_id in self._backfilling
