@@ -11,18 +11,16 @@ library is still consistent and searchable afterwards. The same corpus also goes
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import json
 import re
 import sqlite3
-import sys
 from collections import Counter
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import pytest
 
+from bench import hostile_corpus as hostile
 from bot.cli import main
 from store.db import SourceFilter
 from store.embedder import ClipEmbedder
@@ -31,23 +29,8 @@ from store.settings import IngestSettings, Settings
 from store.thumbs import THUMB_DIR
 from tools.search import find_similar, search_images
 
-ROOT = Path(__file__).resolve().parents[1]
 
 
-def _corpus_module() -> ModuleType:
-    """bench/ is not an installed package; load the generator from its file (once per process)."""
-    loaded = sys.modules.get("hostile_corpus")
-    if loaded is not None:
-        return loaded
-    spec = importlib.util.spec_from_file_location("hostile_corpus", ROOT / "bench" / "hostile_corpus.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["hostile_corpus"] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-hostile = _corpus_module()
 LIMITS = IngestSettings(max_file_bytes=hostile.CORPUS_MAX_FILE_BYTES, max_pixels=hostile.CORPUS_MAX_PIXELS)
 SENTENCE_END = re.compile(r"[.!?](\s|$)")
 

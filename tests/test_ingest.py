@@ -6,25 +6,23 @@ outcome matches its label, so the corpus and the decoder cannot drift apart.
 
 from __future__ import annotations
 
-import importlib.util
 import gc
 import io
 import os
 import resource
 import struct
-import sys
 import time
 import warnings
 import zipfile
 from collections.abc import Callable
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import numpy as np
 import pytest
 from PIL import Image, ImageFile, features
 
+from bench import hostile_corpus as corpus_mod
 from store import ingest, resample
 from store.ingest import (
     CORRUPT_REASON,
@@ -42,19 +40,8 @@ from store.settings import IngestSettings
 
 MB = 1024 * 1024
 LIMITS = IngestSettings()
-ROOT = Path(__file__).resolve().parents[1]
 
 
-def _load_corpus_module() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("hostile_corpus", ROOT / "bench" / "hostile_corpus.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["hostile_corpus"] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-corpus_mod = _load_corpus_module()
 
 
 def encode(image: Image.Image, fmt: str, **params: object) -> bytes:
