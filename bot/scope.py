@@ -27,7 +27,7 @@ already read the photo's channel.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Iterable, Iterator, Mapping, Protocol, cast
+from typing import Callable, Iterable, Iterator, Literal, Mapping, Protocol, cast
 
 import discord
 
@@ -55,6 +55,9 @@ def can_read_history(channel: _HasPermissions, member: discord.Member) -> bool:
     return bool(permissions.view_channel and permissions.read_message_history)
 
 
+_Access = Literal["no", "yes", "as owner"]
+
+
 def _thread_access(
     parent: _HasPermissions | None,
     member: discord.Member,
@@ -62,14 +65,13 @@ def _thread_access(
     private: bool,
     owner_id: int | None,
     joined: bool,
-) -> str:
+) -> _Access:
     """A thread inherits its parent's permissions; a private one also needs membership.
 
-    Returns "no", "yes", or "as owner". Membership of a private thread is only known for threads in
-    the cache, and without the members intent only the bot's own; so its owner stands in for its
-    members, with those who may manage threads. But a moderator can remove even the owner, and no
-    cache says so: "as owner" is access the caller must confirm with Discord
-    (`owner_only_thread_ids`).
+    Membership of a private thread is only known for threads in the cache, and without the
+    members intent only the bot's own; so its owner stands in for its members, with those who may
+    manage threads. But a moderator can remove even the owner, and no cache says so: "as owner"
+    is access the caller must confirm with Discord (`owner_only_thread_ids`).
     """
     if parent is None:
         return "no"  # parent gone or unknown: nothing to check against, so nothing is shown
@@ -83,7 +85,7 @@ def _thread_access(
 
 def _thread_accesses(
     guild: discord.Guild, member: discord.Member, known_threads: Iterable[KnownThread]
-) -> Iterator[tuple[int, str]]:
+) -> Iterator[tuple[int, _Access]]:
     """(thread id, access) for the guild's cached threads, then for the remembered ones out of
     the cache (archived threads are not in it), judged by the parent remembered for them."""
     cached_threads: set[int] = set()
