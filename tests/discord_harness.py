@@ -769,14 +769,25 @@ class Harness:
         return channel_id
 
     async def delete_channel(self, name: str, *, while_away: bool = False) -> None:
-        """A channel goes: live, the bot gets CHANNEL_DELETE; while it is away it gets no event,
-        and the next connection's server data just lacks the channel."""
+        """A channel goes: live, the bot gets CHANNEL_DELETE (THREAD_DELETE for a thread); while
+        it is away it gets no event, and the next connection's server data just lacks the channel."""
         channel = self.world.channels.pop(self.channel_ids[name])
-        if while_away:
+        if channel["type"] in (11, 12):
+            assert not while_away, "a thread deleted while away: drop it from world.channels"
+            self.bot._connection.parse_thread_delete(channel)  # type: ignore[arg-type]
+        elif while_away:
             self.guild._remove_channel(self.guild.get_channel(int(channel["id"])))  # type: ignore[arg-type]
             return
-        self.bot._connection.parse_channel_delete(channel)  # type: ignore[arg-type]
+        else:
+            self.bot._connection.parse_channel_delete(channel)  # type: ignore[arg-type]
         await self.settle()
+
+    async def create_thread(self, parent: str, name: str, **options: Any) -> dict[str, Any]:
+        """A member starts a thread while the bot is connected: it gets THREAD_CREATE."""
+        thread = self.add_thread(parent, name, **options)
+        self.bot._connection.parse_thread_create({**thread, "newly_created": True})  # type: ignore[arg-type]
+        await self.settle()
+        return thread
 
     def add_thread(
         self, parent: str, name: str, *, owner: str = "ann", private: bool = False,

@@ -662,3 +662,22 @@ async def test_private_threads_the_bot_is_in_are_caught_up_too(start_bot: StartB
     known = {t.thread_id: t for t in await harness.bot.jobs.known_threads(harness.guild_id)}
     assert known[int(joined["id"])].private and known[int(joined["id"])].owner_id == harness.user_ids["ann"]
     assert int(not_in["id"]) not in known
+
+
+async def test_a_thread_is_watched_from_its_creation_and_takes_its_photos_when_deleted(
+    start_bot: StartBot, library: Library  # noqa: F811
+) -> None:
+    harness = await start_bot(LAYOUT)
+    thread = await harness.create_thread("photos", "trip")
+    thread_id = int(thread["id"])
+    marks = {m.channel_id: m.newest_id for m in await harness.bot.jobs.seen_marks()}
+    assert marks[thread_id] == thread_id  # a catch-up would read it from its first message
+    posted = await harness.post("trip", "ann", "the lake", files=[("lake.jpg", scene_jpeg("blue", "circle"))])
+    await harness.drain()
+    assert [s.channel_id for s in await library.catalog.sources_for_messages([posted.id])] == [thread_id]
+    assert [t.thread_id for t in await harness.bot.jobs.known_threads()] == [thread_id]
+
+    await harness.delete_channel("trip")
+    assert await library.catalog.sources_for_messages([posted.id]) == []
+    assert thread_id not in {m.channel_id for m in await harness.bot.jobs.seen_marks()}
+    assert await harness.bot.jobs.known_threads() == []
