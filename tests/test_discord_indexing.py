@@ -273,6 +273,63 @@ async def test_an_expired_cdn_link_is_refreshed_from_the_message(start_bot: Star
     assert f"get_message {message.id}" in harness.world.calls
 
 
+async def test_a_photo_gone_before_its_download_is_dropped_without_retries(
+    start_bot: StartBot, library: Library  # noqa: F811
+) -> None:
+    """An expired link sends the bot back to the message; a message deleted meanwhile, or one
+    whose photo was edited away, has nothing left to index: the job ends, with no retry and no
+    problem to report."""
+    harness = await start_bot(LAYOUT, run_worker=False)
+    deleted = await harness.post("general", "ann", files=[("a.jpg", scene_jpeg("red", "circle"))])
+    edited = await harness.post("general", "ann", files=[("b.jpg", scene_jpeg("blue", "star"))])
+    for message in (deleted, edited):
+        harness.world.cdn.pop(message.attachments[0].url)  # the links expired
+    del harness.world.messages[deleted.channel.id][deleted.id]  # no delete event reached the bot
+    harness.world.messages[edited.channel.id][edited.id]["attachments"] = []  # nor an edit event
+    indexing = harness.bot.get_cog("Indexing")
+    await indexing.queue.drain()  # type: ignore[union-attr]
+    assert await indexing.queue.pending() == 0  # type: ignore[union-attr]
+    assert indexing.queue.counters.retried == 0 and indexing.queue.counters.gave_up == 0  # type: ignore[union-attr]
+    assert await harness.bot.jobs.recent_errors() == []
+    assert (await library.stats())["images"] == 0
+
+
+async def test_a_photo_over_the_size_limit_is_not_downloaded_and_is_reported(
+    start_bot: StartBot, library: Library  # noqa: F811
+) -> None:
+    harness = await start_bot(LAYOUT, run_worker=False)
+    too_big = harness.bot.settings.ingest.max_file_bytes + 1
+    message = await harness.post("general", "ann", files=[("huge.jpg", scene_jpeg("red", "circle"))],
+                                 declared_sizes=[too_big])
+    indexing = harness.bot.get_cog("Indexing")
+    await indexing.queue.drain()  # type: ignore[union-attr]
+    assert f"cdn {message.attachments[0].url}" not in harness.world.calls
+    assert indexing.queue.counters.rejected == 1  # type: ignore[union-attr]
+    (note,) = await harness.bot.jobs.recent_errors()
+    assert "huge.jpg" in note.message and "limit" in note.message
+    assert (await library.stats())["images"] == 0
+
+
+async def test_a_batch_the_library_could_not_store_is_tried_again(
+    start_bot: StartBot, library: Library, monkeypatch: pytest.MonkeyPatch  # noqa: F811
+) -> None:
+    harness = await start_bot(LAYOUT, run_worker=False)
+    message = await harness.post("general", "ann", files=[("c.jpg", scene_jpeg("red", "circle"))])
+    index = library.index
+    failures = [OSError("disk full")]
+
+    async def failing_once(*args: object, **kwargs: object) -> object:
+        if failures:
+            raise failures.pop()
+        return await index(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(library, "index", failing_once)
+    indexing = harness.bot.get_cog("Indexing")
+    await indexing.queue.drain()  # type: ignore[union-attr]
+    assert indexing.queue.counters.retried == 1  # type: ignore[union-attr]
+    assert len(await sources_of(library, message)) == 1
+
+
 async def test_giving_up_after_the_last_attempt_is_reported(start_bot: StartBot, library: Library) -> None:  # noqa: F811
     harness = await start_bot(LAYOUT, run_worker=False,
                               queue=QueueSettings(batch_size=4, max_attempts=2, retry_delays=(0.0,)))
