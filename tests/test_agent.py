@@ -256,6 +256,38 @@ async def test_attached_image_goes_to_find_similar(
     assert shown_ids(reply) == ids
 
 
+async def test_an_attachment_that_is_not_an_image_is_described_in_words(
+    make_agent: MakeAgent, gallery: Gallery, fake_anthropic: FakeAnthropic  # noqa: F811
+) -> None:
+    fake_anthropic.script([answer("That file is not a photo.")])
+    reply = await make_agent().answer("like this?", IN_SCOPE, [Attachment(b"%PDF-1.7 not a photo", "scan.jpg")])
+    ask = fake_anthropic.bodies[0]["messages"][0]["content"]
+    assert ask[0]["type"] == "text" and ask[0]["text"].startswith("Attachment 0 (scan.jpg) cannot be used: ")
+    assert "PDF" in ask[0]["text"]
+    assert not image_blocks(ask)
+    assert reply.answer == "That file is not a photo." and reply.images == []
+
+
+async def test_a_tool_that_fails_unexpectedly_gets_an_error_result_not_a_crash(
+    make_agent: MakeAgent, gallery: Gallery, fake_anthropic: FakeAnthropic, library: Library,  # noqa: F811
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture,
+) -> None:
+    async def broken(*args: object, **kwargs: object) -> object:
+        raise RuntimeError("index file vanished")
+
+    monkeypatch.setattr(library, "search_text", broken)
+    call = tool_use("search_images", {"query": "a red circle"})
+    fake_anthropic.script([message(call), answer("The search is broken right now.")])
+    with caplog.at_level("ERROR", logger="bot.agent"):
+        reply = await make_agent().answer("a red circle", IN_SCOPE)
+    (result,) = tool_results(fake_anthropic.bodies[1])
+    assert result["is_error"] is True and result["tool_use_id"] == call["id"]
+    assert result_text(result).startswith("the tool failed unexpectedly")
+    assert "index file vanished" not in result_text(result)  # details go to the log, not to Claude
+    assert "index file vanished" in caplog.text
+    assert reply.answer == "The search is broken right now." and reply.error is None
+
+
 async def test_get_description_chains_on_a_search_result(
     make_agent: MakeAgent, gallery: Gallery, fake_anthropic: FakeAnthropic  # noqa: F811
 ) -> None:
