@@ -9,9 +9,12 @@ scope, grounding, error handling and bounds.
 from __future__ import annotations
 
 import base64
+import email.utils
 import io
 import json
+import socket
 import time
+from types import SimpleNamespace
 from pathlib import Path
 from typing import Any, AsyncIterator, Callable
 
@@ -30,7 +33,7 @@ from bot.agent import (
     Turn,
     preview_budget,
 )
-from bot.llm import DEFAULT_MODEL, AgentSettings, make_client
+from bot.llm import DEFAULT_MODEL, AgentSettings, make_client, retry_after
 from store.library import Library
 from store.settings import SettingsError
 from tests.fake_anthropic import (
@@ -564,3 +567,60 @@ async def test_without_a_key_answers_offline_with_direct_search(library: Library
     alike = await agent.answer("", IN_SCOPE, [Attachment(RED_CIRCLE, "x.jpg")])
     assert alike.offline and "look most like your attachment" in alike.answer
     assert set(shown_ids(alike)) <= gallery.visible
+
+
+@pytest.mark.parametrize(
+    ("status", "sentence"),
+    [
+        (Status(403, error_type="permission_error", message="not allowed"),
+         f"The key in ANTHROPIC_API_KEY may not use the model {DEFAULT_MODEL}."),
+        (Status(404, error_type="not_found_error", message="model: nope"),
+         f"Claude has no model called {DEFAULT_MODEL!r}: check SHOEBOX_CLAUDE_MODEL."),
+        (Status(400, error_type="invalid_request_error", message="prompt is too long."),
+         "Claude refused the request (HTTP 400: prompt is too long)."),
+    ],
+)
+async def test_refusals_are_not_retried_and_say_what_to_fix(
+    make_agent: MakeAgent, gallery: Gallery, fake_anthropic: FakeAnthropic, status: Status, sentence: str  # noqa: F811
+) -> None:
+    fake_anthropic.script([status, answer("never sent")])
+    reply = await make_agent().answer("a red circle", IN_SCOPE)
+    assert len(fake_anthropic.requests) == 1
+    assert reply.error == sentence
+
+
+async def test_an_unreachable_service_is_named_with_its_address(library: Library, gallery: Gallery) -> None:
+    """Nothing listens on the port: every retry is refused, and the sentence says where it tried."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        base_url = f"http://127.0.0.1:{probe.getsockname()[1]}"  # closed again before the agent calls
+    settings = AgentSettings(api_key="sk-test", base_url=base_url, timeout=2.0, retries=1, max_wait=1.0)
+    client = make_client(settings)
+    try:
+        reply = await Agent(library, settings, client).answer("a red circle", IN_SCOPE)
+    finally:
+        await client.close()
+    assert reply.error == f"Could not reach Claude at {base_url}; check the network or ANTHROPIC_BASE_URL."
+
+
+def test_the_wait_the_service_asks_for_is_read_in_every_form() -> None:
+    def error(headers: dict[str, str]) -> Exception:
+        failure = RuntimeError("slow down")
+        failure.response = SimpleNamespace(headers=headers)  # type: ignore[attr-defined]
+        return failure
+
+    assert retry_after(error({"retry-after-ms": "1500"})) == 1.5
+    assert retry_after(error({"retry-after": "7"})) == 7.0
+    in_a_minute = email.utils.formatdate(time.time() + 60, usegmt=True)
+    assert 55 <= (retry_after(error({"retry-after": in_a_minute})) or 0) <= 61
+    assert retry_after(error({"retry-after": "soon"})) is None
+    assert retry_after(error({})) is None
+
+
+async def test_the_service_may_say_a_failure_is_not_worth_retrying(
+    make_agent: MakeAgent, gallery: Gallery, fake_anthropic: FakeAnthropic  # noqa: F811
+) -> None:
+    fake_anthropic.script([Status(503, headers={"x-should-retry": "false"}), answer("never sent")])
+    reply = await make_agent().answer("a red circle", IN_SCOPE)
+    assert len(fake_anthropic.requests) == 1
+    assert reply.error == "Claude is overloaded or unavailable right now; try again in a few minutes."
