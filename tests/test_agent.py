@@ -12,6 +12,7 @@ import base64
 import email.utils
 import io
 import json
+import re
 import socket
 import time
 from types import SimpleNamespace
@@ -58,7 +59,7 @@ from tests.fake_anthropic import (
     tool_use,
 )
 from tools.registry import TOOLS, ToolContext
-from tools.schemas import SchemaError
+from tools.schemas import SchemaError, check_declaration
 from tools.search import ToolError
 
 MakeAgent = Callable[..., Agent]
@@ -123,12 +124,32 @@ def test_declarations_describe_every_field_and_never_offer_a_scope() -> None:
         ({"query": "a dog", "after": "last summer"}, "after must look like a date like 2024-07-31"),
         ({"query": "a dog", "sort": "random"}, "sort must be one of"),
         (["a dog"], "arguments must be a JSON object"),
+        ({"query": None}, "query must be a string, not null"),
+        ({"query": ["a dog"]}, "query must be a string, not array"),
+        ({"query": {"text": "a dog"}}, "query must be a string, not object"),
+        ({"query": "a dog", "k": 2.5}, "k must be an integer, not number"),
+        ({"query": "a dog " * 200}, "query is too long (at most"),
     ],
 )
 async def test_arguments_are_checked_strictly(library: Library, arguments: Any, reason: str) -> None:
     with pytest.raises(SchemaError) as caught:
         await TOOLS.call(library, "search_images", arguments, ToolContext(IN_SCOPE))
     assert reason in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    "declaration, problem",
+    [
+        ({"type": "object", "properties": {}}, "must be an object that lists `required`"),
+        ({"type": "object", "required": [], "properties": {"q": {"type": "string"}}}, "property 'q' has no description"),
+        ({"type": "object", "required": [], "properties": {"q": {"type": "array", "description": "words"}}},
+         "property 'q' has an unsupported type 'array'"),
+        ({"type": "object", "required": ["q"], "properties": {}}, "required property 'q' is not declared"),
+    ],
+)
+def test_a_declaration_unfit_for_the_model_is_refused(declaration: dict, problem: str) -> None:
+    with pytest.raises(ValueError, match=re.escape(problem)):
+        check_declaration(declaration)
 
 
 async def test_unknown_tool_and_bad_look_alike_targets_are_tool_errors(library: Library, gallery: Gallery) -> None:
