@@ -110,6 +110,22 @@ def bot_intents() -> discord.Intents:
     return intents
 
 
+# What the bot asks for when invited: read and index photos (View Channels, Read Message
+# History), answer with them (Send Messages, and in threads Send Messages in Threads, which
+# Discord counts apart; Attach Files, Embed Links), acknowledge (Add Reactions), slash commands.
+INVITE_PERMISSIONS = discord.Permissions(
+    view_channel=True, read_message_history=True, send_messages=True, send_messages_in_threads=True,
+    attach_files=True, embed_links=True, add_reactions=True, use_application_commands=True,
+)
+
+
+def invite_url(application_id: int) -> str:
+    """The link that adds the bot to a server with `INVITE_PERMISSIONS` and its slash commands."""
+    return discord.utils.oauth_url(
+        application_id, permissions=INVITE_PERMISSIONS, scopes=("bot", "applications.commands")
+    )
+
+
 def mentions_pattern(user_id: int) -> re.Pattern[str]:
     return re.compile(rf"<@!?{user_id}>")
 
@@ -249,6 +265,8 @@ class ShoeboxBot(commands.Bot):
 
     async def on_ready(self) -> None:
         log.info("Connected as %s to %d server(s)", self.user, len(self.guilds))
+        if not self.guilds and self.application_id is not None:
+            log.info("Not in any server yet: add the bot with %s", invite_url(self.application_id))
 
     async def on_message(self, message: discord.Message, /) -> None:
         """No prefix commands: every feature listens in its own cog."""

@@ -32,7 +32,7 @@ import pytest
 from discord.http import HTTPClient, Route
 from discord.webhook.async_ import AsyncWebhookAdapter, async_context
 
-from bot.discord_app import BotSettings, ShoeboxBot
+from bot.discord_app import INVITE_PERMISSIONS, BotSettings, ShoeboxBot
 from bot.jobs import QueueSettings
 from store.library import Library
 from store.settings import Settings
@@ -69,10 +69,7 @@ EVERYONE = discord.Permissions(
     view_channel=True, send_messages=True, read_message_history=True, attach_files=True,
     embed_links=True, add_reactions=True, use_application_commands=True,
 )
-BOT_PERMISSIONS = discord.Permissions(
-    view_channel=True, send_messages=True, read_message_history=True, attach_files=True,
-    embed_links=True, add_reactions=True, use_application_commands=True,
-)
+BOT_PERMISSIONS = INVITE_PERMISSIONS
 
 
 @dataclass
@@ -154,8 +151,13 @@ class FakeDiscordHttp(HTTPClient):
         files = [(f.filename, _read(f)) for f in (params.files or [])]
         reference = (payload.get("message_reference") or {}).get("message_id")
         channel = self.world.channels.get(int(channel_id))
-        if files and channel and channel.get("guild_id") and not self._bot_may(channel, "attach_files"):
-            raise forbidden("attach files")
+        if channel and channel.get("guild_id"):
+            # Discord counts sending in a thread apart from sending in its channel.
+            send = "send_messages_in_threads" if channel["type"] in (11, 12) else "send_messages"
+            if not self._bot_may(channel, send):
+                raise forbidden(send)
+            if files and not self._bot_may(channel, "attach_files"):
+                raise forbidden("attach files")
         data = self.world_message(
             int(channel_id),
             self.world.bot_user,
@@ -858,7 +860,8 @@ class Harness:
 
     def _interaction_payload(self, member_name: str, channel_name: str, data: dict[str, Any]) -> dict[str, Any]:
         user_id = self.user_ids[member_name]
-        channel = self.channel(channel_name)
+        channel = self.guild.get_channel_or_thread(self.channel_ids[channel_name])
+        assert channel is not None, f"{channel_name} is not in the bot's cache"
         member = self.member(member_name)
         permissions = channel.permissions_for(member)
         member_payload = {**self.world.members[(self.guild_id, user_id)], "user": self.world.users[user_id],

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import logging
+import re
+from pathlib import Path
 from typing import Any
 
 import discord
 import pytest
 
-from bot.discord_app import BotSettings, ShoeboxBot, run_bot
+from bot.discord_app import INVITE_PERMISSIONS, BotSettings, ShoeboxBot, invite_url, run_bot
 from bot.cli import main
 from store.settings import Settings
 from tests.conftest import NOT_A_DATABASE, sqlite_threads, sqlite_threads_left
@@ -129,3 +131,12 @@ async def test_a_damaged_job_file_is_one_line_and_leaves_nothing_open(
     assert await run_bot(settings, BotSettings(token="token", sync_commands=False)) == 1
     assert "bot.sqlite3 cannot be opened as a database" in only_error(caplog).getMessage()
     assert not sqlite_threads_left(before)
+
+
+def test_the_readmes_invite_link_asks_for_what_the_bot_needs() -> None:
+    """The README's hand-written link must grant exactly the permissions the bot is built for
+    (sending in threads is its own permission: without it, no answer in a thread)."""
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    links = re.findall(r"https://discord\.com/oauth2/authorize\?client_id=YOUR_APPLICATION_ID\S*?(?=`)", readme)
+    assert links == [invite_url(0).replace("client_id=0", "client_id=YOUR_APPLICATION_ID")]
+    assert INVITE_PERMISSIONS.send_messages_in_threads and INVITE_PERMISSIONS.attach_files
