@@ -130,6 +130,18 @@ def owner_only_thread_ids(
     return {thread_id for thread_id, access in _thread_accesses(guild, member, known_threads) if access == "as owner"}
 
 
+def private_thread_asked_in(
+    guild: discord.Guild, member: discord.Member, channel: discord.abc.Snowflake | None
+) -> set[int]:
+    """The private thread a question was asked in, when it was one: posting in a private thread
+    or using a command there takes being in it (or managing threads), which is the membership
+    the cache cannot otherwise tell without the members intent. Empty for anywhere else."""
+    thread = guild.get_thread(channel.id) if channel is not None else None
+    if thread is None or not thread.is_private() or thread.parent is None or not can_read_history(thread, member):
+        return set()
+    return {thread.id}
+
+
 _READ_BITS = discord.Permissions(view_channel=True, read_message_history=True).value
 # The only base permissions that decide whether someone reads a channel: the two above, and
 # Administrator, which bypasses every overwrite.
@@ -402,5 +414,6 @@ __all__ = [
     "nothing",
     "overwrite_member_ids",
     "owner_only_thread_ids",
+    "private_thread_asked_in",
     "readable_channel_ids",
 ]

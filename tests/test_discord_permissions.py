@@ -237,3 +237,27 @@ async def test_threads_past_the_lookup_limit_are_held_back(
         held = await access.unconfirmed_threads(http, 7, [30, 10, 20])  # type: ignore[arg-type]
     assert held == {30} and sorted(http.asked) == [10, 20]
     assert "owns 3 private threads with photos; only 2 were confirmed" in caplog.text
+
+
+async def test_asking_inside_a_private_thread_shows_its_photos_to_its_members(start_bot: StartBot) -> None:  # noqa: F811
+    """Only the owner is known to be in a private thread; but posting a question in it, or using
+    /ask there, takes being in it. Ben was added to Ann's thread: asked there, its photos are his
+    to see; asked by DM, nothing tells the bot he is in it."""
+    harness = await server_with_photos(start_bot)
+    thread = int(harness.add_thread("general", "plans", owner="ann", private=True, cached=True)["id"])
+    harness.world.thread_members[thread].add(harness.user_ids["ben"])
+    await harness.post("plans", "ben", "a yellow square", files=[("square.jpg", scene_jpeg("yellow", "square"))])
+    await harness.drain()
+
+    before = len(harness.world.sent)
+    await harness.post("plans", "ben", "shapes", mention_bot=True)
+    sent = harness.sent_since(before)
+    assert sent[0].channel_id == thread and shown_channels(harness, sent) == {"plans", "general"}
+    sent = await harness.slash("ben", "plans", "ask", [
+        {"name": "question", "type": 3, "value": "shapes"}, {"name": "private", "type": 5, "value": True},
+    ])
+    assert shown_channels(harness, sent) == {"plans", "general"}
+
+    before = len(harness.world.sent)
+    await harness.post("", "ben", "shapes", dm=True)
+    assert shown_channels(harness, harness.sent_since(before)) == {"general"}

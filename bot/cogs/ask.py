@@ -28,7 +28,7 @@ from discord.ext import commands
 from bot.discord_app import addresses_bot, mentions_pattern
 from bot.replies import DEFAULT_UPLOAD_LIMIT, OutgoingMessage, plan_reply
 from bot.access import readable_now
-from bot.scope import KnownThread, audience_channel_ids, nothing, overwrite_member_ids
+from bot.scope import KnownThread, audience_channel_ids, nothing, overwrite_member_ids, private_thread_asked_in
 from store.ingest import too_large_reason
 from tools.search import Scope
 
@@ -78,13 +78,15 @@ class Ask(commands.Cog):
         user: discord.abc.User,
         guild: discord.Guild | None,
         answer_channel: discord.abc.Snowflake | None = None,
+        asked_in: discord.abc.Snowflake | None = None,
     ) -> Scope:
         """What `user` may be shown right now, from Discord's permissions (never cached).
 
         `answer_channel` is the server channel the answer will be posted in for everyone there to
         read; None for a DM or an answer only the asker sees. When given, the asker's channels
         are narrowed to those at least as visible as it, so the answer shows nobody in that
-        channel a photo they could not already read.
+        channel a photo they could not already read. `asked_in` is the channel the question came
+        from: asked inside a private thread, that thread's photos are the asker's to see.
         """
         if guild is not None:
             member = user if isinstance(user, discord.Member) else await self._member(guild, user.id)
@@ -92,6 +94,7 @@ class Ask(commands.Cog):
                 return nothing()
             known = await self.bot.jobs.known_threads(guild.id)
             channel_ids = await readable_now(self.bot.http, guild, member, known)
+            channel_ids |= private_thread_asked_in(guild, member, asked_in or answer_channel)
             if answer_channel is not None:
                 wanted = overwrite_member_ids(guild, answer_channel, channel_ids, known)
                 members = await self._overwrite_members(guild, wanted)
@@ -310,10 +313,9 @@ class Ask(commands.Cog):
     ) -> None:
         await interaction.response.defer(thinking=True, ephemeral=private)
         images, notes = await self.read_images([image] if image else [])
-        audience: discord.abc.Snowflake | None = None
-        if interaction.guild is not None and not private:
-            audience = interaction.channel or discord.Object(interaction.channel_id or 0)
-        scope = await self.scope_for(interaction.user, interaction.guild, audience)
+        asked_in = interaction.channel or discord.Object(interaction.channel_id or 0)
+        audience = asked_in if interaction.guild is not None and not private else None
+        scope = await self.scope_for(interaction.user, interaction.guild, audience, asked_in)
         answer = with_notes(await self.ask_agent(question, scope, images), notes)
         parts = self.plan(answer, interaction.guild)
         await self.deliver(interaction.followup.send, parts, ephemeral=private)
