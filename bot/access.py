@@ -52,13 +52,27 @@ async def unconfirmed_threads(http: HTTPClient, user_id: int, thread_ids: Iterab
     return set(ordered) - confirmed
 
 
+async def confirmed(
+    http: HTTPClient,
+    guild: discord.Guild,
+    member: discord.Member,
+    channel_ids: set[int],
+    known_threads: Iterable[KnownThread] = (),
+    known_member_of: Iterable[int] = (),
+) -> set[int]:
+    """`channel_ids` (from `readable_channel_ids`, perhaps narrowed since), less the private
+    threads among them that `member` reads only as owner and Discord no longer has them in.
+    Only those still in `channel_ids` are asked about: narrow first, then confirm. Threads in
+    `known_member_of` need no asking."""
+    owned = (owner_only_thread_ids(guild, member, known_threads) & channel_ids) - set(known_member_of)
+    if not owned:
+        return channel_ids
+    return channel_ids - await unconfirmed_threads(http, member.id, owned)
+
+
 async def readable_now(
     http: HTTPClient, guild: discord.Guild, member: discord.Member, known_threads: Iterable[KnownThread] = ()
 ) -> set[int]:
     """`readable_channel_ids`, less the private threads whose owner Discord no longer has in them."""
     threads = list(known_threads)
-    readable = readable_channel_ids(guild, member, threads)
-    owned = owner_only_thread_ids(guild, member, threads)
-    if owned:
-        readable -= await unconfirmed_threads(http, member.id, owned)
-    return readable
+    return await confirmed(http, guild, member, readable_channel_ids(guild, member, threads), threads)

@@ -183,6 +183,17 @@ async def test_a_private_thread_shows_its_owner_only_while_they_are_still_in_it(
     ])
     assert shown_channels(harness, sent) == {"general", "staff", "vault"}
 
+    # A public answer in #general shows no private thread, and one asked inside the thread shows
+    # that its asker is in it: neither needs to ask Discord.
+    asked = len(harness.world.calls)
+    before = len(harness.world.sent)
+    await harness.post("general", "ben", "shapes", mention_bot=True)
+    assert shown_channels(harness, harness.sent_since(before)) == {"general"}
+    before = len(harness.world.sent)
+    await harness.post("plans", "ben", "shapes", mention_bot=True)
+    assert shown_channels(harness, harness.sent_since(before)) == {"general", "plans"}
+    assert not [c for c in harness.world.calls[asked:] if c.startswith("thread_member")]
+
     harness.world.thread_member_failures = 1
     with caplog.at_level("WARNING", logger="bot.access"):
         assert await ben_sees() == {"general"}

@@ -27,8 +27,15 @@ from discord.ext import commands
 
 from bot.discord_app import addresses_bot, mentions_pattern
 from bot.replies import DEFAULT_UPLOAD_LIMIT, OutgoingMessage, plan_reply
-from bot.access import readable_now
-from bot.scope import KnownThread, audience_channel_ids, nothing, overwrite_member_ids, private_thread_asked_in
+from bot.access import confirmed, readable_now
+from bot.scope import (
+    KnownThread,
+    audience_channel_ids,
+    nothing,
+    overwrite_member_ids,
+    private_thread_asked_in,
+    readable_channel_ids,
+)
 from store.ingest import too_large_reason
 from tools.search import Scope
 
@@ -93,14 +100,15 @@ class Ask(commands.Cog):
             if member is None:
                 return nothing()
             known = await self.bot.jobs.known_threads(guild.id)
-            channel_ids = await readable_now(self.bot.http, guild, member, known)
-            channel_ids |= private_thread_asked_in(guild, member, asked_in or answer_channel)
+            inside = private_thread_asked_in(guild, member, asked_in or answer_channel)
+            channel_ids = readable_channel_ids(guild, member, known) | inside
             if answer_channel is not None:
                 wanted = overwrite_member_ids(guild, answer_channel, channel_ids, known)
                 members = await self._overwrite_members(guild, wanted)
                 members.setdefault(member.id, member)
                 channel_ids = audience_channel_ids(guild, answer_channel, channel_ids, known, members)
-            return Scope.channels(channel_ids, {guild.id})
+            # Narrowed first: a public answer shows no private thread but its own, so none is asked about.
+            return Scope.channels(await confirmed(self.bot.http, guild, member, channel_ids, known, inside), {guild.id})
         # A DM: the union over every server the user shares with the bot.
         threads: dict[int, list[KnownThread]] = {}
         for thread in await self.bot.jobs.known_threads():
