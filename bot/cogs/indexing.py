@@ -130,6 +130,11 @@ def messageable_channels(guild: discord.Guild) -> list[Messageable]:
     return [*guild.text_channels, *guild.voice_channels, *guild.stage_channels, *guild.threads]
 
 
+def thread_parents(guild: discord.Guild, me: discord.Member) -> list[discord.TextChannel | discord.ForumChannel]:
+    """The channels whose archived threads the bot may list: text and forum channels it can read."""
+    return [parent for parent in [*guild.text_channels, *guild.forums] if can_read_history(parent, me)]
+
+
 def archived_listings(
     parent: discord.TextChannel | discord.ForumChannel, me: discord.Member
 ) -> list[tuple[AsyncIterator[discord.Thread], bool]]:
@@ -528,9 +533,7 @@ class Indexing(commands.Cog):
             return 0, 0, 0
         away_since = discord.utils.snowflake_time(present_until)
         read = queued = threads = 0
-        for parent in [*guild.text_channels, *guild.forums]:
-            if not can_read_history(parent, me):
-                continue
+        for parent in thread_parents(guild, me):
             try:
                 for listing, newest_archived_first in archived_listings(parent, me):
                     async for thread in listing:
@@ -646,9 +649,7 @@ class Indexing(commands.Cog):
                 targets[channel.id] = channel
         present = {thread.id for thread in guild.threads}
         listed_parents: set[int] = set()
-        for parent in [*guild.text_channels, *guild.forums]:
-            if not can_read_history(parent, me):
-                continue
+        for parent in thread_parents(guild, me):
             try:
                 for listing, _ in archived_listings(parent, me):
                     async for thread in listing:
