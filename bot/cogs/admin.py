@@ -25,9 +25,9 @@ import discord
 from discord import app_commands
 from discord.ext import commands
 
+from bot.access import readable_now
 from bot.discord_app import explain_check_failure, send_ephemeral
 from bot.jobs import KEEP_ERRORS, BackfillState
-from bot.access import readable_now
 from bot.scope import can_read_history
 from store.db import SourceFilter
 from store.library import ReindexIncomplete

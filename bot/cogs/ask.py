@@ -25,9 +25,9 @@ import discord
 from discord import app_commands
 from discord.ext import commands
 
+from bot.access import confirmed, readable_now
 from bot.discord_app import addresses_bot, mentions_pattern
 from bot.replies import DEFAULT_UPLOAD_LIMIT, OutgoingMessage, plan_reply
-from bot.access import confirmed, readable_now
 from bot.scope import (
     KnownThread,
     audience_channel_ids,
@@ -108,7 +108,8 @@ class Ask(commands.Cog):
                 members.setdefault(member.id, member)
                 channel_ids = audience_channel_ids(guild, answer_channel, channel_ids, known, members)
             # Narrowed first: a public answer shows no private thread but its own, so none is asked about.
-            return Scope.channels(await confirmed(self.bot.http, guild, member, channel_ids, known, inside), {guild.id})
+            channel_ids = await confirmed(self.bot.http, guild, member, channel_ids, known, inside)
+            return Scope.channels(channel_ids, {guild.id})
         # A DM: the union over every server the user shares with the bot.
         threads: dict[int, list[KnownThread]] = {}
         for thread in await self.bot.jobs.known_threads():
