@@ -14,6 +14,7 @@ from bot.discord_app import INVITE_PERMISSIONS, BotSettings, ShoeboxBot, invite_
 from bot.cli import main
 from store.settings import Settings
 from tests.conftest import NOT_A_DATABASE, sqlite_threads, sqlite_threads_left
+from tests.discord_harness import Layout, StartBot, start_bot  # noqa: F401 - fixture
 
 
 def only_error(caplog: pytest.LogCaptureFixture) -> logging.LogRecord:
@@ -140,3 +141,11 @@ def test_the_readmes_invite_link_asks_for_what_the_bot_needs() -> None:
     links = re.findall(r"https://discord\.com/oauth2/authorize\?client_id=YOUR_APPLICATION_ID\S*?(?=`)", readme)
     assert links == [invite_url(0).replace("client_id=0", "client_id=YOUR_APPLICATION_ID")]
     assert INVITE_PERMISSIONS.send_messages_in_threads and INVITE_PERMISSIONS.attach_files
+
+
+async def test_a_bot_in_no_server_logs_its_invite_link(start_bot: StartBot, caplog: pytest.LogCaptureFixture) -> None:  # noqa: F811
+    harness = await start_bot(Layout(members={"ann": []}))
+    await harness.remove_bot_from_guild()
+    with caplog.at_level("INFO", logger="bot.discord_app"):
+        await harness.bot.on_ready()
+    assert f"add the bot with {invite_url(harness.world.application_id)}" in caplog.text
