@@ -672,10 +672,11 @@ class Harness:
             channel_id = self.channel_ids[channel] if isinstance(channel, str) else int(channel)
             guild_id = self.guild_id
             member = dict(self.world.members[(self.guild_id, user_id)])
-        mentions: list[dict[str, Any]] = []
         if mention_bot:
             content = f"<@{self.world.bot_user['id']}> {content}".strip()
-            mentions.append(self.world.bot_user)
+        # Discord lists the users a message mentions beside it (the ones it knows).
+        mentions = [self.world.users[int(user_id)] for user_id in dict.fromkeys(re.findall(r"<@!?([0-9]+)>", content))
+                    if int(user_id) in self.world.users]
         data = self.http.world_message(
             channel_id, user, content, guild_id=guild_id, member=member,
             attachments=[self.upload(name, body, size) for (name, body), size

@@ -25,6 +25,7 @@ from tests.discord_harness import (
     deny,
     offline_agent,
     scene_jpeg,
+    snowflake,
     start_bot,  # noqa: F401 - fixture
 )
 
@@ -178,6 +179,19 @@ async def test_a_mentioned_channel_is_not_named_in_the_words_kept(start_bot: Sta
     await harness.drain()
     [source] = await sources_of(library, message)
     assert source.posted_text == "the board photo, more in #channel and #channel, not #merger-rumours"
+
+
+async def test_mentioned_people_and_roles_are_kept_by_name(start_bot: StartBot, library: Library) -> None:  # noqa: F811
+    """Words are searched as people read them: "@Ben" finds the photo, "<@123...>" would not."""
+    harness = await start_bot(Layout(roles={"crew": discord.Permissions.none()}, channels=[ChannelSpec("photos")],
+                                     members={"ann": [], "ben": ["crew"]}))
+    ben, crew = harness.user_ids["ben"], harness.role_ids["crew"]
+    gone_role, gone_user = snowflake(), snowflake()
+    text = f"<@{ben}> and the <@&{crew}> at the lake, with <@&{gone_role}> and <@{gone_user}>"
+    message = await harness.post("photos", "ann", text, files=[("lake.jpg", scene_jpeg("blue", "circle"))])
+    await harness.drain()
+    [source] = await sources_of(library, message)
+    assert source.posted_text == "@Ben and the @crew at the lake, with @deleted-role and @deleted-user"
 
 
 async def test_an_edit_or_a_delete_while_the_worker_takes_the_batch_still_wins(start_bot: StartBot, library: Library) -> None:  # noqa: F811
