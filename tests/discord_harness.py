@@ -140,6 +140,9 @@ class FakeDiscordHttp(HTTPClient):
         self.world.typing.append(int(channel_id))
 
     async def add_reaction(self, channel_id: int, message_id: int, emoji: str) -> None:
+        channel = self.world.channels.get(int(channel_id))
+        if channel and channel.get("guild_id") and not self._bot_may(channel, "add_reactions"):
+            raise forbidden("add reactions")
         self.world.reactions.append((int(channel_id), int(message_id), emoji))
 
     async def send_message(self, channel_id: int, *, params: Any) -> Any:

@@ -181,6 +181,23 @@ async def test_a_mentioned_channel_is_not_named_in_the_words_kept(start_bot: Sta
     assert source.posted_text == "the board photo, more in #channel and #channel, not #merger-rumours"
 
 
+async def test_where_the_bot_may_not_react_photos_are_indexed_all_the_same(
+    start_bot: StartBot, library: Library, caplog: pytest.LogCaptureFixture  # noqa: F811
+) -> None:
+    """The reaction is a courtesy: refused, it is skipped quietly (no error in the log)."""
+    layout = Layout(channels=[ChannelSpec("photos", {"Shoebox": deny(add_reactions=True)})], members={"ann": []})
+    harness = await start_bot(layout)
+    with caplog.at_level("DEBUG", logger="bot"):
+        message = await harness.post("photos", "ann", files=[("a.jpg", scene_jpeg("red", "circle"))])
+        await harness.drain()
+        await harness.settle()
+    assert len(await sources_of(library, message)) == 1
+    assert harness.world.reactions == []
+    assert f"No reaction on message {message.id}" in caplog.text
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert await harness.bot.jobs.recent_errors() == []
+
+
 async def test_mentioned_people_and_roles_are_kept_by_name(start_bot: StartBot, library: Library) -> None:  # noqa: F811
     """Words are searched as people read them: "@Ben" finds the photo, "<@123...>" would not."""
     harness = await start_bot(Layout(roles={"crew": discord.Permissions.none()}, channels=[ChannelSpec("photos")],
