@@ -132,7 +132,8 @@ def messageable_channels(guild: discord.Guild) -> list[Messageable]:
 
 def thread_parents(guild: discord.Guild, me: discord.Member) -> list[discord.TextChannel | discord.ForumChannel]:
     """The channels whose archived threads the bot may list: text and forum channels it can read."""
-    return [parent for parent in [*guild.text_channels, *guild.forums] if can_read_history(parent, me)]
+    parents: list[discord.TextChannel | discord.ForumChannel] = [*guild.text_channels, *guild.forums]
+    return [parent for parent in parents if can_read_history(parent, me)]
 
 
 def archived_listings(
