@@ -403,7 +403,7 @@ class Indexing(commands.Cog):
         await self._write_mark(channel.id, message.guild.id, message.id)
 
     @commands.Cog.listener()
-    async def on_guild_channel_create(self, channel: discord.abc.GuildChannel) -> None:
+    async def on_guild_channel_create(self, channel: discord.abc.GuildChannel | discord.Thread) -> None:
         """A new channel is watched from its first message (its own id is older than all of
         them), so photos posted in it while the bot is away are caught up even if it was quiet
         until then."""
