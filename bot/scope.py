@@ -14,8 +14,8 @@ Discord whether the owner of a private thread is still in it, are the caller's j
 Threads need care: an archived thread is not in discord.py's cache, yet photos posted in it are in
 the index under the thread's id. The bot remembers each thread's parent when it indexes a photo
 from it (`KnownThread`), so such photos stay visible to exactly the people who can read the parent
-(and, for a private thread, to those who may manage threads, and to its owner while Discord
-confirms they are still in it).
+(and, for a private thread, to those who may manage threads, to its owner while Discord
+confirms they are still in it, and to whoever asks from inside it: `private_thread_asked_in`).
 
 An answer posted in a server channel is seen by everyone who can view that channel, not only by
 the asker (Read Message History only governs scrolling back; new messages reach every viewer), so
