@@ -60,6 +60,10 @@ def not_found(what: str) -> discord.NotFound:
     return discord.NotFound(_Response(404, "Not Found"), {"code": 10008, "message": f"Unknown {what}"})  # type: ignore[arg-type]
 
 
+def server_error() -> discord.DiscordServerError:
+    return discord.DiscordServerError(_Response(500, "Internal Server Error"), {"message": "try again"})  # type: ignore[arg-type]
+
+
 def forbidden(what: str) -> discord.Forbidden:
     return discord.Forbidden(_Response(403, "Forbidden"), {"code": 50013, "message": f"Missing Permissions ({what})"})  # type: ignore[arg-type]
 
@@ -282,7 +286,7 @@ class FakeDiscordHttp(HTTPClient):
     async def get_public_archived_threads(self, channel_id: int, before: Any = None, limit: int = 50) -> Any:
         self.world.calls.append(f"archived_threads {channel_id}")
         if int(channel_id) in self.world.archived_failures:
-            raise discord.DiscordServerError(_Response(500, "Internal Server Error"), {"message": "try again"})  # type: ignore[arg-type]
+            raise server_error()
         return self._archived_page(self._by_archive_time(self._archived(channel_id, 11), before), limit)
 
     async def get_private_archived_threads(self, channel_id: int, before: Any = None, limit: int = 50) -> Any:
@@ -317,7 +321,7 @@ class FakeDiscordHttp(HTTPClient):
         self.world.calls.append(f"thread_member {channel_id} {user_id}")
         if self.world.thread_member_failures > 0:
             self.world.thread_member_failures -= 1
-            raise discord.DiscordServerError(_Response(500, "Internal Server Error"), {"message": "try again"})  # type: ignore[arg-type]
+            raise server_error()
         if int(user_id) not in self.world.thread_members.get(int(channel_id), set()):
             raise not_found("thread member")
         return {"id": str(channel_id), "user_id": str(user_id), "join_timestamp": "2026-01-01T00:00:00+00:00", "flags": 0}
