@@ -44,7 +44,7 @@ from tools.search import DEFAULT_K, Scope, ToolError, describe_source, find_simi
 log = logging.getLogger(__name__)
 
 MAX_SHOWN = 6  # images one reply may show
-DEFAULT_SHOWN = 3  # shown from the last search when the answer cites none
+DEFAULT_SHOWN = 3  # shown from the last search when there is no answer from Claude to cite any
 OFFLINE_SHOWN = DEFAULT_K
 MAX_ATTACHMENTS = 4  # attached images Claude sees and find_similar can use
 MAX_IMAGES_PER_REQUEST = 100  # the Messages API refuses a request with more images than this
@@ -89,6 +89,10 @@ NOTHING_ASKED = "Ask me about a photo: say what is in it, who posted it or when,
 STEP_LIMIT_NOTE = (
     "That was the last tool step for this question. Answer now with what you have found, "
     "citing images as [#id]; do not call tools again."
+)
+CUT_OFF_CALL = (
+    "This call was cut off by the output limit before its input was complete, so it was not "
+    "run. Call the tool again, with shorter input."
 )
 
 
@@ -145,6 +149,7 @@ class _TurnState:
     last_ranked: list[int] = field(default_factory=list)
     previewed: set[int] = field(default_factory=set)
     refused: bool = False
+    wrote_answer: bool = False  # Claude's final turn had text of its own (not a stand-in)
 
     def record(self, output: ToolOutput) -> None:
         entries = _entries_by_id(output.data)
@@ -245,6 +250,9 @@ class Agent:
                 return _final_text(response, state)
             results: list[dict[str, Any]] = []
             for number, call in enumerate(calls):
+                if response.stop_reason == "max_tokens":
+                    results.append(_error_result(call.id, CUT_OFF_CALL))
+                    continue
                 results.append(await self._run_call(call, state, number))
             if step == self.settings.max_steps - 1:
                 results.append({"type": "text", "text": STEP_LIMIT_NOTE})
@@ -433,7 +441,7 @@ def _choose(text: str, state: _TurnState) -> tuple[list[int], str]:
         text = re.sub(
             r" ?\[#(\d+)\]", lambda m: m.group(0) if int(m.group(1)) in allowed else "", text
         ).strip()
-    if allowed:
+    if allowed or state.wrote_answer:
         return allowed, text
     return state.last_ranked[:DEFAULT_SHOWN], text
 
@@ -442,6 +450,10 @@ def _final_text(response: Any, state: _TurnState) -> str:
     state.refused = response.stop_reason == "refusal"
     text = "\n".join(b.text for b in response.content if b.type == "text" and b.text).strip()
     if text:
+        state.wrote_answer = True
+        if response.stop_reason == "max_tokens":
+            log.warning("Claude's answer reached max_tokens and was cut short (SHOEBOX_MAX_TOKENS)")
+            return text + " \u2026"
         return text
     if state.refused:
         return "Claude declined to answer this request."
@@ -449,8 +461,16 @@ def _final_text(response: Any, state: _TurnState) -> str:
 
 
 def _unchanged(content: Sequence[Any]) -> list[dict[str, Any]]:
-    """The assistant's blocks exactly as they arrived (only the fields the service sent)."""
-    return [block.model_dump(mode="json", exclude_unset=True) for block in content]
+    """The assistant's blocks as they arrived (only the fields the service sent), less blank text.
+
+    Claude sometimes puts an empty or whitespace-only text block before a tool call, and the
+    API refuses a request that carries one back ("text content blocks must be non-empty").
+    """
+    return [
+        block.model_dump(mode="json", exclude_unset=True)
+        for block in content
+        if not (block.type == "text" and not block.text.strip())
+    ]
 
 
 def _error_result(tool_use_id: str, reason: str) -> dict[str, Any]:

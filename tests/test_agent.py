@@ -24,6 +24,7 @@ import pytest
 from PIL import Image
 
 from bot.agent import (
+    CUT_OFF_CALL,
     MAX_ATTACHMENTS,
     MAX_IMAGES_PER_REQUEST,
     NOTHING_ASKED,
@@ -45,6 +46,7 @@ from tests.fake_anthropic import (
     Gallery,
     Raw,
     Status,
+    Step,
     agents_against,
     answer,
     build_gallery,
@@ -250,9 +252,10 @@ async def test_every_tool_call_of_a_step_is_answered_in_one_message(
     assert [r["tool_use_id"] for r in results] == [c["id"] for c in calls]
     assert not any(r.get("is_error") for r in results)
     assert results_json(results[1])["posted_text"] == "my dog at the beach"
-    # No citation: the top three of the last search are shown, all from this turn and in scope.
     last = [r["id"] for r in results_json(results[2])["results"]]
-    assert shown_ids(reply) == last[:3] and set(last) <= gallery.visible
+    assert set(last) <= gallery.visible
+    # An answer that cites nothing shows nothing: "cite nothing" is how Claude says no match.
+    assert reply.answer == "Done." and reply.images == []
     # A preview is sent once per turn, however many results repeat it.
     sent = [b["text"] for r in results for b in r["content"] if b["type"] == "text"]
     assert sum("shown earlier" in s for s in sent) >= 1
@@ -268,7 +271,14 @@ async def test_attached_image_goes_to_find_similar(
     make_agent: MakeAgent, gallery: Gallery, fake_anthropic: FakeAnthropic  # noqa: F811
 ) -> None:
     call = tool_use("find_similar", {"attachment": 0, "k": 3})
-    fake_anthropic.script([message(call), answer("These look alike.")])
+
+    def cite_what_was_found(body: dict[str, Any]) -> Step:
+        if len(body["messages"]) == 1:
+            return message(call)
+        found = [r["id"] for r in results_json(tool_results(body)[0])["results"]]
+        return answer("These look alike: " + " ".join(f"[#{i}]" for i in found))
+
+    fake_anthropic.respond_with(cite_what_was_found)
     reply = await make_agent().answer("", IN_SCOPE, [Attachment(RED_CIRCLE, "mine.jpg")])
     ask = fake_anthropic.bodies[0]["messages"][0]["content"]
     assert ask[0] == {"type": "text", "text": "Attachment 0 (mine.jpg):"}
@@ -441,6 +451,55 @@ async def test_step_limit_forces_a_final_answer_without_tools(
     last_user = bodies[2]["messages"][-1]["content"]
     assert last_user[-1] == {"type": "text", "text": STEP_LIMIT_NOTE}
     assert reply.answer == "Here is what I found." and len(reply.images) == 3
+
+
+async def test_blank_text_beside_a_tool_call_is_not_sent_back(
+    make_agent: MakeAgent, gallery: Gallery, fake_anthropic: FakeAnthropic  # noqa: F811
+) -> None:
+    """The API refuses empty or whitespace-only text blocks, even in an assistant turn it wrote."""
+    call = tool_use("search_images", {"query": "a circle"})
+    fake_anthropic.script([message(text(""), text("\n\n"), call), answer("Found it.")])
+    await make_agent().answer("circles", IN_SCOPE)
+    assert fake_anthropic.bodies[1]["messages"][1] == {"role": "assistant", "content": [call]}
+
+
+async def test_a_tool_call_cut_off_by_the_output_limit_is_not_run(
+    make_agent: MakeAgent, gallery: Gallery, fake_anthropic: FakeAnthropic  # noqa: F811
+) -> None:
+    call = tool_use("search_images", {"query": "a circle"})
+    fake_anthropic.script([message(call, stop_reason="max_tokens"), answer("I could not search.")])
+    reply = await make_agent().answer("circles", IN_SCOPE)
+    (result,) = tool_results(fake_anthropic.bodies[1])
+    assert result["is_error"] and result["tool_use_id"] == call["id"]
+    assert result_text(result) == CUT_OFF_CALL
+    assert reply.answer == "I could not search." and reply.images == []
+
+
+async def test_an_answer_cut_off_by_the_output_limit_says_so(
+    make_agent: MakeAgent, gallery: Gallery, fake_anthropic: FakeAnthropic  # noqa: F811
+) -> None:
+    cited = gallery.general[1]
+    fake_anthropic.script(
+        [
+            message(tool_use("search_images", {"query": "a red square"})),
+            message(text(f"This one [#{cited}] shows a red square on a"), stop_reason="max_tokens"),
+        ]
+    )
+    reply = await make_agent().answer("red squares", IN_SCOPE)
+    assert reply.answer == f"This one [#{cited}] shows a red square on a \u2026"
+    assert shown_ids(reply) == [cited]
+
+
+async def test_an_answer_that_finds_no_match_shows_no_images(
+    make_agent: MakeAgent, gallery: Gallery, fake_anthropic: FakeAnthropic  # noqa: F811
+) -> None:
+    """A search always returns its nearest images; "nothing matches" must not sit above them."""
+    fake_anthropic.script(
+        [message(tool_use("search_images", {"query": "a giraffe"})), answer("There is no giraffe photo.")]
+    )
+    reply = await make_agent().answer("is there a giraffe photo?", IN_SCOPE)
+    assert results_json(tool_results(fake_anthropic.bodies[1])[0])["count"] > 0
+    assert reply.answer == "There is no giraffe photo." and reply.images == []
 
 
 async def test_history_comes_first(make_agent: MakeAgent, gallery: Gallery, fake_anthropic: FakeAnthropic) -> None:  # noqa: F811
