@@ -31,7 +31,7 @@ IDLE_SECONDS = 60.0  # how long the background loop sleeps when nothing is waiti
 BATCH = 20
 MAX_PAUSE = 1800.0  # the longest pause after repeated failures of the service
 # Failures that are about the service or the key, not the image: stop the batch, try later.
-_STOP_KINDS = frozenset({"auth", "denied", "model", "busy", "unreachable"})
+_STOP_KINDS = frozenset({"auth", "denied", "model", "billing", "busy", "unreachable"})
 
 CAPTION_PROMPT = (
     "Describe this photo for a search index, in English, in 2 to 5 plain sentences. Say what is "

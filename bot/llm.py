@@ -144,7 +144,7 @@ class LLMError(RuntimeError):
 
     def __init__(self, kind: str, sentence: str) -> None:
         super().__init__(sentence)
-        self.kind = kind  # auth | denied | model | rejected | busy | unreachable | bad_response
+        self.kind = kind  # auth | denied | model | billing | rejected | busy | unreachable | bad_response
         self.sentence = sentence
 
 
@@ -164,6 +164,12 @@ def explain(error: BaseException, settings: AgentSettings) -> LLMError:
         return LLMError(
             "model", f"Claude has no model called {settings.model!r}: check SHOEBOX_CLAUDE_MODEL."
         )
+    if isinstance(error, anthropic.APIStatusError) and _is_billing(error):
+        return LLMError(
+            "billing",
+            "The Anthropic account behind ANTHROPIC_API_KEY is out of credit or over its spend "
+            "limit: add credit or raise the limit in the Anthropic Console, then try again.",
+        )
     if isinstance(error, anthropic.RateLimitError):
         return LLMError("busy", "Claude is rate-limiting this API key right now; try again in a minute.")
     if isinstance(error, anthropic.APIStatusError) and error.status_code >= 500:
@@ -181,6 +187,17 @@ def explain(error: BaseException, settings: AgentSettings) -> LLMError:
         where = settings.base_url or "api.anthropic.com"
         return LLMError("unreachable", f"Could not reach Claude at {where}; check the network or ANTHROPIC_BASE_URL.")
     return LLMError("bad_response", "Claude's service sent a reply Shoebox could not read; try again.")
+
+
+def _is_billing(error: anthropic.APIStatusError) -> bool:
+    """Whether the account, not the request, is at fault: no credit left, or a spend limit.
+
+    The service says so with 402 or a `billing_error`, and also as a plain 400 whose message
+    speaks of the credit balance, which only its wording tells apart from a bad request.
+    """
+    if error.status_code == 402 or error.type == "billing_error":
+        return True
+    return "credit balance" in (error.api_message or "").lower()
 
 
 # ---- the retry policy -------------------------------------------------------------------------

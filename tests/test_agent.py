@@ -649,6 +649,16 @@ async def test_without_a_key_answers_offline_with_direct_search(library: Library
     assert set(shown_ids(alike)) <= gallery.visible
 
 
+LOW_CREDIT = (
+    "Your credit balance is too low to access the Anthropic API. Please go to Plans & Billing "
+    "to upgrade or purchase credits."
+)
+OUT_OF_CREDIT = (
+    "The Anthropic account behind ANTHROPIC_API_KEY is out of credit or over its spend limit: "
+    "add credit or raise the limit in the Anthropic Console, then try again."
+)
+
+
 @pytest.mark.parametrize(
     ("status", "sentence"),
     [
@@ -658,6 +668,8 @@ async def test_without_a_key_answers_offline_with_direct_search(library: Library
          f"Claude has no model called {DEFAULT_MODEL!r}: check SHOEBOX_CLAUDE_MODEL."),
         (Status(400, error_type="invalid_request_error", message="prompt is too long."),
          "Claude refused the request (HTTP 400: prompt is too long)."),
+        (Status(400, error_type="invalid_request_error", message=LOW_CREDIT), OUT_OF_CREDIT),
+        (Status(402, error_type="billing_error", message="Payment required"), OUT_OF_CREDIT),
     ],
 )
 async def test_refusals_are_not_retried_and_say_what_to_fix(

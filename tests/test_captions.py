@@ -28,7 +28,7 @@ from tests.fake_anthropic import (
     picture,
 )
 from tests.discord_harness import ChannelSpec, Layout, StartBot, scene_jpeg, start_bot  # noqa: F401 - fixture
-from tests.test_agent import decoded
+from tests.test_agent import LOW_CREDIT, decoded
 from tools.search import search_images
 
 WAITING = 7  # the gallery's 9 images less the 2 it describes itself
@@ -101,14 +101,29 @@ async def test_a_failed_image_stays_waiting_and_is_retried_a_bounded_number_of_t
     assert first not in waiting and len(waiting) == WAITING - 2
 
 
+@pytest.mark.parametrize(
+    ("failure", "kind"),
+    [
+        (overloaded(), "busy"),
+        # An account out of credit: the API's own 400 wording, a 402, and a billing_error.
+        (Status(400, error_type="invalid_request_error", message=LOW_CREDIT), "billing"),
+        (Status(402, error_type="invalid_request_error", message="Payment required"), "billing"),
+        (Status(400, error_type="billing_error", message="Spend limit reached"), "billing"),
+    ],
+)
 async def test_a_service_failure_stops_the_batch_and_costs_no_attempts(
-    library: Library, gallery: Gallery, client: anthropic.AsyncAnthropic, fake_anthropic: FakeAnthropic  # noqa: F811
+    library: Library,
+    gallery: Gallery,
+    client: anthropic.AsyncAnthropic,
+    fake_anthropic: FakeAnthropic,  # noqa: F811
+    failure: Status,
+    kind: str,
 ) -> None:
-    fake_anthropic.script([overloaded()] * 5)
+    fake_anthropic.script([failure] * 5)
     captioner = Captioner(library, client, settings_for(fake_anthropic))
     assert await captioner.run_pending(5) == 0
     assert len(fake_anthropic.requests) == 1  # the rest would fail alike: not even tried
-    assert captioner.stopped_by is not None and captioner.stopped_by.kind == "busy"
+    assert captioner.stopped_by is not None and captioner.stopped_by.kind == kind
     assert set((await attempts(library)).values()) == {0}
 
 
