@@ -4,7 +4,8 @@ The real `anthropic` client talks to it through `base_url`, so everything betwee
 wire — request bodies, headers, status codes, retry-after, malformed replies — is exercised as it
 would be against the service. A script is a list of steps, answered in order, one per request;
 every request body is recorded so a test can assert on the exact tools, `tool_result` blocks and
-image blocks that were sent.
+image blocks that were sent. A body that breaks the API's rules (`tests.messages_rules`) is
+refused with the service's 400, and fails the test that sent it.
 
 Everything is bounded: a request past the end of the script gets a non-retryable 400 (and is
 recorded as such), a delayed reply waits at most `MAX_DELAY` seconds, and the server thread stops
@@ -31,6 +32,7 @@ from PIL import Image, ImageDraw
 
 from store.db import SourceRecord
 from store.library import IncomingImage, Library, file_source
+from tests.messages_rules import request_problems
 from tools.search import Scope
 
 if TYPE_CHECKING:
@@ -144,6 +146,7 @@ class FakeAnthropic:
         self._responder: Callable[[dict[str, Any]], Step] | None = None
         self._lock = threading.Lock()
         self.requests: list[Recorded] = []
+        self.violations: list[str] = []  # rules of the Messages API that a request broke
         self.exhausted = False
         self._server = _Server(("127.0.0.1", 0), self._handler_class())
         self._thread = threading.Thread(
@@ -199,6 +202,12 @@ class FakeAnthropic:
                 return None
             return self._steps.pop(0)
 
+    def refuse(self, path: str, body: dict[str, Any] | None, problems: list[str]) -> None:
+        """Record a request the real service would refuse; the fixture fails the test on it."""
+        with self._lock:
+            self.violations.extend(problems)
+        self.requests.append(Recorded(path, {}, body, "refused: " + "; ".join(problems)))
+
     def _handler_class(self) -> type[BaseHTTPRequestHandler]:
         server = self
 
@@ -215,6 +224,13 @@ class FakeAnthropic:
                     body = json.loads(raw) if raw else None
                 except ValueError:
                     body = None
+                problems = request_problems(body)
+                if problems:
+                    server.refuse(self.path, body, problems)
+                    self._send(
+                        400, _error_body("invalid_request_error", "; ".join(problems)), {"x-should-retry": "false"}
+                    )
+                    return
                 step = server._next(body)
                 server.requests.append(
                     Recorded(self.path, {k.lower(): v for k, v in self.headers.items()}, body, _name(step))
@@ -398,6 +414,7 @@ def fake_anthropic() -> Iterator[FakeAnthropic]:
         yield server
     finally:
         server.stop()
+    assert server.violations == [], f"requests the Messages API would refuse: {server.violations}"
 
 
 @asynccontextmanager
