@@ -697,16 +697,19 @@ class Harness:
         return message
 
     def post_while_away(
-        self, channel: str, author: str, content: str = "", files: Sequence[tuple[str, bytes]] = ()
+        self, channel: str, author: str, content: str = "", files: Sequence[tuple[str, bytes]] = (),
+        *, opening: bool = False,
     ) -> int:
         """A member posts while the bot is not connected: Discord keeps the message, the bot gets
-        no event, and the channel's last message id is what the next connection reports."""
+        no event, and the channel's last message id is what the next connection reports.
+        `opening` makes it a thread's opening message, as in a forum: it has the thread's id."""
         user_id = self.user_ids[author]
         channel_id = self.channel_ids[channel]
         data = self.http.world_message(
             channel_id, self.world.users[user_id], content, guild_id=self.guild_id,
             member=dict(self.world.members[(self.guild_id, user_id)]),
             attachments=[self.upload(name, body) for name, body in files],
+            message_id=channel_id if opening else None,
         )
         self.world.channels[channel_id]["last_message_id"] = data["id"]
         cached = self.bot.get_channel(channel_id)  # an archived thread is not in the cache

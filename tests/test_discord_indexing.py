@@ -719,6 +719,31 @@ async def test_threads_that_archived_while_the_bot_was_away_are_caught_up_after_
     assert not any(c.startswith("archived_threads") for c in harness.world.calls[calls:])
 
 
+async def test_a_post_opened_while_the_bot_was_away_is_read_from_its_opening_message(
+    start_bot: StartBot, library: Library  # noqa: F811
+) -> None:
+    """A forum post's opening message has its thread's own id, and Discord reads history *after*
+    an id: reading a new thread from its id would skip the photos the post opened with."""
+    harness = await start_bot(LAYOUT)
+    await harness.post("photos", "ann", "seen before going away")
+    harness.add_thread("photos", "open-post", cached=True)
+    now = datetime.now(timezone.utc)
+    harness.add_thread("photos", "archived-post", archived_at=(now + timedelta(seconds=1)).isoformat())
+    opening = [
+        harness.post_while_away(name, "ann", "look", [(f"{name}.jpg", scene_jpeg("red", "circle"))], opening=True)
+        for name in ("open-post", "archived-post")
+    ]
+    assert opening == [harness.channel_ids["open-post"], harness.channel_ids["archived-post"]]
+
+    indexing = harness.bot.get_cog("Indexing")
+    await indexing.on_connect()  # type: ignore[union-attr]
+    await indexing.on_ready()  # type: ignore[union-attr]
+    await indexing._catching_up  # type: ignore[union-attr]
+    await harness.drain()
+    indexed = await library.catalog.sources_for_messages(opening)
+    assert sorted(s.message_id for s in indexed) == sorted(opening)
+
+
 async def test_private_threads_the_bot_is_in_are_caught_up_too(start_bot: StartBot, library: Library) -> None:  # noqa: F811
     """Without Manage Threads, the bot lists the private archived threads it is in: the only ones
     it could read. That listing comes by id, not archive time, so it is read through, skipping

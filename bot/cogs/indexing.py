@@ -114,6 +114,15 @@ def unseen_between(indexed: Sequence[int], lower: int, upper: int, seen: Set[int
     return [message_id for message_id in indexed[start:end] if message_id not in seen]
 
 
+def before_first(channel_id: int) -> int:
+    """The id to read a channel's history *after* so that its first message is included.
+
+    Discord reads history strictly after an id, and a forum or media post's opening message,
+    which usually holds its photos, has the thread's own id; every other first message is newer.
+    """
+    return channel_id - 1
+
+
 def rule_allows(rules: dict[int, str], ids: Iterable[int]) -> bool:
     """Per-guild rules: an excluded channel (or its category or parent) is never indexed; when any
     channel is explicitly included, only included ones (or their threads and children) are."""
@@ -545,7 +554,8 @@ class Indexing(commands.Cog):
                         if not can_read_history(thread, me) or not self.wants(thread):
                             continue
                         mark = self._marks.get(thread.id)
-                        after = mark.newest_id if mark is not None else thread.id if thread.id > present_until else None
+                        new = thread.id > present_until
+                        after = mark.newest_id if mark is not None else before_first(thread.id) if new else None
                         scanned, found = await self._read_and_mark(thread, after)
                         threads, read, queued = threads + bool(scanned), read + scanned, queued + found
                         await self._caught_up(thread.id, guild.id)
@@ -577,7 +587,7 @@ class Indexing(commands.Cog):
                 if can_read_history(channel, me) and self.wants(channel):
                     self._hold_until_caught_up(channel.id)
                     created_while_away = present_until is not None and channel.id > present_until
-                    scanned, found = await self._read_and_mark(channel, channel.id if created_while_away else None)
+                    scanned, found = await self._read_and_mark(channel, before_first(channel.id) if created_while_away else None)
                     channels, read, queued = channels + bool(scanned), read + scanned, queued + found
                 await self._caught_up(channel.id, guild.id)
             except Exception as error:  # one channel's failure leaves the others to go on
