@@ -130,8 +130,17 @@ def mentions_pattern(user_id: int) -> re.Pattern[str]:
     return re.compile(rf"<@!?{user_id}>")
 
 
+PEOPLES_MESSAGES = (discord.MessageType.default, discord.MessageType.reply)
+
+
 def addresses_bot(message: discord.Message, me: discord.abc.User) -> bool:
-    """Is this message a question to the bot: a DM, a mention, or a reply to one of its messages?"""
+    """Is this message a question to the bot: a DM, a mention, or a reply to one of its messages?
+
+    Only messages people wrote count. Discord's system messages carry references too: starting a
+    thread from one of the bot's answers posts one that points at the answer, in the asker's name.
+    """
+    if message.type not in PEOPLES_MESSAGES:
+        return False
     if message.guild is None:
         # A DM, or a server's message whose server is missing from the cache: the latter must
         # never be answered, in a channel others read, with a DM's scope (all shared servers).

@@ -64,6 +64,10 @@ def server_error() -> discord.DiscordServerError:
     return discord.DiscordServerError(_Response(500, "Internal Server Error"), {"message": "try again"})  # type: ignore[arg-type]
 
 
+def invalid_form(reason: str) -> discord.HTTPException:
+    return discord.HTTPException(_Response(400, "Bad Request"), {"code": 50035, "message": f"Invalid Form Body ({reason})"})  # type: ignore[arg-type]
+
+
 def forbidden(what: str) -> discord.Forbidden:
     return discord.Forbidden(_Response(403, "Forbidden"), {"code": 50013, "message": f"Missing Permissions ({what})"})  # type: ignore[arg-type]
 
@@ -157,6 +161,11 @@ class FakeDiscordHttp(HTTPClient):
                     payload = json.loads(part["value"])
         files = [(f.filename, _read(f)) for f in (params.files or [])]
         reference = (payload.get("message_reference") or {}).get("message_id")
+        if reference and int(reference) not in self.world.messages.get(int(channel_id), {}):
+            # A reply to a message deleted meanwhile: refused, unless the bot said to send anyway.
+            if (payload.get("message_reference") or {}).get("fail_if_not_exists", True):
+                raise invalid_form("message_reference: Unknown message")
+            reference = None
         channel = self.world.channels.get(int(channel_id))
         if channel and channel.get("guild_id"):
             # Discord counts sending in a thread apart from sending in its channel.
@@ -209,6 +218,7 @@ class FakeDiscordHttp(HTTPClient):
         reference: int | None = None,
         mentions: Sequence[dict[str, Any]] = (),
         message_id: int | None = None,
+        kind: int | None = None,
     ) -> dict[str, Any]:
         message_id = message_id or snowflake()
         data: dict[str, Any] = {
@@ -227,7 +237,7 @@ class FakeDiscordHttp(HTTPClient):
             "attachments": attachments or [],
             "embeds": embeds or [],
             "pinned": False,
-            "type": 19 if reference else 0,
+            "type": kind if kind is not None else 19 if reference else 0,
             "flags": 0,
         }
         if guild_id is not None:
@@ -666,9 +676,11 @@ class Harness:
         reply_to: int | None = None,
         dm: bool = False,
         declared_sizes: Sequence[int] = (),
+        kind: int | None = None,
     ) -> discord.Message:
         """A member posts a message (optionally with files, a mention of the bot, as a reply, or in a DM).
-        `declared_sizes` overrides the sizes Discord reports for the first files."""
+        `declared_sizes` overrides the sizes Discord reports for the first files; `kind` makes it
+        a system message of that type, sent on the member's behalf."""
         user_id = self.user_ids[author]
         user = self.world.users[user_id]
         if dm:
@@ -688,12 +700,12 @@ class Harness:
             channel_id, user, content, guild_id=guild_id, member=member,
             attachments=[self.upload(name, body, size) for (name, body), size
                          in zip(files, [*declared_sizes, *[None] * len(files)])],
-            reference=reply_to, mentions=mentions,
+            reference=reply_to, mentions=mentions, kind=kind,
         )
         self.bot._connection.parse_message_create(data)  # type: ignore[arg-type]
-        await self.settle()
-        message = self.bot._connection._get_message(int(data["id"]))
+        message = self.bot._connection._get_message(int(data["id"]))  # before the bot may delete it
         assert message is not None
+        await self.settle()
         return message
 
     def post_while_away(

@@ -44,6 +44,8 @@ from tests.fake_anthropic import (
     tool_use,
 )
 
+THREAD_STARTER_MESSAGE = 21  # Discord's type for a thread's first message, pointing at its source
+
 LAYOUT = Layout(
     roles={"staff": discord.Permissions.none()},
     channels=[
@@ -128,6 +130,40 @@ async def test_replying_to_an_answer_continues_the_conversation(
     assert f"showed Image #{ids['general']}" in history[1]["content"]  # which photo was on screen
     assert history[2]["content"] == "who posted it?"
     assert harness.world.sent[-1].content == "It was posted by Ann."
+
+
+async def test_a_thread_started_from_an_answer_is_not_a_question(
+    start_bot: StartBot, claude: Callable[..., Agent], fake_anthropic: FakeAnthropic  # noqa: F811
+) -> None:
+    """Discord marks the start of such a thread with a system message that points at the answer,
+    in the name of whoever started it; Discord refuses replies to it."""
+    harness = await start_bot(LAYOUT, agent=claude())
+    fake_anthropic.script([answer("Nothing like that here.")])
+    await harness.post("general", "ann", "any giraffes?", mention_bot=True)
+    (first_answer,) = harness.world.sent
+    await harness.post("general", "ann", "", reply_to=first_answer.message_id, kind=THREAD_STARTER_MESSAGE)
+    assert harness.world.sent == [first_answer] and fake_anthropic.remaining == 0
+
+
+async def test_an_answer_to_a_question_deleted_meanwhile_is_still_delivered(
+    start_bot: StartBot, monkeypatch: pytest.MonkeyPatch  # noqa: F811
+) -> None:
+    harness = await start_bot(LAYOUT)
+    ids = await photos(harness)
+    ask = harness.bot.get_cog("Ask")
+    thinking = ask.ask_agent  # type: ignore[union-attr]
+
+    async def deleted_while_thinking(*args: Any, **kwargs: Any) -> Any:
+        question = harness.bot.cached_messages[-1]
+        assert question.content.endswith("a red circle")
+        await harness.delete_message(question)
+        return await thinking(*args, **kwargs)
+
+    monkeypatch.setattr(ask, "ask_agent", deleted_while_thinking)
+    await harness.post("general", "ann", "a red circle", mention_bot=True)
+    (sent,) = harness.world.sent
+    assert sent.reference is None and sent.channel_id == harness.channel_ids["general"]
+    assert f"shoebox-{ids['general']}.jpg" in [name for name, _ in sent.files]
 
 
 async def test_a_long_answer_is_split_cleanly_with_photos_last(

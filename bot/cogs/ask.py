@@ -284,7 +284,7 @@ class Ask(commands.Cog):
         except Exception:
             log.exception("Answering message %s failed", message.id)
             try:
-                await message.reply(FAILED_TEXT, mention_author=False)
+                await reply_to(message, content=FAILED_TEXT)
             except discord.HTTPException:
                 pass
 
@@ -292,7 +292,7 @@ class Ask(commands.Cog):
         question = self.question_text(message)
         images, notes = await self.read_images(message.attachments)
         if not question and not images:
-            await message.reply("\n".join(notes) if notes else HELP_TEXT, mention_author=False)
+            await reply_to(message, content="\n".join(notes) if notes else HELP_TEXT)
             return
         async with message.channel.typing():
             # In a server the reply is public: everyone in the channel will read it.
@@ -303,7 +303,7 @@ class Ask(commands.Cog):
         parts = self.plan(answer, message.guild)
 
         async def send(**kwargs: Any) -> Any:
-            return await message.reply(mention_author=False, **kwargs)
+            return await reply_to(message, **kwargs)
 
         await self.deliver(send, parts)
 
@@ -328,6 +328,16 @@ class Ask(commands.Cog):
         answer = with_notes(await self.ask_agent(question, scope, images), notes)
         parts = self.plan(answer, interaction.guild)
         await self.deliver(interaction.followup.send, parts, ephemeral=private)
+
+
+async def reply_to(message: discord.Message, **kwargs: Any) -> discord.Message:
+    """Send a reply to `message` without pinging its author.
+
+    An answer can take a minute, and the question may be deleted meanwhile; Discord then refuses
+    a plain reply, so the answer goes to the channel as a plain message instead of being lost.
+    """
+    reference = message.to_reference(fail_if_not_exists=False)
+    return await message.channel.send(reference=reference, mention_author=False, **kwargs)
 
 
 def with_notes(answer: Answer, notes: Sequence[str]) -> Answer:
