@@ -126,8 +126,17 @@ def invite_url(application_id: int) -> str:
     )
 
 
-def mentions_pattern(user_id: int) -> re.Pattern[str]:
-    return re.compile(rf"<@!?{user_id}>")
+def mentions_pattern(user_id: int, role_id: int | None = None) -> re.Pattern[str]:
+    """Mentions of the bot: of its user, and of its own role when it has one."""
+    role = rf"|<@&{role_id}>" if role_id is not None else ""
+    return re.compile(rf"<@!?{user_id}>{role}")
+
+
+def own_role_id(guild: discord.Guild | None) -> int | None:
+    """The id of the role Discord made for the bot in `guild`. It has the bot's name and sits
+    beside the bot in the mention list, so people mention it meaning the bot."""
+    role = guild.self_role if guild is not None else None
+    return role.id if role is not None else None
 
 
 PEOPLES_MESSAGES = (discord.MessageType.default, discord.MessageType.reply)
@@ -146,6 +155,8 @@ def addresses_bot(message: discord.Message, me: discord.abc.User) -> bool:
         # never be answered, in a channel others read, with a DM's scope (all shared servers).
         return isinstance(message.channel, discord.DMChannel)
     if any(user.id == me.id for user in message.mentions):
+        return True
+    if own_role_id(message.guild) in message.raw_role_mentions:
         return True
     reference = message.reference
     if reference is not None and isinstance(reference.resolved, discord.Message):
@@ -362,5 +373,6 @@ __all__ = [
     "bot_intents",
     "cmd_bot",
     "make_agent",
+    "own_role_id",
     "run_bot",
 ]

@@ -219,6 +219,7 @@ class FakeDiscordHttp(HTTPClient):
         mentions: Sequence[dict[str, Any]] = (),
         message_id: int | None = None,
         kind: int | None = None,
+        mention_roles: Sequence[str] = (),
     ) -> dict[str, Any]:
         message_id = message_id or snowflake()
         data: dict[str, Any] = {
@@ -233,7 +234,7 @@ class FakeDiscordHttp(HTTPClient):
             "tts": False,
             "mention_everyone": False,
             "mentions": list(mentions),
-            "mention_roles": [],
+            "mention_roles": list(mention_roles),
             "attachments": attachments or [],
             "embeds": embeds or [],
             "pinned": False,
@@ -554,7 +555,7 @@ class Harness:
             self.role_ids[role_name] = role_id
             roles.append(_role(role_id, role_name, permissions, position))
         bot_role = snowflake()
-        roles.append(_role(bot_role, "Shoebox", BOT_PERMISSIONS, len(roles), managed=True))
+        roles.append(_role(bot_role, "Shoebox", BOT_PERMISSIONS, len(roles), bot_id=int(self.world.bot_user["id"])))
         self.role_ids["Shoebox"] = bot_role  # the bot's own role, for overwrites that let it in
         for member_name in layout.members:
             self.user_ids[member_name] = snowflake()
@@ -696,8 +697,9 @@ class Harness:
         # Discord lists the users a message mentions beside it (the ones it knows).
         mentions = [self.world.users[int(user_id)] for user_id in dict.fromkeys(re.findall(r"<@!?([0-9]+)>", content))
                     if int(user_id) in self.world.users]
+        roles = list(dict.fromkeys(re.findall(r"<@&([0-9]+)>", content)))
         data = self.http.world_message(
-            channel_id, user, content, guild_id=guild_id, member=member,
+            channel_id, user, content, guild_id=guild_id, member=member, mention_roles=roles,
             attachments=[self.upload(name, body, size) for (name, body), size
                          in zip(files, [*declared_sizes, *[None] * len(files)])],
             reference=reply_to, mentions=mentions, kind=kind,
@@ -916,12 +918,15 @@ def _slash_data(name: str, options: Sequence[dict[str, Any]], resolved: dict[str
     return data
 
 
-def _role(role_id: int, name: str, permissions: discord.Permissions, position: int, managed: bool = False) -> dict[str, Any]:
+def _role(role_id: int, name: str, permissions: discord.Permissions, position: int, bot_id: int | None = None) -> dict[str, Any]:
+    """A role; with `bot_id`, the one Discord manages for that bot (tagged with its id)."""
     data: dict[str, Any] = {
         "id": str(role_id), "name": name, "color": 0, "colors": {"primary_color": 0}, "hoist": False,
-        "position": position, "permissions": str(permissions.value), "managed": managed, "mentionable": False,
-        "flags": 0,
+        "position": position, "permissions": str(permissions.value), "managed": bot_id is not None,
+        "mentionable": False, "flags": 0,
     }
+    if bot_id is not None:
+        data["tags"] = {"bot_id": str(bot_id)}
     return data
 
 

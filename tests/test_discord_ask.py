@@ -132,6 +132,20 @@ async def test_replying_to_an_answer_continues_the_conversation(
     assert harness.world.sent[-1].content == "It was posted by Ann."
 
 
+async def test_mentioning_the_bots_own_role_asks_the_bot(
+    start_bot: StartBot, claude: Callable[..., Agent], fake_anthropic: FakeAnthropic  # noqa: F811
+) -> None:
+    """Discord offers the bot and the role it made for it side by side, both named Shoebox."""
+    harness = await start_bot(LAYOUT, agent=claude())
+    fake_anthropic.script([answer("Nothing like that here.")])
+    await harness.post("general", "ann", f"<@&{harness.role_ids['Shoebox']}> any giraffes?")
+    assert fake_anthropic.bodies[0]["messages"][-1]["content"] == "any giraffes?"
+    assert [sent.content for sent in harness.world.sent] == ["Nothing like that here."]
+    # Another role's mention is not a question to the bot.
+    await harness.post("general", "ann", f"<@&{harness.role_ids['staff']}> lunch?")
+    assert len(harness.world.sent) == 1
+
+
 async def test_a_thread_started_from_an_answer_is_not_a_question(
     start_bot: StartBot, claude: Callable[..., Agent], fake_anthropic: FakeAnthropic  # noqa: F811
 ) -> None:

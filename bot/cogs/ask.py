@@ -26,7 +26,7 @@ from discord import app_commands
 from discord.ext import commands
 
 from bot.access import confirmed, readable_now
-from bot.discord_app import addresses_bot, mentions_pattern
+from bot.discord_app import addresses_bot, mentions_pattern, own_role_id
 from bot.replies import DEFAULT_UPLOAD_LIMIT, OutgoingMessage, plan_reply
 from bot.scope import (
     KnownThread,
@@ -164,7 +164,7 @@ class Ask(commands.Cog):
         me = self.bot.user
         text = message.content or ""
         if me is not None:
-            text = mentions_pattern(me.id).sub(" ", text)
+            text = mentions_pattern(me.id, own_role_id(message.guild)).sub(" ", text)
         return " ".join(text.split())
 
     async def read_images(self, attachments: Sequence[discord.Attachment]) -> tuple[list[Any], list[str]]:
