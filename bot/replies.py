@@ -209,6 +209,21 @@ def _file_size(path: Path) -> int | None:
         return None
 
 
+def image_line(image: ShownImageLike) -> str:
+    """One photo as a line of text, for where cards cannot be shown: which image, where it was
+    posted, by whom, and the link to the original."""
+    source = image.source or {}
+    channel = source.get("channel")
+    parts = [f"Image #{image.id}"]
+    if channel:
+        parts.append(_clip(f"#{channel}", _TITLE_LIMIT))
+    parts.append(_clip(f"posted by {source.get('author') or 'someone'}", _TITLE_LIMIT))
+    url = image.message_url or source.get("message_url")
+    if url:
+        parts.append(str(url))
+    return " \u00b7 ".join(parts)
+
+
 def plan_reply(
     answer: str,
     images: Sequence[ShownImageLike],
@@ -216,6 +231,7 @@ def plan_reply(
     note: str | None = None,
     upload_limit: int = DEFAULT_UPLOAD_LIMIT,
     limit: int = MESSAGE_LIMIT,
+    cards: bool = True,
 ) -> list[OutgoingMessage]:
     """The messages that carry `answer` (split cleanly) and then `images` (one card each).
 
@@ -223,10 +239,15 @@ def plan_reply(
     Each message stays within 10 attachments, 10 embeds and the upload limit (counted over all of
     its files, which is how Discord checks a request); a photo whose stored copy is missing or too
     big still gets its card, without the picture.
+
+    `cards=False` is for where the bot may not embed links: Discord would drop the cards without
+    a word, so each photo gets a line of text under the answer instead, beside its picture.
     """
     text = answer.strip()
     if note:
         text = f"{text}\n\n{note}" if text else note
+    if not cards and images:
+        text = "\n".join([text, "", *map(image_line, images)]).strip()
     messages = [OutgoingMessage(content=piece) for piece in split_message(text, limit)]
     batch = OutgoingMessage()
     batch_bytes = batch_chars = 0
@@ -235,21 +256,21 @@ def plan_reply(
         size = _file_size(image.stored_copy)
         attach = size is not None and size <= upload_limit
         filename = attachment_name(image) if attach else None
-        embed = image_embed(image, filename)
+        embeds = [image_embed(image, filename)] if cards else []
         full = (
             len(batch.embeds) >= MAX_EMBEDS
-            or batch_chars + len(embed) > EMBED_TOTAL_LIMIT
+            or batch_chars + sum(map(len, embeds)) > EMBED_TOTAL_LIMIT
             or (attach and (len(batch.files) >= MAX_ATTACHMENTS or batch_bytes + (size or 0) > upload_limit))
         )
-        if full and batch.embeds:
+        if full and (batch.embeds or batch.files):
             batches.append(batch)
             batch, batch_bytes, batch_chars = OutgoingMessage(), 0, 0
         if filename:
             batch.files.append(OutgoingFile(image.stored_copy, filename))
             batch_bytes += size or 0
-        batch.embeds.append(embed)
-        batch_chars += len(embed)
-    if batch.embeds:
+        batch.embeds.extend(embeds)
+        batch_chars += sum(map(len, embeds))
+    if batch.embeds or batch.files:
         batches.append(batch)
     if batches and messages:
         messages[-1].files, messages[-1].embeds = batches[0].files, batches[0].embeds
@@ -266,6 +287,7 @@ __all__ = [
     "OutgoingMessage",
     "attachment_name",
     "image_embed",
+    "image_line",
     "plan_reply",
     "split_message",
 ]

@@ -174,6 +174,11 @@ class FakeDiscordHttp(HTTPClient):
                 raise forbidden(send)
             if files and not self._bot_may(channel, "attach_files"):
                 raise forbidden("attach files")
+            if payload.get("embeds") and not self._bot_may(channel, "embed_links"):
+                # Discord drops the embeds of a message that has anything else, without a word.
+                if not payload.get("content") and not files:
+                    raise forbidden("embed links")
+                payload["embeds"] = []
         data = self.world_message(
             int(channel_id),
             self.world.bot_user,

@@ -318,6 +318,21 @@ async def test_where_the_bot_may_not_attach_files_it_answers_in_text_with_jump_l
     assert f"https://discord.com/channels/{harness.guild_id}/{harness.channel_ids['general']}/{posted.id}" in (reply.content or "")
 
 
+async def test_where_the_bot_may_not_embed_links_each_photo_gets_a_line_beside_its_picture(start_bot: StartBot) -> None:  # noqa: F811
+    """Discord would drop the cards without an error, leaving photos nobody can trace."""
+    layout = Layout(channels=[ChannelSpec("general"), ChannelSpec("no-cards", {"Shoebox": deny(embed_links=True)})],
+                    members={"ann": []})
+    harness = await start_bot(layout)
+    posted = await harness.post("general", "ann", "red circle", files=[("c.jpg", scene_jpeg("red", "circle"))])
+    await harness.drain()
+    (source,) = await harness.bot.library.catalog.sources_for_messages([posted.id])
+    await harness.post("no-cards", "ann", "red circle", mention_bot=True)
+    (reply,) = harness.world.sent
+    assert reply.embeds == [] and [name for name, _ in reply.files] == [f"shoebox-{source.image_id}.jpg"]
+    link = f"https://discord.com/channels/{harness.guild_id}/{harness.channel_ids['general']}/{posted.id}"
+    assert f"Image #{source.image_id} \u00b7 #general \u00b7 posted by Ann \u00b7 {link}" in (reply.content or "")
+
+
 class Slow:
     async def answer(self, *args: Any, **kwargs: Any) -> Any:
         await asyncio.sleep(30)

@@ -133,6 +133,17 @@ def test_upload_size_limit_splits_messages_and_skips_oversized_files(tmp_path: P
     assert last_card.footer.text.startswith("Image #3") and not last_card.image.url
 
 
+def test_without_cards_each_photo_is_a_line_and_the_pictures_still_ride_along(tmp_path: Path) -> None:
+    images = [shown(tmp_path, i, size=600 if i < 12 else 7000) for i in range(13)]
+    parts = plan_reply("Lots.", images, upload_limit=6000, cards=False)
+    assert all(p.embeds == [] for p in parts)
+    assert [len(p.files) for p in parts] == [10, 2]  # 10 per message; #12 is over the limit
+    assert parts[0].content is not None and parts[0].content.startswith("Lots.\n\nImage #0 \u00b7 #general")
+    lines = parts[0].content.split("\n")[2:]
+    assert lines[12] == "Image #12 \u00b7 #general \u00b7 posted by Ann \u00b7 https://discord.com/channels/1/2/12"
+    assert len(lines) == 13 and parts[1].content is None
+
+
 def test_a_missing_stored_copy_still_gets_a_card(tmp_path: Path) -> None:
     image = shown(tmp_path, 4)
     image.stored_copy.unlink()

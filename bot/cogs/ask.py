@@ -246,9 +246,9 @@ class Ask(commands.Cog):
             text = f"Sorry, I couldn't answer that just now: {error}" if error else "I found no photos for that."
         return Answer(text, images)
 
-    def plan(self, answer: Answer, guild: discord.Guild | None) -> list[OutgoingMessage]:
+    def plan(self, answer: Answer, guild: discord.Guild | None, *, cards: bool = True) -> list[OutgoingMessage]:
         limit = guild.filesize_limit if guild is not None else DEFAULT_UPLOAD_LIMIT
-        return plan_reply(answer.text, answer.images, upload_limit=limit)
+        return plan_reply(answer.text, answer.images, upload_limit=limit, cards=cards)
 
     # ---- sending ------------------------------------------------------------------------------
 
@@ -300,7 +300,7 @@ class Ask(commands.Cog):
             scope = await self.scope_for(message.author, message.guild, audience)
             history = await self.history_for(message)
             answer = with_notes(await self.ask_agent(question, scope, images, history), notes)
-        parts = self.plan(answer, message.guild)
+        parts = self.plan(answer, message.guild, cards=may_embed(message.channel))
 
         async def send(**kwargs: Any) -> Any:
             return await reply_to(message, **kwargs)
@@ -328,6 +328,18 @@ class Ask(commands.Cog):
         answer = with_notes(await self.ask_agent(question, scope, images), notes)
         parts = self.plan(answer, interaction.guild)
         await self.deliver(interaction.followup.send, parts, ephemeral=private)
+
+
+def may_embed(channel: Any) -> bool:
+    """Whether the bot's cards would show in `channel`: without Embed Links, Discord drops the
+    cards of a message that has text, without an error. Answers to `/ask` are the interaction's
+    own messages, which show them anyway. Where the bot cannot even view the channel, nothing it
+    sends arrives, so cards cost nothing there."""
+    guild = getattr(channel, "guild", None)
+    if guild is None or guild.me is None:
+        return True
+    permissions = channel.permissions_for(guild.me)
+    return permissions.embed_links or not permissions.view_channel
 
 
 async def reply_to(message: discord.Message, **kwargs: Any) -> discord.Message:
