@@ -256,7 +256,10 @@ class FakeDiscordHttp(HTTPClient):
                 **({"guild_id": str(guild_id)} if guild_id else {}),
             }
             referenced = self.world.messages.get(channel_id, {}).get(reference)
-            data["referenced_message"] = referenced
+            # One level only: the message replied to comes without what *it* replied to.
+            data["referenced_message"] = (
+                {k: v for k, v in referenced.items() if k != "referenced_message"} if referenced else None
+            )
         self.world.messages.setdefault(channel_id, {})[message_id] = data
         return data
 

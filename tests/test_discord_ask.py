@@ -131,6 +131,17 @@ async def test_replying_to_an_answer_continues_the_conversation(
     assert history[2]["content"] == "who posted it?"
     assert harness.world.sent[-1].content == "It was posted by Ann."
 
+    # After a restart the cache is empty, and Discord gives a reply only the message it answers:
+    # the rest of the chain is fetched.
+    harness.bot._connection._messages.clear()  # type: ignore[union-attr]
+    calls = len(harness.world.calls)
+    fake_anthropic.script([answer("On 14 July.")])
+    await harness.post("general", "ann", "when?", reply_to=harness.world.sent[-1].message_id)
+    history = fake_anthropic.bodies[0]["messages"]
+    assert [m["content"] for m in history[::2]] == ["show me red things", "who posted it?", "when?"]
+    assert history[3]["content"] == "It was posted by Ann."
+    assert sum(c.startswith("get_message") for c in harness.world.calls[calls:]) == 2
+
 
 async def test_mentioning_the_bots_own_role_asks_the_bot(
     start_bot: StartBot, claude: Callable[..., Agent], fake_anthropic: FakeAnthropic  # noqa: F811
