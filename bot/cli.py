@@ -11,6 +11,7 @@ import asyncio
 import json
 import logging
 import os
+import sqlite3
 import sys
 import time
 from contextlib import asynccontextmanager
@@ -472,6 +473,23 @@ def _register_extras() -> None:
     _EXTRA_COMMANDS.append(terminal.add_commands)
 
 
+def unreadable_catalog(args: argparse.Namespace, error: sqlite3.DatabaseError) -> str:
+    """One line for a catalog that failed while in use: busy for too long, or damaged inside."""
+    from store.library import DB_FILE
+    from store.settings import Settings, SettingsError
+
+    try:
+        path: Path | str = Settings.from_env(args.data).data_dir / DB_FILE
+    except SettingsError:
+        path = DB_FILE
+    if isinstance(error, sqlite3.OperationalError) and "locked" in str(error):
+        return f"{path} stayed locked by another Shoebox process for too long; try again when it has finished."
+    return (
+        f"{path} cannot be read ({error}). If it was damaged, restore it from a backup; moving it "
+        "aside makes Shoebox start a new, empty one."
+    )
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     from store.settings import load_dotenv
 
@@ -487,6 +505,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return code
     except UserError as error:
         print(f"shoebox: {error}", file=sys.stderr)
+        return 1
+    except sqlite3.DatabaseError as error:
+        # Damage inside a catalog whose header is intact shows only when a page is read.
+        print(f"shoebox: {unreadable_catalog(args, error)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("shoebox: interrupted; everything committed so far is kept.", file=sys.stderr)

@@ -10,13 +10,14 @@ import sqlite3
 import subprocess
 import sys
 import time
+from contextlib import closing
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from bot.cli import main
+from bot.cli import build_parser, main, unreadable_catalog
 from tests.conftest import NOT_A_DATABASE, jpeg_bytes
 
 pytestmark = pytest.mark.usefixtures("cli_env")
@@ -229,3 +230,31 @@ def test_a_damaged_catalog_is_one_line_and_the_command_exits(tmp_path: Path) -> 
     assert done.returncode == 1, done.stderr
     assert "cannot be opened as a database (file is not a database)" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+def test_a_catalog_damaged_inside_is_one_line_too(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A damaged page behind an intact header opens fine and fails only when it is read."""
+    data = tmp_path / "data"
+    assert run_cli(capsys, "--data", str(data), "index", str(make_folder(tmp_path, 60, 0)))[0] == 0
+    catalog = data / "shoebox.sqlite3"
+    run_cli(capsys, "--data", str(data), "verify")  # checkpoints the WAL into the file
+    with closing(sqlite3.connect(catalog)) as conn:  # the pages of the images table's rows
+        size = conn.execute("PRAGMA page_size").fetchone()[0]
+        table = [row[0] for row in conn.execute("SELECT pageno FROM dbstat WHERE name = 'images'")]
+    pages = bytearray(catalog.read_bytes())
+    for page in table:
+        pages[(page - 1) * size : page * size] = b"\0" * size
+    catalog.write_bytes(pages)
+    for wal in data.glob("shoebox.sqlite3-*"):
+        wal.unlink()
+    command = [sys.executable, "-m", "bot.cli", "--data", str(data), "stats"]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=120, env=os.environ.copy())
+    assert done.returncode == 1, done.stderr
+    assert f"{catalog} cannot be read (database disk image is malformed)" in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+def test_a_catalog_held_too_long_by_another_process_says_so(tmp_path: Path) -> None:
+    args = build_parser().parse_args(["--data", str(tmp_path), "stats"])
+    line = unreadable_catalog(args, sqlite3.OperationalError("database is locked"))
+    assert line.startswith(f"{tmp_path / 'shoebox.sqlite3'} stayed locked by another Shoebox process")
