@@ -91,28 +91,31 @@ def _agent_settings() -> Any:
         raise UserError(str(error)) from None
 
 
-def _attachments(paths: Sequence[str]) -> "list[Attachment]":
+def _attachments(paths: Sequence[str], max_bytes: int) -> "list[Attachment]":
+    """The files given with --image, each read only if it is a regular file within the size
+    limit: a device, a pipe or a huge file is refused before anything is read."""
     from bot.agent import Attachment
     from bot.cli import UserError
+    from store.ingest import RejectedImage, read_limited
 
     found = []
     for raw in paths:
         path = Path(raw).expanduser()
         try:
-            found.append(Attachment(path.read_bytes(), path.name))
-        except OSError as error:
-            raise UserError(f"cannot read {raw}: {error.strerror or error}") from None
+            found.append(Attachment(read_limited(path, max_bytes), path.name))
+        except RejectedImage as error:
+            raise UserError(f"cannot use {raw}: {error}") from None
     return found
 
 
 async def cmd_ask(args: argparse.Namespace) -> int:
     from bot.agent import Agent
-    from bot.cli import open_library, print_json
+    from bot.cli import load_settings, open_library, print_json
     from bot.llm import make_client
     from tools.search import Scope
 
     settings = _agent_settings()
-    attachments = _attachments(args.image)
+    attachments = _attachments(args.image, load_settings(args).ingest.max_file_bytes)
     client = make_client(settings)
     try:
         async with open_library(args) as library:

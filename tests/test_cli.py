@@ -258,3 +258,23 @@ def test_a_catalog_held_too_long_by_another_process_says_so(tmp_path: Path) -> N
     args = build_parser().parse_args(["--data", str(tmp_path), "stats"])
     line = unreadable_catalog(args, sqlite3.OperationalError("database is locked"))
     assert line.startswith(f"{tmp_path / 'shoebox.sqlite3'} stayed locked by another Shoebox process")
+
+
+def test_a_file_given_to_look_alike_commands_is_checked_before_it_is_read(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A device or a pipe would be read forever (`/dev/zero` until memory ran out), and a huge
+    file whole, before its size was checked."""
+    monkeypatch.setenv("SHOEBOX_MAX_FILE_MB", "1")
+    data = str(tmp_path / "data")
+    huge = tmp_path / "huge.jpg"
+    with huge.open("wb") as handle:
+        handle.truncate(3 * 1024 * 1024)  # sparse: 3 MB to the size check, nothing to the disk
+    pipe = tmp_path / "pipe.jpg"
+    os.mkfifo(pipe)  # nobody writes to it: reading it would wait forever
+    for source, reason in ((huge, "file is 3.0 MB, over the 1 MB limit"), (pipe, "not a regular file"),
+                           (Path("/dev/zero"), "not a regular file")):
+        assert main(["--data", data, "ask", "like this?", "--image", str(source)]) == 1
+        assert f"cannot use {source}: {reason}" in capsys.readouterr().err
+    assert main(["--data", data, "similar", str(huge)]) == 1
+    assert "file is 3.0 MB, over the 1 MB limit" in capsys.readouterr().err

@@ -17,7 +17,7 @@ from typing import Any
 from PIL import Image
 
 from store.db import ImageRecord, SourceFilter, SourceRecord, to_iso
-from store.ingest import RejectedImage
+from store.ingest import RejectedImage, read_limited
 from store.library import Library
 
 MAX_K = 25
@@ -212,10 +212,10 @@ async def find_similar(
         exclude.append(image)
     else:
         if isinstance(image, Path):
-            try:
-                image = image.read_bytes()
-            except OSError as error:
-                raise ToolError(f"cannot read {image}: {error.strerror or error}") from None
+            try:  # a regular file within the size limit, checked before anything is read
+                image = read_limited(image, library.settings.ingest.max_file_bytes)
+            except RejectedImage as error:
+                raise ToolError(f"cannot use {image}: {error}") from None
         if isinstance(image, bytes):
             try:
                 image = (await library.decode(image)).image
