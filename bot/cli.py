@@ -228,6 +228,7 @@ async def cmd_similar(args: argparse.Namespace) -> int:
     target: Path | int
     if args.image.isdigit() and not Path(args.image).exists():
         target = int(args.image)
+        no_such_id_unless_in_range(target)
     else:
         target = Path(args.image)
         if not target.is_file():
@@ -240,9 +241,19 @@ async def cmd_similar(args: argparse.Namespace) -> int:
     return 0
 
 
+def no_such_id_unless_in_range(image_id: int) -> None:
+    """Ids past what SQLite stores cannot name an image: say so, as for any unknown id, before
+    SQLite refuses to even look them up."""
+    from tools.registry import MAX_IMAGE_ID
+
+    if not 1 <= image_id <= MAX_IMAGE_ID:
+        raise UserError(f"there is no image with id {image_id}")
+
+
 async def cmd_describe(args: argparse.Namespace) -> int:
     from tools.search import get_description
 
+    no_such_id_unless_in_range(args.id)
     async with open_library(args) as library:
         info = await _run_tool(lambda: get_description(library, args.id))
     if args.json:
@@ -257,6 +268,7 @@ async def cmd_describe(args: argparse.Namespace) -> int:
 
 
 async def cmd_forget(args: argparse.Namespace) -> int:
+    no_such_id_unless_in_range(args.id)
     async with open_library(args) as library:
         removed = await library.forget_image(args.id)
     if not removed:

@@ -84,6 +84,9 @@ def test_user_errors_exit_1_and_usage_errors_exit_2(tmp_path: Path, capsys: pyte
     assert "no such file or folder" in capsys.readouterr().err
     assert main(["--data", data, "describe", "12345"]) == 1
     assert "no image with id 12345" in capsys.readouterr().err
+    for command in ("describe", "forget", "similar"):  # past what SQLite can even look up
+        assert main(["--data", data, command, str(2**63)]) == 1
+        assert f"no image with id {2**63}" in capsys.readouterr().err
     assert main(["--data", data, "search", "x", "--k", "1000"]) == 1
     with pytest.raises(SystemExit) as usage:
         main(["--data", data, "search"])
