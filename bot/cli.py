@@ -151,14 +151,27 @@ async def library_at(
 # ---- commands ---------------------------------------------------------------------------------
 
 
+MAX_FAILURES_LISTED = 50  # lines of failures `index` prints; --json lists every one
+
+
+def _exists(path: Path) -> bool:
+    """Whether `path` exists, where a folder on the way that may not be entered counts as yes:
+    the file is then reported as unreadable, which is what is wrong with it."""
+    try:
+        return path.exists()
+    except PermissionError:
+        return True
+
+
 async def cmd_index(args: argparse.Namespace) -> int:
     from store.library import expand_paths
 
-    missing = [p for p in args.paths if not Path(p).exists()]
+    missing = [p for p in args.paths if not _exists(Path(p))]
     if missing:
         raise UserError(f"no such file or folder: {', '.join(map(str, missing))}")
     async with open_library(args) as library:
-        files = expand_paths(Path(p) for p in args.paths)
+        unreadable: list[tuple[Path, str]] = []
+        files = expand_paths((Path(p) for p in args.paths), unreadable)
         from store.library import IncomingImage, file_source
 
         items = [IncomingImage(file_source(path)) for path in files]
@@ -172,9 +185,8 @@ async def cmd_index(args: argparse.Namespace) -> int:
         "indexed": sum(o.status == "indexed" for o in outcomes),
         "duplicates": sum(o.status == "duplicate" for o in outcomes),
         "unchanged": sum(o.status == "unchanged" for o in outcomes),
-        "failed": [
-            {"path": o.source.path, "error": o.reason} for o in outcomes if o.status == "failed"
-        ],
+        "failed": [{"path": str(folder), "error": reason} for folder, reason in unreadable]
+        + [{"path": o.source.path, "error": o.reason} for o in outcomes if o.status == "failed"],
         "seconds": round(elapsed, 2),
     }
     if captions is not None:
@@ -187,8 +199,10 @@ async def cmd_index(args: argparse.Namespace) -> int:
             f"{summary['unchanged']} already indexed, {len(summary['failed'])} failed "
             f"({elapsed:.1f}s)."
         )
-        for failure in summary["failed"]:
+        for failure in summary["failed"][:MAX_FAILURES_LISTED]:
             print(f"  failed: {failure['path']}: {failure['error']}")
+        if len(summary["failed"]) > MAX_FAILURES_LISTED:
+            print(f"  ... and {len(summary['failed']) - MAX_FAILURES_LISTED} more (all of them with --json)")
         if captions is not None:
             print(f"Captioned {captions[0]} image(s) with Claude." + (f" {captions[1]}" if captions[1] else ""))
     return 0

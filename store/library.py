@@ -18,6 +18,7 @@ import asyncio
 import hashlib
 import logging
 import math
+import os
 import sqlite3
 import time
 from collections import deque
@@ -1101,24 +1102,41 @@ def _unique_sources(items: Sequence[IncomingImage]) -> list[IncomingImage]:
     return unique
 
 
-def expand_paths(paths: Iterable[Path]) -> list[Path]:
-    """Files as given, folders walked recursively (sorted; hidden files and folders skipped).
+def expand_paths(paths: Iterable[Path], unreadable: list[tuple[Path, str]] | None = None) -> list[Path]:
+    """Files as given, folders walked recursively (sorted; hidden files and folders skipped;
+    links to folders not followed, so a link back up cannot loop).
 
     Every file is tried and judged by its content, never by its name, so a mislabelled photo is
-    found and a stray document gets a clear "not an image" instead of silently vanishing.
+    found and a stray document gets a clear "not an image" instead of silently vanishing. For the
+    same reason a folder that cannot be listed is added to `unreadable` with the reason, rather
+    than passed over as if it were empty.
     """
     found: list[Path] = []
     for path in paths:
         path = Path(path)
-        if path.is_dir():
-            for child in sorted(path.rglob("*")):
-                if any(part.startswith(".") for part in child.relative_to(path).parts):
-                    continue
-                if child.is_file():
-                    found.append(child)
-        else:
+        if not _checks(path.is_dir, failing=False):
             found.append(path)
+            continue
+
+        def note(error: OSError) -> None:
+            if unreadable is not None:
+                unreadable.append((Path(error.filename or path), f"folder cannot be read ({error.strerror or error})"))
+
+        inside: list[Path] = []
+        for folder, folders, names in os.walk(path, onerror=note):
+            folders[:] = [name for name in folders if not name.startswith(".")]
+            inside.extend(Path(folder, name) for name in names if not name.startswith("."))
+        found.extend(child for child in sorted(inside) if _checks(child.is_file, failing=True))
     return found
+
+
+def _checks(test: Callable[[], bool], failing: bool) -> bool:
+    """`test()`, or `failing` where the file's details may not even be looked at (a folder on
+    the way without search permission): such a file is still tried, and reading it says why not."""
+    try:
+        return test()
+    except OSError:
+        return failing
 
 
 def file_source(path: Path) -> SourceRecord:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import select
+import shutil
 import signal
 import sqlite3
 import subprocess
@@ -12,6 +13,7 @@ import sys
 import time
 from contextlib import closing
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -281,3 +283,53 @@ def test_a_file_given_to_look_alike_commands_is_checked_before_it_is_read(
         assert f"cannot use {source}: {reason}" in capsys.readouterr().err
     assert main(["--data", data, "similar", str(huge)]) == 1
     assert "file is 3.0 MB, over the 1 MB limit" in capsys.readouterr().err
+
+
+def test_a_folder_that_cannot_be_read_is_reported_not_passed_over(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """As a mode-000 folder of another user would be. Root may read any folder, so the kernel's
+    refusal is scripted: listing the folder raises what the kernel would raise."""
+    folder = make_folder(tmp_path, 4, 0)
+    locked = folder / "nested"
+    listing = os.scandir
+
+    def refusing(path: Any = ".") -> Any:
+        if Path(path) == locked:
+            raise PermissionError(13, "Permission denied", str(path))
+        return listing(path)
+
+    monkeypatch.setattr(os, "scandir", refusing)
+    code, summary = run_cli(capsys, "--data", str(tmp_path / "data"), "index", str(folder), "--json")
+    assert code == 0 and summary["indexed"] == 2  # img001 and img002; img000 and img003 are inside
+    assert summary["failed"] == [{"path": str(locked), "error": "folder cannot be read (Permission denied)"}]
+
+
+def _without_root_override() -> list[str]:
+    """The command prefix that makes file permissions bind: none for a normal user; for root,
+    `setpriv` dropping the capabilities that let root read any file."""
+    if os.geteuid() != 0:
+        return []
+    setpriv = shutil.which("setpriv")
+    if setpriv is None:
+        pytest.skip("running as root without setpriv: permissions cannot be made to bind")
+    caps = "-dac_override,-dac_read_search"
+    return [setpriv, f"--inh-caps={caps}", f"--bounding-set={caps}"]
+
+
+def test_unreadable_folders_and_files_are_reported_by_a_real_run(tmp_path: Path) -> None:
+    folder = make_folder(tmp_path, 4, 0)
+    locked = folder / "nested"
+    locked.chmod(0)
+    try:
+        command = [*_without_root_override(), sys.executable, "-m", "bot.cli", "--data", str(tmp_path / "data"),
+                   "index", str(folder), str(locked / "img000.jpg"), "--json"]
+        done = subprocess.run(command, capture_output=True, text=True, timeout=120, env=os.environ.copy())
+    finally:
+        locked.chmod(0o755)
+    assert done.returncode == 0, done.stderr
+    summary = json.loads(done.stdout)
+    assert summary["indexed"] == 2 and summary["failed"] == [
+        {"path": str(locked), "error": "folder cannot be read (Permission denied)"},
+        {"path": str(locked / "img000.jpg"), "error": "file cannot be read (permission denied)"},
+    ]
