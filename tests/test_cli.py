@@ -333,3 +333,16 @@ def test_unreadable_folders_and_files_are_reported_by_a_real_run(tmp_path: Path)
         {"path": str(locked), "error": "folder cannot be read (Permission denied)"},
         {"path": str(locked / "img000.jpg"), "error": "file cannot be read (permission denied)"},
     ]
+
+
+def test_a_long_run_of_failures_is_listed_up_to_a_point(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    folder = tmp_path / "notes"
+    folder.mkdir()
+    for number in range(53):
+        (folder / f"note{number:02d}.jpg").write_text("not a picture")
+    code, out = run_cli(capsys, "--data", str(tmp_path / "data"), "index", str(folder))
+    lines = str(out).splitlines()
+    assert code == 0 and lines[0].startswith("Indexed 0 new image(s)") and "53 failed" in lines[0]
+    assert len(lines) == 52 and lines[-1] == "  ... and 3 more (all of them with --json)"
+    code, summary = run_cli(capsys, "--data", str(tmp_path / "data"), "index", str(folder), "--json")
+    assert len(summary["failed"]) == 53  # type: ignore[index]
