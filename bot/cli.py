@@ -352,6 +352,22 @@ async def cmd_reindex(args: argparse.Namespace) -> int:
     return 0
 
 
+def _description_entry(line: str) -> tuple[str, str] | None:
+    """(path, description) from one JSONL line, or None unless both are non-empty strings: a
+    number or a list is a mistake to point out, and an empty description would count an image
+    as described when nothing was said about it."""
+    try:
+        entry = json.loads(line)
+    except ValueError:
+        return None
+    if not isinstance(entry, dict):
+        return None
+    path, text = entry.get("path"), entry.get("description")
+    if not isinstance(path, str) or not isinstance(text, str) or not path.strip() or not text.strip():
+        return None
+    return path, text.strip()
+
+
 async def cmd_import_descriptions(args: argparse.Namespace) -> int:
     from store.library import file_source
 
@@ -363,12 +379,11 @@ async def cmd_import_descriptions(args: argparse.Namespace) -> int:
         for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
             if not line.strip():
                 continue
-            try:
-                entry = json.loads(line)
-                image_path, text = str(entry["path"]), str(entry["description"])
-            except (ValueError, KeyError, TypeError):
+            entry = _description_entry(line)
+            if entry is None:
                 bad.append(number)
                 continue
+            image_path, text = entry
             candidate = Path(image_path)
             if not candidate.is_absolute() and not candidate.exists():
                 candidate = path.parent / candidate
@@ -376,7 +391,7 @@ async def cmd_import_descriptions(args: argparse.Namespace) -> int:
             if source is None or source.image_id is None:
                 unknown.append(image_path)
                 continue
-            if await library.set_description(source.image_id, text.strip(), "import"):
+            if await library.set_description(source.image_id, text, "import"):
                 updated += 1
     summary = {"updated": updated, "unknown_paths": unknown, "bad_lines": bad}
     if args.json:

@@ -184,10 +184,13 @@ def test_import_descriptions_feeds_text_search(tmp_path: Path, capsys: pytest.Ca
         json.dumps({"path": str(folder / "img001.jpg"), "description": "Aunt May's pottery workshop"}),
         "not json",
         json.dumps({"path": str(folder / "unknown.jpg"), "description": "x"}),
+        json.dumps({"path": str(folder / "img002.jpg"), "description": "  "}),  # says nothing
+        json.dumps({"path": 5, "description": ["x"]}),
+        json.dumps(["a list"]),
     ]
     (tmp_path / "desc.jsonl").write_text("\n".join(lines))
     code, summary = run_cli(capsys, "--data", data, "import-descriptions", str(tmp_path / "desc.jsonl"), "--json")
-    assert summary["updated"] == 1 and summary["bad_lines"] == [2] and len(summary["unknown_paths"]) == 1
+    assert summary["updated"] == 1 and summary["bad_lines"] == [2, 4, 5, 6] and len(summary["unknown_paths"]) == 1
     code, results = run_cli(capsys, "--data", data, "search", "pottery", "--k", "1", "--json")
     assert results[0]["path"].endswith("img001.jpg") and "pottery" in results[0]["description"]
 
