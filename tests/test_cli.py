@@ -86,6 +86,9 @@ def test_user_errors_exit_1_and_usage_errors_exit_2(tmp_path: Path, capsys: pyte
     assert "no such file or folder" in capsys.readouterr().err
     assert main(["--data", data, "describe", "12345"]) == 1
     assert "no image with id 12345" in capsys.readouterr().err
+    assert main(["--data", data, "search", "x", "--after", "2027-01-01", "--before", "2020-01-01"]) == 1
+    assert "after (2027-01-01) must be earlier than before (2020-01-01)" in capsys.readouterr().err
+    assert main(["--data", data, "search", "x", "--after", "2024-07-14", "--before", "2024-07-14"]) == 0  # that day
     for command in ("describe", "forget", "similar"):  # past what SQLite can even look up
         assert main(["--data", data, command, str(2**63)]) == 1
         assert f"no image with id {2**63}" in capsys.readouterr().err

@@ -69,14 +69,19 @@ class Filters:
     def source_filter(self, scope: Scope) -> SourceFilter:
         if self.sort not in SORTS:
             raise ToolError(f"sort must be one of {', '.join(SORTS)}, not {self.sort!r}")
+        after = parse_date(self.after, "after") if self.after else None
+        before = parse_date(self.before, "before", end_of_day=True) if self.before else None
+        if after is not None and before is not None and after >= before:
+            # Most likely the two were swapped; an empty result would hide that.
+            raise ToolError(f"after ({self.after}) must be earlier than before ({self.before})")
         return SourceFilter(
             channel_ids=scope.channel_ids,
             guild_ids=scope.guild_ids,
             include_files=scope.include_files,
             author=(self.author or "").strip() or None,
             channel=(self.channel or "").strip() or None,
-            after=parse_date(self.after, "after") if self.after else None,
-            before=parse_date(self.before, "before", end_of_day=True) if self.before else None,
+            after=after,
+            before=before,
         )
 
 
