@@ -23,11 +23,26 @@ DEMO_QUERIES = (
 )
 
 
-def add_command(sub: Any) -> None:
+MAX_DEMO_IMAGES = 2000  # a tour, not a load generator: enough to see search at work
+
+
+def demo_size(text: str) -> int:
+    """An argparse type: how many scenes the demo draws, from 1 to MAX_DEMO_IMAGES."""
     from bot.cli import positive_int
 
+    count = positive_int(text)
+    if count > MAX_DEMO_IMAGES:
+        raise argparse.ArgumentTypeError(
+            f"at most {MAX_DEMO_IMAGES}, not {count} (to index your own photos: shoebox index FOLDER)"
+        )
+    return count
+
+
+def add_command(sub: Any) -> None:
     parser = sub.add_parser("demo", help="index a generated gallery and search it (offline, ~1 min)")
-    parser.add_argument("--images", type=positive_int, default=80, help="how many scenes to draw (default 80)")
+    parser.add_argument(
+        "--images", type=demo_size, default=80, help=f"how many scenes to draw (default 80, at most {MAX_DEMO_IMAGES})"
+    )
     parser.add_argument("--seed", type=int, default=2024, help="seed of the gallery")
     parser.set_defaults(func=run_demo)
 

@@ -103,6 +103,9 @@ def test_user_errors_exit_1_and_usage_errors_exit_2(tmp_path: Path, capsys: pyte
         with pytest.raises(SystemExit) as usage:
             main(["--data", data, *counts])
         assert usage.value.code == 2 and "must be at least 1" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as usage:
+        main(["--data", data, "demo", "--images", "100000000"])  # would draw pictures until the disk filled
+    assert usage.value.code == 2 and "at most 2000, not 100000000" in capsys.readouterr().err
 
 
 def test_a_data_folder_that_cannot_be_made_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
