@@ -384,8 +384,8 @@ class Agent:
             return [], "nothing to search for", why
         try:
             results = await search_images(self.library, question, k=k, scope=scope)
-        except ToolError as error:
-            return [], f"no search ({error})", why
+        except ToolError as error:  # e.g. a question too long to search for: say so
+            return [], "no search", f" ({'; '.join([*unusable, f'your words could not be searched for: {error}'])})"
         return results, f"the closest direct matches for \u201c{_clip(question, 80)}\u201d", why
 
     async def _offline(self, question: str, scope: Scope, attachments: Sequence[Attachment]) -> Reply:
@@ -398,6 +398,8 @@ class Agent:
             answer = f"{lead}; here are {what}{' instead' if why else ''}{why}."
         else:
             answer = f"{lead}; a direct search found no matching image{why}."
+            if what == "no search":
+                answer = f"{lead}, and there was nothing to search with{why}."
         return Reply(answer, images, offline=True)
 
     async def _failed(

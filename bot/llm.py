@@ -18,6 +18,7 @@ import base64
 import email.utils
 import io
 import logging
+import math
 import random
 import time
 from dataclasses import dataclass
@@ -171,9 +172,11 @@ def explain(error: BaseException, settings: AgentSettings) -> LLMError:
             "limit: add credit or raise the limit in the Anthropic Console, then try again.",
         )
     if isinstance(error, anthropic.RateLimitError):
-        return LLMError("busy", "Claude is rate-limiting this API key right now; try again in a minute.")
+        when = _when(retry_after(error), "in a minute")
+        return LLMError("busy", f"Claude is rate-limiting this API key right now; try again {when}.")
     if isinstance(error, anthropic.APIStatusError) and error.status_code >= 500:
-        return LLMError("busy", "Claude is overloaded or unavailable right now; try again in a few minutes.")
+        when = _when(retry_after(error), "in a few minutes")
+        return LLMError("busy", f"Claude is overloaded or unavailable right now; try again {when}.")
     if isinstance(error, anthropic.APIStatusError):
         reason = (error.api_message or "").strip().rstrip(".")[:200]
         detail = f": {reason}" if reason else ""
@@ -187,6 +190,16 @@ def explain(error: BaseException, settings: AgentSettings) -> LLMError:
         where = settings.base_url or "api.anthropic.com"
         return LLMError("unreachable", f"Could not reach Claude at {where}; check the network or ANTHROPIC_BASE_URL.")
     return LLMError("bad_response", "Claude's service sent a reply Shoebox could not read; try again.")
+
+
+def _when(seconds: float | None, otherwise: str) -> str:
+    """When to try again, in words: `otherwise`, unless the service asked for a longer pause."""
+    if seconds is None or seconds <= 60:
+        return otherwise
+    minutes = math.ceil(seconds / 60)
+    if minutes < 90:
+        return f"in about {minutes} minutes"
+    return f"in about {round(minutes / 60)} hours"
 
 
 def _is_billing(error: anthropic.APIStatusError) -> bool:

@@ -578,7 +578,10 @@ async def test_a_pause_longer_than_the_wait_budget_gives_up_at_once(
     started = time.monotonic()
     reply = await make_agent(max_wait=5.0).answer("hi", IN_SCOPE)
     assert time.monotonic() - started < 2 and len(fake_anthropic.requests) == 1
-    assert reply.error and "overloaded" in reply.error
+    assert reply.error == "Claude is overloaded or unavailable right now; try again in about 60 minutes."
+    fake_anthropic.script([rate_limited("7200")])
+    reply = await make_agent(max_wait=5.0).answer("hi", IN_SCOPE)
+    assert reply.error == "Claude is rate-limiting this API key right now; try again in about 2 hours."
 
 
 async def test_slow_reply_times_out_and_is_retried(
@@ -647,6 +650,11 @@ async def test_without_a_key_answers_offline_with_direct_search(library: Library
     alike = await agent.answer("", IN_SCOPE, [Attachment(RED_CIRCLE, "x.jpg")])
     assert alike.offline and "look most like your attachment" in alike.answer
     assert set(shown_ids(alike)) <= gallery.visible
+    rambling = await agent.answer("a red circle " * 60, IN_SCOPE)  # too long to search for
+    assert rambling.images == [] and rambling.answer.endswith(
+        "and there was nothing to search with (your words could not be searched for: "
+        "query is too long (over 500 characters))."
+    )
 
 
 LOW_CREDIT = (
