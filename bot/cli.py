@@ -36,6 +36,16 @@ def positive_int(text: str) -> int:
     return value
 
 
+def result_count(text: str) -> int:
+    """An argparse type: how many results a search shows, 1 to the tools' own limit."""
+    from tools.search import MAX_K
+
+    count = positive_int(text)
+    if count > MAX_K:
+        raise argparse.ArgumentTypeError(f"at most {MAX_K}, not {count}")
+    return count
+
+
 # ---- output helpers ---------------------------------------------------------------------------
 
 
@@ -409,7 +419,7 @@ async def cmd_import_descriptions(args: argparse.Namespace) -> int:
 
 
 def _add_filters(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--k", type=int, default=5, help="how many results (1-25, default 5)")
+    parser.add_argument("--k", type=result_count, default=5, help="how many results (1-25, default 5)")
     parser.add_argument("--author", help="only images posted by this user (name or id)")
     parser.add_argument("--channel", help="only images from this channel (name or id)")
     parser.add_argument("--after", help="only images from this date on (YYYY-MM-DD)")
