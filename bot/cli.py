@@ -173,6 +173,14 @@ def _exists(path: Path) -> bool:
         return True
 
 
+def _is_folder(path: Path) -> bool:
+    """Whether `path` is a folder to bring up to date, files gone from it included."""
+    try:
+        return path.is_dir()
+    except OSError:
+        return False
+
+
 async def cmd_index(args: argparse.Namespace) -> int:
     from store.library import expand_paths
 
@@ -187,6 +195,12 @@ async def cmd_index(args: argparse.Namespace) -> int:
         items = [IncomingImage(file_source(path)) for path in files]
         started = time.monotonic()
         outcomes = await library.index(items, ProgressBar("Indexing", None if not args.json else False))
+        gone = [
+            source
+            for folder in args.paths
+            if _is_folder(Path(folder))
+            for source in await library.forget_missing_files(Path(folder))
+        ]
         elapsed = time.monotonic() - started
         from bot.captions import caption_after_index  # does nothing unless SHOEBOX_CAPTIONS=on
 
@@ -195,6 +209,7 @@ async def cmd_index(args: argparse.Namespace) -> int:
         "indexed": sum(o.status == "indexed" for o in outcomes),
         "duplicates": sum(o.status == "duplicate" for o in outcomes),
         "unchanged": sum(o.status == "unchanged" for o in outcomes),
+        "forgotten": [source.path for source in gone],
         "failed": [{"path": str(folder), "error": reason} for folder, reason in unreadable]
         + [{"path": o.source.path, "error": o.reason} for o in outcomes if o.status == "failed"],
         "seconds": round(elapsed, 2),
@@ -209,6 +224,8 @@ async def cmd_index(args: argparse.Namespace) -> int:
             f"{summary['unchanged']} already indexed, {len(summary['failed'])} failed "
             f"({elapsed:.1f}s)."
         )
+        if gone:
+            print(f"Forgot {len(gone)} file(s) no longer in {'those folders' if len(args.paths) > 1 else 'that folder'}.")
         for failure in summary["failed"][:MAX_FAILURES_LISTED]:
             print(f"  failed: {failure['path']}: {failure['error']}")
         if len(summary["failed"]) > MAX_FAILURES_LISTED:
@@ -445,7 +462,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
 
-    p = sub.add_parser("index", help="index image files and folders (recursively)")
+    p = sub.add_parser("index", help="index image files and folders (recursively; files gone from a folder are forgotten)")
     p.add_argument("paths", nargs="+", metavar="PATH")
     p.add_argument("--json", action="store_true", help="print a JSON summary")
     p.set_defaults(func=cmd_index)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import sqlite3
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -773,6 +774,15 @@ class Catalog:
             ) as cur:
                 out.extend(_source_from_row(r) for r in await cur.fetchall())
         return out
+
+    async def file_sources_under(self, folder: str) -> list[SourceRecord]:
+        """The `file` sources whose path lies inside `folder` (an absolute path), at any depth."""
+        prefix = folder.rstrip(os.sep) + os.sep
+        async with self.reader.execute(
+            f"SELECT {_SOURCE_COLUMNS} FROM sources WHERE kind = 'file' AND substr(path, 1, ?) = ?",
+            (len(prefix), prefix),
+        ) as cur:
+            return [_source_from_row(r) for r in await cur.fetchall()]
 
     async def find_sources(self, column: str, value: int) -> list[SourceRecord]:
         if column not in {"channel_id", "guild_id", "image_id", "author_id"}:

@@ -753,6 +753,22 @@ class Library:
         await self._maybe_save()
         return [image_id for image_id, _ in gone]
 
+    async def forget_missing_files(self, folder: Path) -> list[SourceRecord]:
+        """Forget the files indexed from inside `folder` that are no longer on disk; returns them.
+
+        Only a file known to be gone counts (no such file, or a folder on its way is gone). One
+        behind a folder that may not be entered is kept: it may well still be there. Call it after
+        indexing the folder, so that a photo that was moved inside it keeps its image (and id)
+        through its new path before the old one is forgotten.
+        """
+        gone = [
+            source
+            for source in await self.catalog.file_sources_under(str(folder.expanduser().resolve()))
+            if source.path and _known_missing(Path(source.path))
+        ]
+        await self.remove_sources(gone)
+        return gone
+
     async def forget_image(self, image_id: int) -> bool:
         sources = await self.catalog.find_sources("image_id", image_id)
         if not sources:
@@ -1128,6 +1144,17 @@ def expand_paths(paths: Iterable[Path], unreadable: list[tuple[Path, str]] | Non
             inside.extend(Path(folder, name) for name in names if not name.startswith("."))
         found.extend(child for child in sorted(inside) if _checks(child.is_file, failing=True))
     return found
+
+
+def _known_missing(path: Path) -> bool:
+    """Whether `path` is certainly gone: a permission error says nothing about that."""
+    try:
+        path.lstat()
+    except (FileNotFoundError, NotADirectoryError):
+        return True
+    except OSError:
+        return False
+    return False
 
 
 def _checks(test: Callable[[], bool], failing: bool) -> bool:

@@ -358,3 +358,41 @@ def test_a_long_run_of_failures_is_listed_up_to_a_point(tmp_path: Path, capsys: 
     assert len(lines) == 52 and lines[-1] == "  ... and 3 more (all of them with --json)"
     code, summary = run_cli(capsys, "--data", str(tmp_path / "data"), "index", str(folder), "--json")
     assert len(summary["failed"]) == 53  # type: ignore[index]
+
+
+def test_indexing_a_folder_again_forgets_the_files_gone_from_it(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    data = str(tmp_path / "data")
+    folder = make_folder(tmp_path, good=6, broken=0)
+    elsewhere = tmp_path / "other"
+    elsewhere.mkdir()
+    (elsewhere / "kept.jpg").write_bytes(jpeg_bytes((9, 200, 9)))
+    run_cli(capsys, "--data", data, "index", str(folder), str(elsewhere), "--json")
+    code, before = run_cli(capsys, "--data", data, "search", "x", "--k", "25", "--json")
+    ids = {Path(r["path"]).name: r["id"] for r in before}  # type: ignore[union-attr]
+    (folder / "img001.jpg").unlink()
+    (folder / "nested" / "img003.jpg").unlink()
+    (folder / "img002.jpg").rename(folder / "nested" / "moved.jpg")
+    code, summary = run_cli(capsys, "--data", data, "index", str(folder), "--json")
+    assert code == 0 and summary["duplicates"] == 1  # type: ignore[index]
+    assert sorted(Path(p).name for p in summary["forgotten"]) == ["img001.jpg", "img002.jpg", "img003.jpg"]  # type: ignore[index]
+    code, after = run_cli(capsys, "--data", data, "search", "x", "--k", "25", "--json")
+    found = {Path(r["path"]).name: r["id"] for r in after}  # type: ignore[union-attr]
+    assert sorted(found) == ["img000.jpg", "img004.jpg", "img005.jpg", "kept.jpg", "moved.jpg"]
+    assert found["moved.jpg"] == ids["img002.jpg"]  # a moved photo keeps its image, and its id
+    # (kept.jpg is in another folder, which indexing this one leaves alone)
+    assert run_cli(capsys, "--data", data, "verify")[0] == 0
+
+    # A file behind a folder that may not be entered may still be there: it is kept.
+    real_lstat = Path.lstat
+
+    def lstat(self: Path) -> Any:
+        if self.name == "img004.jpg":
+            raise PermissionError(13, "Permission denied", str(self))
+        return real_lstat(self)
+
+    (folder / "img004.jpg").unlink()
+    monkeypatch.setattr(Path, "lstat", lstat)
+    code, summary = run_cli(capsys, "--data", data, "index", str(folder), "--json")
+    assert summary["forgotten"] == []  # type: ignore[index]
