@@ -784,6 +784,14 @@ class Catalog:
         ) as cur:
             return [_source_from_row(r) for r in await cur.fetchall()]
 
+    async def file_failures_under(self, folder: str) -> list[str]:
+        """The source keys of recorded failures of files inside `folder` (an absolute path)."""
+        prefix = "file:" + folder.rstrip(os.sep) + os.sep
+        async with self.reader.execute(
+            "SELECT source_key FROM failures WHERE substr(source_key, 1, ?) = ?", (len(prefix), prefix)
+        ) as cur:
+            return [str(row[0]) for row in await cur.fetchall()]
+
     async def find_sources(self, column: str, value: int) -> list[SourceRecord]:
         if column not in {"channel_id", "guild_id", "image_id", "author_id"}:
             raise ValueError(f"cannot look sources up by {column}")

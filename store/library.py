@@ -754,19 +754,26 @@ class Library:
         return [image_id for image_id, _ in gone]
 
     async def forget_missing_files(self, folder: Path) -> list[SourceRecord]:
-        """Forget the files indexed from inside `folder` that are no longer on disk; returns them.
+        """Forget the files indexed from inside `folder` that are no longer on disk, and the
+        failures recorded for such files; returns the sources forgotten.
 
         Only a file known to be gone counts (no such file, or a folder on its way is gone). One
         behind a folder that may not be entered is kept: it may well still be there. Call it after
         indexing the folder, so that a photo that was moved inside it keeps its image (and id)
         through its new path before the old one is forgotten.
         """
+        where = str(folder.expanduser().resolve())
         gone = [
             source
-            for source in await self.catalog.file_sources_under(str(folder.expanduser().resolve()))
+            for source in await self.catalog.file_sources_under(where)
             if source.path and _known_missing(Path(source.path))
         ]
         await self.remove_sources(gone)
+        # The failures of files that are gone would otherwise be "recent" for ever.
+        stale = [key for key in await self.catalog.file_failures_under(where) if _known_missing(Path(key[5:]))]
+        if stale:
+            async with self.catalog.transaction() as conn:
+                await self.catalog.clear_failures(conn, stale)
         return gone
 
     async def forget_image(self, image_id: int) -> bool:

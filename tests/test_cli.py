@@ -364,7 +364,7 @@ def test_indexing_a_folder_again_forgets_the_files_gone_from_it(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     data = str(tmp_path / "data")
-    folder = make_folder(tmp_path, good=6, broken=0)
+    folder = make_folder(tmp_path, good=6, broken=1)  # and notes.jpg, which is not a picture
     elsewhere = tmp_path / "other"
     elsewhere.mkdir()
     (elsewhere / "kept.jpg").write_bytes(jpeg_bytes((9, 200, 9)))
@@ -374,7 +374,10 @@ def test_indexing_a_folder_again_forgets_the_files_gone_from_it(
     (folder / "img001.jpg").unlink()
     (folder / "nested" / "img003.jpg").unlink()
     (folder / "img002.jpg").rename(folder / "nested" / "moved.jpg")
+    assert run_cli(capsys, "--data", data, "stats", "--json")[1]["failures"] == 1  # type: ignore[index]
+    (folder / "notes.jpg").unlink()
     code, summary = run_cli(capsys, "--data", data, "index", str(folder), "--json")
+    assert run_cli(capsys, "--data", data, "stats", "--json")[1]["failures"] == 0  # type: ignore[index]
     assert code == 0 and summary["duplicates"] == 1  # type: ignore[index]
     assert sorted(Path(p).name for p in summary["forgotten"]) == ["img001.jpg", "img002.jpg", "img003.jpg"]  # type: ignore[index]
     code, after = run_cli(capsys, "--data", data, "search", "x", "--k", "25", "--json")
