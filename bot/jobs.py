@@ -42,7 +42,7 @@ from store.library import IncomingImage, IndexOutcome, Library
 log = logging.getLogger(__name__)
 
 DB_FILE = "bot.sqlite3"
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 KEEP_ERRORS = 50
 
 # Each entry upgrades the schema from version i to i + 1. Append; never edit a released step.
@@ -120,6 +120,14 @@ MIGRATIONS: list[str] = [
     # A problem about one channel (a file name, its history) is shown only to who can view it.
     """
     ALTER TABLE errors ADD COLUMN channel_id INTEGER;
+    """,
+    # Messages whose photos someone asked to forget: a later backfill must not bring them back.
+    """
+    CREATE TABLE forgotten (
+        message_id INTEGER PRIMARY KEY,
+        guild_id INTEGER NOT NULL,
+        at TEXT NOT NULL
+    );
     """,
 ]
 assert len(MIGRATIONS) == SCHEMA_VERSION
@@ -203,6 +211,19 @@ def _job_from_row(row: Sequence[object]) -> IndexJob:
     return IndexJob(*values)  # type: ignore[arg-type]
 
 
+async def _forgotten_among(conn: aiosqlite.Connection, message_ids: set[int]) -> set[int]:
+    """Which of these messages had their photos forgotten on request."""
+    found: set[int] = set()
+    ids = sorted(message_ids)
+    for start in range(0, len(ids), 500):
+        chunk = ids[start : start + 500]
+        async with conn.execute(
+            f"SELECT message_id FROM forgotten WHERE message_id IN ({','.join('?' * len(chunk))})", chunk
+        ) as cur:
+            found.update(int(row[0]) for row in await cur.fetchall())
+    return found
+
+
 class JobStore:
     """Async access to `bot.sqlite3`. One connection; multi-statement writes hold a lock."""
 
@@ -265,11 +286,14 @@ class JobStore:
     # ---- jobs -----------------------------------------------------------------------------
 
     async def add(self, jobs: Sequence[IndexJob]) -> int:
-        """Persist jobs; an attachment already queued is not queued twice. Returns how many are new."""
+        """Persist jobs; an attachment already queued is not queued twice, and the photos of a
+        message someone asked to forget are not queued at all. Returns how many are new."""
         if not jobs:
             return 0
         now = utc_now()
         async with self._transaction() as conn:
+            forgotten = await _forgotten_among(conn, {j.message_id for j in jobs})
+            jobs = [j for j in jobs if j.message_id not in forgotten]
             before = conn.total_changes
             await conn.executemany(
                 "INSERT OR IGNORE INTO jobs (attachment_id, guild_id, channel_id, message_id, filename, "
@@ -285,6 +309,14 @@ class JobStore:
                 ],
             )
             return conn.total_changes - before
+
+    async def remember_forgotten(self, message_ids: Iterable[int], guild_id: int) -> None:
+        """Keep, for good, that these messages' photos were forgotten on request."""
+        async with self._transaction() as conn:
+            await conn.executemany(
+                "INSERT OR IGNORE INTO forgotten (message_id, guild_id, at) VALUES (?, ?, ?)",
+                [(int(m), guild_id, utc_now()) for m in message_ids],
+            )
 
     async def due(self, limit: int, now: float) -> list[IndexJob]:
         async with self.conn.execute(
@@ -479,10 +511,11 @@ class JobStore:
             for table in ("jobs", "channel_rules", "backfill", "threads", "seen"):
                 await conn.execute(f"DELETE FROM {table} WHERE guild_id = ?", (guild_id,))
 
-    async def forget_channel(self, channel_id: int) -> None:
+    async def forget_channel(self, channel_id: int, keep_rules: bool = False) -> None:
         async with self._transaction() as conn:
             await conn.execute("DELETE FROM jobs WHERE channel_id = ?", (channel_id,))
-            await conn.execute("DELETE FROM channel_rules WHERE channel_id = ?", (channel_id,))
+            if not keep_rules:
+                await conn.execute("DELETE FROM channel_rules WHERE channel_id = ?", (channel_id,))
             await conn.execute("DELETE FROM backfill WHERE channel_id = ?", (channel_id,))
             await conn.execute("DELETE FROM seen WHERE channel_id = ?", (channel_id,))
             await conn.execute(
@@ -577,11 +610,15 @@ class IndexQueue:
         settings: QueueSettings | None = None,
         on_indexed: OnIndexed | None = None,
         on_new_images: OnBatch | None = None,
+        accepts: Callable[[IndexJob], bool] | None = None,
     ) -> None:
         self.store = store
         self.library = library
         self.download = download
         self.settings = settings or QueueSettings()
+        # Asked again as jobs are submitted: a backfill may hold a page while the bot leaves the
+        # server or the channel is excluded, and must not queue it after that.
+        self.accepts = accepts
         self.on_indexed = on_indexed
         self.on_new_images = on_new_images  # told how many new images each batch stored
         self.counters = QueueCounters()
@@ -632,6 +669,8 @@ class IndexQueue:
                 await asyncio.wait_for(self._room.wait(), timeout=5.0)
             except asyncio.TimeoutError:
                 pass
+        if self.accepts is not None:
+            jobs = [job for job in jobs if self.accepts(job)]
         added = await self.store.add(jobs)
         if added:
             self._wake.set()
@@ -665,15 +704,21 @@ class IndexQueue:
         await self.store.set_posted_text(message_id, text)
         return await self.library.set_posted_text(message_id, text)
 
-    async def forget_messages(self, message_ids: Iterable[int], *, guild_id: int | None = None) -> list[int]:
+    async def forget_messages(
+        self, message_ids: Iterable[int], *, guild_id: int | None = None, for_good: bool = False
+    ) -> list[int]:
         """Messages were deleted: drop their pending jobs and their photos. Returns image ids gone.
 
         With `guild_id`, only what was posted in that server is touched: a member names a message
         by pasting a link, and a link written in one server can carry another server's message id.
+        `for_good` (someone asked, and the message is still there) also keeps them from being
+        queued again, by a backfill passing by or an edit.
         """
         ids = {int(i) for i in message_ids}
         if not ids:
             return []
+        if for_good and guild_id is not None:
+            await self.store.remember_forgotten(ids, guild_id)
 
         self._mark_gone(lambda job: job.message_id in ids and (guild_id is None or job.guild_id == guild_id))
         await self.store.drop_messages(ids, guild_id)
@@ -687,12 +732,14 @@ class IndexQueue:
         sources = await self.library.catalog.sources_for_messages([message_id])
         return await self.library.remove_sources([s for s in sources if s.attachment_id not in keep])
 
-    async def forget_channel(self, channel_id: int) -> list[int]:
-        """A channel or thread was deleted (or excluded): its jobs and photos go, and its threads'."""
+    async def forget_channel(self, channel_id: int, *, excluded: bool = False) -> list[int]:
+        """A channel or thread was deleted, or `excluded`: its jobs and photos go, and its
+        threads'. A deleted channel's rules go too; an excluded one keeps them, the exclusion
+        first of all."""
         threads = await self.store.threads_of(channel_id)
         channels = {channel_id, *threads}
         self._mark_gone(lambda job: job.channel_id in channels)
-        await self.store.forget_channel(channel_id)
+        await self.store.forget_channel(channel_id, keep_rules=excluded)
         gone: list[int] = []
         for cid in channels:
             await self.store.drop_where("channel_id", cid)

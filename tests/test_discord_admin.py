@@ -14,6 +14,8 @@ import discord
 import pytest
 
 from bot.cogs.admin import HIDDEN_CHANNEL
+from bot.cogs.indexing import jobs_for
+from bot.jobs import BackfillState
 from store.library import Library
 from tests.discord_harness import (
     ChannelSpec,
@@ -120,6 +122,7 @@ async def test_exclude_remove_include_and_clear_channel_rules(start_bot: StartBo
     reply = texts(sent)[-1]
     assert "Excluded" in reply and "1 photo(s)" in reply and f"exclude <#{old}>" in reply
     assert await library.catalog.find_sources("channel_id", old) == []
+    assert await harness.bot.jobs.rules(harness.guild_id) == {harness.guild_id: {old: "exclude"}}  # kept on disk
     after = await harness.post("old", "ann", files=[("n.jpg", scene_jpeg("blue", "star"))])
     await harness.drain()
     assert await library.catalog.sources_for_messages([after.id]) == []
@@ -201,6 +204,12 @@ async def test_forget_these_photos(start_bot: StartBot, library: Library, who: s
     else:
         assert len(remaining) == 1
         assert texts(sent) == ["Sorry, only the person who posted these photos or a moderator can make me forget them."]
+    # A backfill passing by the message later must not bring forgotten photos back.
+    photos = harness.channel_ids["photos"]
+    await harness.slash("boss", "general", "shoebox backfill", [{"name": "channel", "type": 7, "value": str(photos)}],
+                        resolved={"channels": {str(photos): _resolved_channel(harness, "photos")}})
+    await harness.drain()
+    assert len(await library.catalog.sources_for_messages([message.id])) == (0 if allowed else 1)
 
 
 async def test_backfill_is_resumable_and_reports_progress_in_one_message(start_bot: StartBot, library: Library) -> None:  # noqa: F811
@@ -469,3 +478,18 @@ async def test_a_fresh_backfill_forgets_photos_of_messages_deleted_while_the_bot
     await harness.drain()
     kept = {s.message_id for s in await library.catalog.sources_for_messages(photos)}
     assert kept == set(photos) - set(deleted)
+
+
+async def test_a_page_in_hand_when_the_bot_leaves_its_server_is_dropped(start_bot: StartBot, library: Library) -> None:  # noqa: F811
+    """A backfill waits for room in the queue with a page in hand; leaving the server meanwhile
+    forgets everything about it, and the page must not be queued (nor its progress kept) after."""
+    harness = await start_bot(LAYOUT)
+    indexing = harness.bot.get_cog("Indexing")
+    channel = harness.guild.get_channel(harness.channel_ids["old"])
+    message = await harness.post("old", "ann", "", [("a.jpg", scene_jpeg("red", "circle"))])
+    page = jobs_for(message, react=False)
+    state = BackfillState(channel.id, harness.guild_id, None)  # type: ignore[union-attr]
+    await harness.remove_bot_from_guild()
+    assert await indexing._save_step(state, page, 1, message.id, False, None)  # type: ignore[union-attr]
+    assert await indexing.queue.pending(harness.guild_id) == 0  # type: ignore[union-attr]
+    assert await harness.bot.jobs.backfill_state(channel.id) is None  # type: ignore[union-attr]

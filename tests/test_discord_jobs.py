@@ -96,7 +96,7 @@ async def test_a_first_schema_job_file_is_upgraded_and_problems_are_kept_per_ser
     finally:
         await store.close()
     with sqlite3.connect(path) as conn:
-        assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 4
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 5
 
 
 async def test_the_newest_message_seen_never_moves_back_and_leaves_with_its_channel(store: JobStore) -> None:

@@ -373,7 +373,7 @@ class Admin(commands.GroupCog, group_name="shoebox", group_description="Manage S
             forgotten = 0
             ids = {channel.id} | {c.id for c in getattr(channel, "channels", [])}
             for cid in ids:
-                forgotten += len(await indexing.queue.forget_channel(cid))
+                forgotten += len(await indexing.queue.forget_channel(cid, excluded=True))
             text = f"Excluded {channel.mention}: it is no longer indexed, and {forgotten} photo(s) from it were forgotten."
         elif action == "remove" and channel is not None:
             await indexing.set_rule(guild.id, channel.id, None)
@@ -410,7 +410,7 @@ async def forget_message_photos(bot: "ShoeboxBot", guild_id: int, message_id: in
     sources = [s for s in await bot.library.catalog.sources_for_messages([message_id]) if s.guild_id == guild_id]
     indexing = bot.get_cog("Indexing")
     if indexing is not None:
-        await indexing.queue.forget_messages([message_id], guild_id=guild_id)  # type: ignore[attr-defined]
+        await indexing.queue.forget_messages([message_id], guild_id=guild_id, for_good=True)  # type: ignore[attr-defined]
     else:
         await bot.library.forget_messages([message_id], guild_id)
     return len(sources)

@@ -184,7 +184,7 @@ class Indexing(commands.Cog):
         self.bot = bot
         self.queue = IndexQueue(
             bot.jobs, bot.library, self.download, bot.config.queue, on_indexed=self.acknowledge,
-            on_new_images=lambda count: bot.dispatch("new_images", count),
+            on_new_images=lambda count: bot.dispatch("new_images", count), accepts=self.still_wanted,
         )
         self._rules: dict[int, dict[int, str]] = {}
         self._backfilling: set[int] = set()
@@ -219,6 +219,15 @@ class Indexing(commands.Cog):
     def wants(self, channel: discord.abc.GuildChannel | discord.Thread) -> bool:
         rules = self._rules.get(channel.guild.id)
         return True if not rules else rule_allows(rules, rule_ids(channel))
+
+    def still_wanted(self, job: IndexJob) -> bool:
+        """Whether a job may still be queued: the bot is in its server, and its channel (where
+        the cache knows it) is not ruled out."""
+        guild = self.bot.get_guild(job.guild_id)
+        if guild is None:
+            return False
+        channel = guild.get_channel_or_thread(job.channel_id)
+        return channel is None or self.wants(channel)
 
     def rules_of(self, guild_id: int) -> dict[int, str]:
         return dict(self._rules.get(guild_id, {}))
@@ -770,7 +779,10 @@ class Indexing(commands.Cog):
         done: bool,
         progress: Progress | None,
     ) -> BackfillState:
-        """Queue one page's photos (waiting for room if the queue is full), then record the step."""
+        """Queue one page's photos (waiting for room if the queue is full), then record the step.
+
+        Nothing is recorded once the bot has left the server (the wait for room can outlast it):
+        joining again must start afresh, as leaving forgot everything else about the server."""
         queued = await self.queue.submit(page) if page else 0
         state = replace(
             state,
@@ -779,6 +791,8 @@ class Indexing(commands.Cog):
             queued=state.queued + queued,
             done=done,
         )
+        if self.bot.get_guild(state.guild_id) is None:
+            return state
         await self.bot.jobs.save_backfill(state)
         if progress is not None:
             await progress(state)
