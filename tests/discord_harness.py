@@ -111,6 +111,7 @@ class World:
     calls: list[str] = field(default_factory=list)
     cdn_failures: dict[str, int] = field(default_factory=dict)  # url -> how many times to fail first
     history_failures: dict[int, int] = field(default_factory=dict)  # channel -> history requests to fail
+    history_resets: set[int] = field(default_factory=set)  # channels whose history requests lose the connection
     archived_page: int = 100  # archived threads per page of the listing (Discord's most)
     thread_members: dict[int, set[int]] = field(default_factory=dict)  # thread -> user ids in it
     thread_member_failures: int = 0  # membership lookups to answer with a server error
@@ -276,6 +277,9 @@ class FakeDiscordHttp(HTTPClient):
         self.world.calls.append(
             f"logs_from {channel_id} before={before} limit={limit}" + (f" after={after}" if after is not None else "")
         )
+        if int(channel_id) in self.world.history_resets:
+            # What Linux gives discord.py for a dropped connection, which it does not retry.
+            raise ConnectionResetError(104, "Connection reset by peer")
         failing = self.world.history_failures.get(int(channel_id), 0)
         if failing:
             self.world.history_failures[int(channel_id)] = failing - 1

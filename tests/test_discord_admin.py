@@ -318,6 +318,21 @@ async def test_a_backfill_of_the_whole_server_takes_in_archived_threads(start_bo
     assert [t.thread_id for t in await harness.bot.jobs.known_threads(harness.guild_id)] == [thread_id]
 
 
+async def test_a_dropped_connection_stops_one_channel_of_a_whole_server_backfill_not_all(
+    start_bot: StartBot, library: Library  # noqa: F811
+) -> None:
+    harness = await start_bot(LAYOUT)
+    posted = {name: harness.post_while_away(name, "ann", "", [(f"{name}.jpg", scene_jpeg("red", "circle"))])
+              for name in ("old", "photos")}
+    harness.world.history_resets.add(harness.channel_ids["old"])
+    sent = await harness.slash("boss", "general", "shoebox backfill")
+    summary = texts(sent)[-1]
+    assert f"<#{harness.channel_ids['old']}>: stopped (connection lost); run it again to resume" in summary
+    await harness.drain()
+    indexed = await library.catalog.sources_for_messages(list(posted.values()))
+    assert [s.message_id for s in indexed] == [posted["photos"]]
+
+
 async def test_a_backfill_reads_private_archived_threads_and_names_them_only_to_their_readers(
     start_bot: StartBot, library: Library  # noqa: F811
 ) -> None:

@@ -21,6 +21,7 @@ import re
 import time
 from typing import TYPE_CHECKING, Any, Literal
 
+import aiohttp
 import discord
 from discord import app_commands
 from discord.ext import commands
@@ -328,12 +329,15 @@ class Admin(commands.GroupCog, group_name="shoebox", group_description="Manage S
             except discord.Forbidden:
                 finished.append(f"{label or HIDDEN_CHANNEL}: I may not read its history")
                 continue
-            except discord.HTTPException as error:
-                log.warning("Backfill of %s stopped: %s", target, error)
+            except (discord.HTTPException, aiohttp.ClientError, OSError, asyncio.TimeoutError) as error:
+                # Discord refused, or the connection dropped (discord.py retries a reset only
+                # with macOS's and Windows' error codes): this channel stops, the others go on.
+                why = error.status if isinstance(error, discord.HTTPException) else "connection lost"
+                log.warning("Backfill of %s stopped: %r", target, error)
                 await self.bot.jobs.note_error(
-                    "backfill", f"#{getattr(target, 'name', target)}: {error}", guild.id, target.id
+                    "backfill", f"#{getattr(target, 'name', target)}: {error or why}", guild.id, target.id
                 )
-                finished.append(f"{label or HIDDEN_CHANNEL}: stopped ({error.status}); run it again to resume")
+                finished.append(f"{label or HIDDEN_CHANNEL}: stopped ({why}); run it again to resume")
                 continue
             finished.append(_state_line(label, state))
         summary = "Backfill finished; the photos are being indexed now.\n" + "\n".join(finished)
