@@ -62,8 +62,11 @@ async def library(settings: Settings, embedder: ClipEmbedder) -> AsyncIterator[L
 
 
 @pytest.fixture
-def cli_env(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Point the CLI at the small model, whatever the developer's own environment says."""
+def cli_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """Point the CLI at the small model, whatever the developer's own environment says, and run
+    it from an empty folder: the CLI reads `.env` from where it runs, and a developer's own (a
+    key, captions on) would otherwise reach the tests."""
+    monkeypatch.chdir(tmp_path)
     checkpoint = os.environ.get("SHOEBOX_TEST_CHECKPOINT")
     for name in list(os.environ):
         if name.startswith("SHOEBOX_") or name.startswith("ANTHROPIC_"):

@@ -51,6 +51,8 @@ from tools.search import find_similar, search_images
 
 REPO = Path(__file__).resolve().parents[1]
 WORKER = Path(__file__).with_name("crash_worker.py")
+# Children run from here, not from the checkout, whose .env (a key, captions on) is not the tests'.
+CHILD_CWD = Path(__file__).resolve().parent
 
 IMAGES = 120  # files in the folder the indexer is killed over
 BATCH = 16  # the indexer's batch size (max(8, SHOEBOX_CLIP_BATCH=16)); its batches, the unit of
@@ -76,6 +78,7 @@ def cli_environment() -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("SHOEBOX_", "ANTHROPIC_"))}
     env["SHOEBOX_CLIP_MODEL"] = "shoebox-tiny"
     env["HF_HUB_OFFLINE"] = "1"
+    env["PYTHONPATH"] = str(REPO)  # the children run from CHILD_CWD, away from the checkout's .env
     # One torch thread: on a small shared machine several spinning OpenMP threads make each model
     # load several times slower, and nothing here measures speed.
     env["SHOEBOX_CLIP_THREADS"] = "1"
@@ -96,7 +99,7 @@ class CrashServer:
             stdout=subprocess.PIPE,
             stderr=None,
             text=True,
-            cwd=REPO,
+            cwd=CHILD_CWD,
             env=env,
         )
         hello = self._read(SERVER_START_SECONDS)
@@ -403,7 +406,7 @@ def run_real_cli(args: list[str], env: dict[str, str], timeout: float = 180.0) -
     """`python -m bot.cli ARGS --json` as a user runs it; returns (exit code, JSON, stderr)."""
     done = subprocess.run(
         [sys.executable, "-m", "bot.cli", *args, "--json"],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout,
+        cwd=CHILD_CWD, env=env, capture_output=True, text=True, timeout=timeout,
     )
     output = json.loads(done.stdout) if done.stdout.strip() else None
     return done.returncode, output, done.stderr
