@@ -8,6 +8,7 @@ decode, embed, store, search — work on their own machine.
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -74,8 +75,9 @@ async def run_demo(args: argparse.Namespace) -> int:
         outcomes = await library.index(items, ProgressBar("   indexing"))
         new = sum(o.status == "indexed" for o in outcomes)
         print(f"   {new} new, {len(outcomes) - new} already indexed.")
+        print("\n3. Searching by text:")
         for query in DEMO_QUERIES:
-            print(f"\n3. search: {query!r}")
+            print(f"\n   search: {query!r}")
             for result in await search_images(library, query, k=3):
                 print("   " + format_result(result).replace("\n", "\n   "))
         first = next(o for o in outcomes if o.image_id is not None)
@@ -84,7 +86,13 @@ async def run_demo(args: argparse.Namespace) -> int:
             print("   " + format_result(result).replace("\n", "\n   "))
     print(
         f"\nDone in {time.monotonic() - started:.0f}s. The file names tell what each scene shows; "
-        f"try `SHOEBOX_CLIP_MODEL={MODEL_NAME} shoebox --data {settings.data_dir} search \"a white cross\"` "
+        f"try `SHOEBOX_CLIP_MODEL={MODEL_NAME} {_program()} --data {settings.data_dir} search \"a white cross\"` "
         "yourself."
     )
     return 0
+
+
+def _program() -> str:
+    """How the user ran Shoebox (`.venv/bin/shoebox` after `make run`), for a command to copy."""
+    ran = sys.argv[0] if sys.argv else ""
+    return ran if Path(ran).name == "shoebox" else "shoebox"
