@@ -46,6 +46,17 @@ def result_count(text: str) -> int:
     return count
 
 
+def date_text(text: str) -> str:
+    """An argparse type: a date (or ISO time) the search filters accept, kept as written."""
+    from tools.search import ToolError, parse_date
+
+    try:
+        parse_date(text, "the date")
+    except ToolError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+    return text
+
+
 # ---- output helpers ---------------------------------------------------------------------------
 
 
@@ -439,8 +450,8 @@ def _add_filters(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--k", type=result_count, default=5, help="how many results (1-25, default 5)")
     parser.add_argument("--author", help="only images posted by this user (name or id)")
     parser.add_argument("--channel", help="only images from this channel (name or id)")
-    parser.add_argument("--after", help="only images from this date on (YYYY-MM-DD)")
-    parser.add_argument("--before", help="only images up to this date (YYYY-MM-DD, inclusive)")
+    parser.add_argument("--after", type=date_text, help="only images from this date on (YYYY-MM-DD)")
+    parser.add_argument("--before", type=date_text, help="only images up to this date (YYYY-MM-DD, inclusive)")
     parser.add_argument(
         "--sort", choices=("relevance", "newest", "oldest"), default="relevance",
         help="order of the results (default: relevance)",

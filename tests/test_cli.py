@@ -92,6 +92,9 @@ def test_user_errors_exit_1_and_usage_errors_exit_2(tmp_path: Path, capsys: pyte
     for command in ("describe", "forget", "similar"):  # past what SQLite can even look up
         assert main(["--data", data, command, str(2**63)]) == 1
         assert f"no image with id {2**63}" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as usage:
+        main(["--data", data, "search", "x", "--after", "2020-13-01"])
+    assert usage.value.code == 2 and "must be a date like 2024-07-31, not '2020-13-01'" in capsys.readouterr().err
     for k in ("0", "1000", "many"):  # bad usage, as the README's exit codes say
         with pytest.raises(SystemExit) as usage:
             main(["--data", data, "search", "x", "--k", k])
