@@ -110,6 +110,7 @@ class World:
     typing: list[int] = field(default_factory=list)
     calls: list[str] = field(default_factory=list)
     cdn_failures: dict[str, int] = field(default_factory=dict)  # url -> how many times to fail first
+    app_owner: int | None = None  # the user who owns the bot's application (None: nobody here)
     history_failures: dict[int, int] = field(default_factory=dict)  # channel -> history requests to fail
     history_resets: set[int] = field(default_factory=set)  # channels whose history requests lose the connection
     archived_page: int = 100  # archived threads per page of the listing (Discord's most)
@@ -339,6 +340,16 @@ class FakeDiscordHttp(HTTPClient):
         if member is None:
             raise not_found("member")
         return {**member, "user": self.world.users[int(member_id)]}
+
+    async def application_info(self) -> Any:
+        self.world.calls.append("application_info")
+        owner = self.world.users.get(self.world.app_owner or 0) or {
+            "id": str(snowflake()), "username": "someone-else", "discriminator": "0", "global_name": None, "avatar": None,
+        }
+        return {
+            "id": str(self.world.application_id), "name": "Shoebox", "description": "", "icon": None,
+            "bot_public": False, "bot_require_code_grant": False, "owner": owner, "team": None, "verify_key": "0" * 64,
+        }
 
     async def get_thread_member(self, channel_id: int, user_id: int) -> Any:
         self.world.calls.append(f"thread_member {channel_id} {user_id}")

@@ -13,7 +13,7 @@ from datetime import timedelta
 import discord
 import pytest
 
-from bot.cogs.admin import HIDDEN_CHANNEL
+from bot.cogs.admin import HIDDEN_CHANNEL, SHARED_REINDEX
 from bot.cogs.indexing import jobs_for
 from bot.jobs import BackfillState
 from store.library import Library
@@ -266,6 +266,31 @@ async def test_reindex_edits_one_message_with_progress(start_bot: StartBot, libr
     assert all(s.kind == "edit" for s in sent[1:])
     assert texts(sent)[-1].startswith("Re-indexed 3 photos with")
     assert library.vectors.count == before == 3
+
+
+async def test_a_reindex_that_would_touch_other_servers_is_for_the_bots_owner(
+    start_bot: StartBot, library: Library  # noqa: F811
+) -> None:
+    layout = Layout(roles={"admin": discord.Permissions(manage_guild=True)}, channels=[ChannelSpec("general")],
+                    members={"boss": ["admin"], "deputy": ["admin"]})
+    harness = await start_bot(layout)
+    await harness.post("general", "boss", files=[("a.jpg", scene_jpeg("red", "circle"))])
+    await harness.drain()
+    harness.add_guild(LAYOUT, "elsewhere")
+    harness.world.app_owner = harness.user_ids["boss"]
+    sent = await harness.slash("deputy", "general", "shoebox reindex")
+    assert texts(sent) == [SHARED_REINDEX]
+    sent = await harness.slash("boss", "general", "shoebox reindex")
+    assert texts(sent)[-1].startswith("Re-indexed 1 photos with")
+
+
+async def test_status_shows_a_reindex_under_way(start_bot: StartBot) -> None:  # noqa: F811
+    """After 15 minutes the reindex's own message can no longer be edited: status tells instead."""
+    harness = await start_bot(LAYOUT)
+    admin = harness.bot.get_cog("Admin")
+    admin._reindex_progress = (1200, 5000)  # type: ignore[union-attr]
+    sent = await harness.slash("boss", "general", "shoebox status")
+    assert "Re-index: running, 1,200 / 5,000 photos (new photos wait for it)" in texts(sent)[-1]
 
 
 async def test_two_admins_asking_for_a_reindex_at_once_get_one(

@@ -128,6 +128,11 @@ class ProgressMessage:
 # Managing a server does not open every channel in it: a channel the admin cannot read is named
 # only as this, and neither its file names nor its counts are shown.
 HIDDEN_CHANNEL = "a channel you cannot view"
+# The library is one for every server the bot is in, and re-embedding it pauses them all.
+SHARED_REINDEX = (
+    "Re-indexing re-embeds the photos of every server this bot is in, and pauses indexing in all "
+    "of them while it runs, so only the bot's owner can start it."
+)
 
 
 def _state_line(channel: str | None, state: BackfillState, running: bool = True) -> str:
@@ -146,6 +151,7 @@ class Admin(commands.GroupCog, group_name="shoebox", group_description="Manage S
     def __init__(self, bot: "ShoeboxBot") -> None:
         self.bot = bot
         self._reindexing = asyncio.Lock()
+        self._reindex_progress: tuple[int, int] | None = None  # (done, total) while one runs
         super().__init__()
 
     @property
@@ -198,6 +204,9 @@ class Admin(commands.GroupCog, group_name="shoebox", group_description="Manage S
             + f" · since start: {counters.indexed:,} indexed, {counters.duplicates:,} duplicates, "
             f"{counters.rejected:,} not photos, {counters.gave_up:,} gave up",
         ]
+        if self._reindex_progress is not None:
+            done, total = self._reindex_progress
+            lines.append(f"Re-index: running, {done:,} / {total:,} photos (new photos wait for it)")
         rules = self.indexing.rules_of(guild.id)
         if rules:
             described = ", ".join(f"{mode} <#{cid}>" for cid, mode in sorted(rules.items()))
@@ -225,6 +234,9 @@ class Admin(commands.GroupCog, group_name="shoebox", group_description="Manage S
         if self._reindexing.locked():
             await interaction.response.send_message("A re-index is already running.", ephemeral=True)
             return
+        if len(self.bot.guilds) > 1 and not await self._owns_the_bot(interaction.user):
+            await interaction.response.send_message(SHARED_REINDEX, ephemeral=True)
+            return
         # Taken before the first await: a second admin asking meanwhile is told it is running.
         async with self._reindexing:
             await interaction.response.send_message("Re-indexing: starting…", ephemeral=True)
@@ -233,6 +245,7 @@ class Admin(commands.GroupCog, group_name="shoebox", group_description="Manage S
 
             def note(done: int, total: int) -> None:
                 latest[0], latest[1] = done, total
+                self._reindex_progress = (done, total)
 
             async def ticker() -> None:
                 while True:
@@ -255,7 +268,16 @@ class Admin(commands.GroupCog, group_name="shoebox", group_description="Manage S
                     return
                 finally:
                     tick.cancel()
+                    self._reindex_progress = None
         await progress.show(f"Re-indexed {total:,} photos with `{self.bot.library.embedder.model_id}`.", final=True)
+
+    async def _owns_the_bot(self, user: discord.abc.User) -> bool:
+        """Whether `user` owns the bot's application (or is on its team); no answer means no."""
+        try:
+            return await self.bot.is_owner(user)  # type: ignore[arg-type]
+        except discord.HTTPException as error:
+            log.warning("Could not look up the bot's owner: %s", error)
+            return False
 
     # ---- backfill ---------------------------------------------------------------------------
 
