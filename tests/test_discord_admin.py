@@ -13,7 +13,7 @@ from datetime import timedelta
 import discord
 import pytest
 
-from bot.cogs.admin import HIDDEN_CHANNEL, SHARED_REINDEX
+from bot.cogs.admin import HIDDEN_CHANNEL, SHARED_REINDEX, fit_lines
 from bot.cogs.indexing import jobs_for
 from bot.jobs import BackfillState
 from store.library import Library
@@ -229,7 +229,7 @@ async def test_backfill_is_resumable_and_reports_progress_in_one_message(start_b
     sent = await harness.slash("boss", "general", "shoebox backfill", options, resolved=resolved)
     assert sent[0].kind == "interaction" and sent[0].ephemeral
     assert all(s.kind == "edit" for s in sent[1:]) and len(sent) >= 3  # progress edits one message
-    assert "150 messages scanned" in texts(sent)[-1] and "in progress" in texts(sent)[-1]
+    assert "150 messages scanned" in texts(sent)[-1] and "stopped: `/shoebox backfill` goes on from here" in texts(sent)[-1]
     state = await harness.bot.jobs.backfill_state(channel_id)
     assert state is not None and state.scanned == 150 and not state.done
     # Its newest message is where a restart catches up from.
@@ -533,3 +533,12 @@ async def test_a_page_in_hand_when_the_bot_leaves_its_server_is_dropped(start_bo
     assert await indexing._save_step(state, page, 1, message.id, False, None)  # type: ignore[union-attr]
     assert await indexing.queue.pending(harness.guild_id) == 0  # type: ignore[union-attr]
     assert await harness.bot.jobs.backfill_state(channel.id) is None  # type: ignore[union-attr]
+
+
+def test_a_long_report_keeps_whole_lines_and_says_how_many_are_left_out() -> None:
+    lines = ["Backfill finished; the photos are being indexed now."] + [f"<#{n:019d}>: done" for n in range(200)]
+    text = fit_lines(lines)
+    assert len(text) <= 2000 and text.endswith(" more")
+    shown = text.split("\n")[:-1]
+    assert shown == lines[: len(shown)] and text.split("\n")[-1] == f"… and {len(lines) - len(shown)} more"
+    assert fit_lines(lines[:3]) == "\n".join(lines[:3])

@@ -135,6 +135,20 @@ SHARED_REINDEX = (
 )
 
 
+def fit_lines(lines: list[str], limit: int = 2000) -> str:
+    """As many whole lines as fit in one Discord message, then how many were left out."""
+    reserve = len(f"\n… and {len(lines):,} more")  # room kept for that last line
+    kept: list[str] = []
+    size = -1  # no newline before the first line
+    for number, line in enumerate(lines):
+        room = limit if number == len(lines) - 1 else limit - reserve
+        if size + 1 + len(line) > room:
+            return "\n".join(kept) + f"\n… and {len(lines) - number:,} more"
+        kept.append(line)
+        size += 1 + len(line)
+    return "\n".join(kept)
+
+
 def _state_line(channel: str | None, state: BackfillState, running: bool = True) -> str:
     """One channel's backfill; `channel` None for one the admin cannot view (no name, no counts)."""
     status = "done" if state.done else "in progress" if running else "stopped: `/shoebox backfill` goes on from here"
@@ -218,6 +232,8 @@ class Admin(commands.GroupCog, group_name="shoebox", group_description="Manage S
         for state in states[:5]:
             running = self.indexing.is_backfilling(state.channel_id)
             lines.append("Backfill " + _state_line(f"<#{state.channel_id}>", state, running))
+        if len(states) > 5:
+            lines.append(f"… and {len(states) - 5:,} more backfilled channel(s)")
         noted = await self.bot.jobs.recent_errors(KEEP_ERRORS, guild.id)
         # Each problem names the channel it is about; rows from before channels were kept are
         # not shown, as their channel cannot be told.
@@ -225,7 +241,7 @@ class Admin(commands.GroupCog, group_name="shoebox", group_description="Manage S
         if errors:
             lines.append("Recent problems:")
             lines += [f"• {e.at} {e.place}: {e.message}" for e in errors]
-        await interaction.followup.send("\n".join(lines)[:2000], ephemeral=True)
+        await interaction.followup.send(fit_lines(lines), ephemeral=True)
 
     # ---- reindex ----------------------------------------------------------------------------
 
@@ -361,9 +377,9 @@ class Admin(commands.GroupCog, group_name="shoebox", group_description="Manage S
                 )
                 finished.append(f"{label or HIDDEN_CHANNEL}: stopped ({why}); run it again to resume")
                 continue
-            finished.append(_state_line(label, state))
-        summary = "Backfill finished; the photos are being indexed now.\n" + "\n".join(finished)
-        await progress.show(summary[:2000], final=True)
+            finished.append(_state_line(label, state, running=False))
+        summary = fit_lines(["Backfill finished; the photos are being indexed now.", *finished])
+        await progress.show(summary, final=True)
 
     # ---- channels ---------------------------------------------------------------------------
 
