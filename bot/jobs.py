@@ -534,8 +534,12 @@ class JobStore:
                 "INSERT INTO errors (at, place, message, guild_id, channel_id) VALUES (?, ?, ?, ?, ?)",
                 (utc_now(), place, message[:500], guild_id, channel_id),
             )
+            # The latest KEEP_ERRORS of each server (and of none): a noisy server cannot push
+            # another's problems out of its /shoebox status.
             await self.conn.execute(
-                "DELETE FROM errors WHERE id <= (SELECT MAX(id) FROM errors) - ?", (KEEP_ERRORS,)
+                "DELETE FROM errors WHERE guild_id IS ? AND id NOT IN "
+                "(SELECT id FROM errors WHERE guild_id IS ? ORDER BY id DESC LIMIT ?)",
+                (guild_id, guild_id, KEEP_ERRORS),
             )
 
     async def recent_errors(self, limit: int = 5, guild_id: int | None = None) -> list[ErrorNote]:

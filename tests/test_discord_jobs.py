@@ -73,10 +73,13 @@ async def test_rules_backfill_threads_and_errors_are_kept(store: JobStore) -> No
     assert await store.known_threads(1) == [KnownThread(30, 10, 1, True, 7)]
     await store.forget_channel(10)  # the parent goes: its rules, progress and threads too
     assert await store.backfill_state(10) is None and await store.known_threads(1) == []
+    await store.note_error("test", "a quiet server's problem", guild_id=2)
     for n in range(KEEP_ERRORS + 10):
-        await store.note_error("test", f"problem {n}")
-    recent = await store.recent_errors(KEEP_ERRORS + 20)
+        await store.note_error("test", f"problem {n}", guild_id=1)
+    recent = await store.recent_errors(KEEP_ERRORS + 20, guild_id=1)
     assert len(recent) == KEEP_ERRORS and recent[0].message == f"problem {KEEP_ERRORS + 9}"
+    # A noisy server keeps its latest problems without pushing out another's.
+    assert [e.message for e in await store.recent_errors(5, guild_id=2)] == ["a quiet server's problem"]
 
 
 async def test_a_first_schema_job_file_is_upgraded_and_problems_are_kept_per_server(tmp_path: Path) -> None:
