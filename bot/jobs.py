@@ -42,7 +42,7 @@ from store.library import IncomingImage, IndexOutcome, Library
 log = logging.getLogger(__name__)
 
 DB_FILE = "bot.sqlite3"
-SCHEMA_VERSION = 5
+SCHEMA_VERSION = 6
 KEEP_ERRORS = 50
 
 # Each entry upgrades the schema from version i to i + 1. Append; never edit a released step.
@@ -129,6 +129,18 @@ MIGRATIONS: list[str] = [
         at TEXT NOT NULL
     );
     """,
+    # ... kept per server: a link pasted in one server may carry another server's message id.
+    """
+    CREATE TABLE forgotten_in (
+        message_id INTEGER NOT NULL,
+        guild_id INTEGER NOT NULL,
+        at TEXT NOT NULL,
+        PRIMARY KEY (message_id, guild_id)
+    );
+    INSERT INTO forgotten_in SELECT message_id, guild_id, at FROM forgotten;
+    DROP TABLE forgotten;
+    ALTER TABLE forgotten_in RENAME TO forgotten;
+    """,
 ]
 assert len(MIGRATIONS) == SCHEMA_VERSION
 
@@ -211,16 +223,16 @@ def _job_from_row(row: Sequence[object]) -> IndexJob:
     return IndexJob(*values)  # type: ignore[arg-type]
 
 
-async def _forgotten_among(conn: aiosqlite.Connection, message_ids: set[int]) -> set[int]:
-    """Which of these messages had their photos forgotten on request."""
-    found: set[int] = set()
+async def _forgotten_among(conn: aiosqlite.Connection, message_ids: set[int]) -> set[tuple[int, int]]:
+    """(message, server) for those of these messages whose photos were forgotten on request."""
+    found: set[tuple[int, int]] = set()
     ids = sorted(message_ids)
     for start in range(0, len(ids), 500):
         chunk = ids[start : start + 500]
         async with conn.execute(
-            f"SELECT message_id FROM forgotten WHERE message_id IN ({','.join('?' * len(chunk))})", chunk
+            f"SELECT message_id, guild_id FROM forgotten WHERE message_id IN ({','.join('?' * len(chunk))})", chunk
         ) as cur:
-            found.update(int(row[0]) for row in await cur.fetchall())
+            found.update((int(row[0]), int(row[1])) for row in await cur.fetchall())
     return found
 
 
@@ -293,7 +305,7 @@ class JobStore:
         now = utc_now()
         async with self._transaction() as conn:
             forgotten = await _forgotten_among(conn, {j.message_id for j in jobs})
-            jobs = [j for j in jobs if j.message_id not in forgotten]
+            jobs = [j for j in jobs if (j.message_id, j.guild_id) not in forgotten]
             before = conn.total_changes
             await conn.executemany(
                 "INSERT OR IGNORE INTO jobs (attachment_id, guild_id, channel_id, message_id, filename, "

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import sqlite3
 from pathlib import Path
 
@@ -60,6 +61,16 @@ async def test_a_job_file_that_cannot_be_used_is_refused_and_no_connection_stays
     assert not sqlite_threads_left(before), (damaged_refused.value, future_refused.value)
 
 
+async def test_a_message_forgotten_on_request_is_not_queued_again_in_its_server_only(store: JobStore) -> None:
+    """A link pasted in one server can carry another server's message id: what it forgets there
+    must not keep the other server's message from being indexed."""
+    await store.remember_forgotten([501], guild_id=1)
+    await store.remember_forgotten([501], guild_id=3)
+    elsewhere = dataclasses.replace(job(1), guild_id=2, attachment_id=2001)
+    assert await store.add([job(1), job(2), elsewhere]) == 2
+    assert sorted(j.attachment_id for j in await store.due(10, now=1e12)) == [1002, 2001]
+
+
 async def test_rules_backfill_threads_and_errors_are_kept(store: JobStore) -> None:
     await store.set_rule(1, 10, "exclude")
     await store.set_rule(1, 11, "include")
@@ -99,7 +110,7 @@ async def test_a_first_schema_job_file_is_upgraded_and_problems_are_kept_per_ser
     finally:
         await store.close()
     with sqlite3.connect(path) as conn:
-        assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 5
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 6
 
 
 async def test_the_newest_message_seen_never_moves_back_and_leaves_with_its_channel(store: JobStore) -> None:
