@@ -250,7 +250,8 @@ class Agent:
                 return _final_text(response, state)
             results: list[dict[str, Any]] = []
             for number, call in enumerate(calls):
-                if response.stop_reason == "max_tokens":
+                # Only the block the output limit stopped in, the last, can be incomplete.
+                if response.stop_reason == "max_tokens" and call is response.content[-1]:
                     results.append(_error_result(call.id, CUT_OFF_CALL))
                     continue
                 results.append(await self._run_call(call, state, number))

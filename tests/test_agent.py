@@ -466,12 +466,13 @@ async def test_blank_text_beside_a_tool_call_is_not_sent_back(
 async def test_a_tool_call_cut_off_by_the_output_limit_is_not_run(
     make_agent: MakeAgent, gallery: Gallery, fake_anthropic: FakeAnthropic  # noqa: F811
 ) -> None:
-    call = tool_use("search_images", {"query": "a circle"})
-    fake_anthropic.script([message(call, stop_reason="max_tokens"), answer("I could not search.")])
+    whole, cut = tool_use("search_images", {"query": "a square"}), tool_use("search_images", {"query": "a circle"})
+    fake_anthropic.script([message(whole, cut, stop_reason="max_tokens"), answer("I could not search.")])
     reply = await make_agent().answer("circles", IN_SCOPE)
-    (result,) = tool_results(fake_anthropic.bodies[1])
-    assert result["is_error"] and result["tool_use_id"] == call["id"]
-    assert result_text(result) == CUT_OFF_CALL
+    ran, refused = tool_results(fake_anthropic.bodies[1])
+    assert not ran.get("is_error") and ran["tool_use_id"] == whole["id"]  # complete before the limit
+    assert refused["is_error"] and refused["tool_use_id"] == cut["id"]
+    assert result_text(refused) == CUT_OFF_CALL
     assert reply.answer == "I could not search." and reply.images == []
 
 
