@@ -542,3 +542,5 @@ def test_a_long_report_keeps_whole_lines_and_says_how_many_are_left_out() -> Non
     shown = text.split("\n")[:-1]
     assert shown == lines[: len(shown)] and text.split("\n")[-1] == f"… and {len(lines) - len(shown)} more"
     assert fit_lines(lines[:3]) == "\n".join(lines[:3])
+    assert fit_lines(["x" * 1990, "y" * 5]) == "x" * 1990 + "\n" + "y" * 5  # 1,996 characters: all fit
+    assert fit_lines(["z" * 3000, "w"]) == "z" * (2000 - len("\n… and 2 more")) + "\n… and 1 more"

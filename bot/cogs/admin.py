@@ -136,17 +136,20 @@ SHARED_REINDEX = (
 
 
 def fit_lines(lines: list[str], limit: int = 2000) -> str:
-    """As many whole lines as fit in one Discord message, then how many were left out."""
-    reserve = len(f"\n… and {len(lines):,} more")  # room kept for that last line
-    kept: list[str] = []
-    size = -1  # no newline before the first line
-    for number, line in enumerate(lines):
-        room = limit if number == len(lines) - 1 else limit - reserve
+    """The lines as one Discord message: all of them when they fit; else as many whole lines as
+    fit (at least the start of the first), then how many were left out."""
+    text = "\n".join(lines)
+    if len(text) <= limit:
+        return text
+    room = limit - len(f"\n… and {len(lines):,} more")
+    kept = [lines[0][:room]]
+    size = len(kept[0])
+    for line in lines[1:]:
         if size + 1 + len(line) > room:
-            return "\n".join(kept) + f"\n… and {len(lines) - number:,} more"
+            break
         kept.append(line)
         size += 1 + len(line)
-    return "\n".join(kept)
+    return "\n".join(kept) + f"\n… and {len(lines) - len(kept):,} more"
 
 
 def _state_line(channel: str | None, state: BackfillState, running: bool = True) -> str:
@@ -247,11 +250,11 @@ class Admin(commands.GroupCog, group_name="shoebox", group_description="Manage S
 
     @app_commands.command(name="reindex", description="Re-embed every photo with the current model")
     async def reindex(self, interaction: discord.Interaction) -> None:
-        if self._reindexing.locked():
-            await interaction.response.send_message("A re-index is already running.", ephemeral=True)
-            return
         if len(self.bot.guilds) > 1 and not await self._owns_the_bot(interaction.user):
             await interaction.response.send_message(SHARED_REINDEX, ephemeral=True)
+            return
+        if self._reindexing.locked():
+            await interaction.response.send_message("A re-index is already running.", ephemeral=True)
             return
         # Taken before the first await: a second admin asking meanwhile is told it is running.
         async with self._reindexing:
