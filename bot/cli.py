@@ -552,16 +552,20 @@ def _register_extras() -> None:
     _EXTRA_COMMANDS.append(terminal.add_commands)
 
 
-def unreadable_catalog(args: argparse.Namespace, error: sqlite3.DatabaseError) -> str:
-    """One line for a catalog that failed while in use: busy for too long, or damaged inside."""
+def unreadable_catalog(args: argparse.Namespace, error: sqlite3.DatabaseError) -> str | None:
+    """One line for a catalog that failed while in use, busy for too long or damaged inside;
+    None for any other error, and under `shoebox bot`, which has a database of its own too."""
     from store.library import DB_FILE
     from store.settings import Settings, SettingsError
 
+    locked = isinstance(error, sqlite3.OperationalError) and "locked" in str(error)
+    if getattr(args, "command", None) == "bot" or not (locked or type(error) is sqlite3.DatabaseError):
+        return None
     try:
         path: Path | str = Settings.from_env(args.data).data_dir / DB_FILE
     except SettingsError:
         path = DB_FILE
-    if isinstance(error, sqlite3.OperationalError) and "locked" in str(error):
+    if locked:
         return f"{path} stayed locked by another Shoebox process for too long; try again when it has finished."
     return (
         f"{path} cannot be read ({error}). If it was damaged, restore it from a backup; moving it "
@@ -586,8 +590,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"shoebox: {error}", file=sys.stderr)
         return 1
     except sqlite3.DatabaseError as error:
-        # Damage inside a catalog whose header is intact shows only when a page is read.
-        print(f"shoebox: {unreadable_catalog(args, error)}", file=sys.stderr)
+        # Damage inside a catalog whose header is intact shows only when a page is read. Other
+        # SQLite errors are bugs, and the bot's own file is not the catalog: those go on up.
+        line = unreadable_catalog(args, error)
+        if line is None:
+            raise
+        print(f"shoebox: {line}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("shoebox: interrupted; everything committed so far is kept.", file=sys.stderr)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import select
@@ -277,7 +278,11 @@ def test_a_catalog_damaged_inside_is_one_line_too(tmp_path: Path, capsys: pytest
 def test_a_catalog_held_too_long_by_another_process_says_so(tmp_path: Path) -> None:
     args = build_parser().parse_args(["--data", str(tmp_path), "stats"])
     line = unreadable_catalog(args, sqlite3.OperationalError("database is locked"))
-    assert line.startswith(f"{tmp_path / 'shoebox.sqlite3'} stayed locked by another Shoebox process")
+    assert line is not None and line.startswith(f"{tmp_path / 'shoebox.sqlite3'} stayed locked by another Shoebox")
+    # A mistake in a query is a bug to see whole, not a damaged file; and the bot has two files.
+    assert unreadable_catalog(args, sqlite3.ProgrammingError("wrong number of bindings")) is None
+    bot = argparse.Namespace(**{**vars(args), "command": "bot"})
+    assert unreadable_catalog(bot, sqlite3.DatabaseError("database disk image is malformed")) is None
 
 
 def test_a_file_given_to_look_alike_commands_is_checked_before_it_is_read(
