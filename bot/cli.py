@@ -184,16 +184,8 @@ def _exists(path: Path) -> bool:
         return True
 
 
-def _is_folder(path: Path) -> bool:
-    """Whether `path` is a folder to bring up to date, files gone from it included."""
-    try:
-        return path.is_dir()
-    except OSError:
-        return False
-
-
 async def cmd_index(args: argparse.Namespace) -> int:
-    from store.library import expand_paths
+    from store.library import expand_paths, path_check
 
     missing = [p for p in args.paths if not _exists(Path(p))]
     if missing:
@@ -209,7 +201,7 @@ async def cmd_index(args: argparse.Namespace) -> int:
         gone = [
             source
             for folder in args.paths
-            if _is_folder(Path(folder))
+            if path_check(Path(folder).is_dir, failing=False)  # a folder: its gone files go too
             for source in await library.forget_missing_files(Path(folder))
         ]
         elapsed = time.monotonic() - started

@@ -1137,7 +1137,7 @@ def expand_paths(paths: Iterable[Path], unreadable: list[tuple[Path, str]] | Non
     found: list[Path] = []
     for path in paths:
         path = Path(path)
-        if not _checks(path.is_dir, failing=False):
+        if not path_check(path.is_dir, failing=False):
             found.append(path)
             continue
 
@@ -1149,7 +1149,7 @@ def expand_paths(paths: Iterable[Path], unreadable: list[tuple[Path, str]] | Non
         for folder, folders, names in os.walk(path, onerror=note):
             folders[:] = [name for name in folders if not name.startswith(".")]
             inside.extend(Path(folder, name) for name in names if not name.startswith("."))
-        found.extend(child for child in sorted(inside) if _checks(child.is_file, failing=True))
+        found.extend(child for child in sorted(inside) if path_check(child.is_file, failing=True))
     return found
 
 
@@ -1164,7 +1164,7 @@ def _known_missing(path: Path) -> bool:
     return False
 
 
-def _checks(test: Callable[[], bool], failing: bool) -> bool:
+def path_check(test: Callable[[], bool], failing: bool) -> bool:
     """`test()`, or `failing` where the file's details may not even be looked at (a folder on
     the way without search permission): such a file is still tried, and reading it says why not."""
     try:
@@ -1196,4 +1196,5 @@ __all__ = [
     "VerifyReport",
     "expand_paths",
     "file_source",
+    "path_check",
 ]
