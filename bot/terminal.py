@@ -8,7 +8,10 @@ useful — and testable — on a machine with no key and no network.
 from __future__ import annotations
 
 import argparse
+import asyncio
+import os
 import signal
+import stat
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence, TextIO
@@ -146,8 +149,9 @@ async def cmd_chat(args: argparse.Namespace) -> int:
             agent = Agent(library, settings, client)
             mode = "" if agent.online else " (offline: no ANTHROPIC_API_KEY, answers are direct searches)"
             print(f"Ask about your photos{mode}. Type exit or press Ctrl-D to leave.", file=sys.stderr)
+            lines = _PipedLines.for_stdin()
             while True:
-                question = _read_line("you> ")
+                question = await lines.readline("you> ") if lines else _read_line("you> ")
                 if question is None or question.strip().lower() in EXIT_WORDS:
                     break
                 if not question.strip():
@@ -162,11 +166,12 @@ async def cmd_chat(args: argparse.Namespace) -> int:
 
 
 def _read_line(prompt: str) -> str | None:
-    """One line from the user; None at end of input. The prompt goes to stderr when piped.
+    """One line from the user; None at end of input. The prompt goes to stderr when not a terminal.
 
-    While it waits at the prompt, Ctrl-C interrupts at once: asyncio's own handler would only
-    cancel the chat, which cannot happen while `input()` blocks the loop, so the first Ctrl-C did
-    nothing until Enter.
+    While it waits at a terminal's prompt, Ctrl-C interrupts at once: asyncio's own handler would
+    only cancel the chat, which cannot happen while `input()` blocks the loop, so the first Ctrl-C
+    did nothing until Enter. A pipe is read by `_PipedLines` instead; what is left (a file, which
+    never keeps a reader waiting) is read here.
     """
     if sys.stdin.isatty():
         previous = signal.signal(signal.SIGINT, signal.default_int_handler)
@@ -181,6 +186,58 @@ def _read_line(prompt: str) -> str | None:
     sys.stderr.flush()
     line = sys.stdin.readline()
     return line.rstrip("\n") if line else None
+
+
+class _PipedLines:
+    """Lines from a pipe or socket on stdin, read only once the event loop says bytes are there.
+
+    A blocking read from a pipe that stays open (a script feeding questions) would hold the loop,
+    and with it asyncio's Ctrl-C handler, until the next line came; waiting in the loop instead
+    lets Ctrl-C end the chat at once. The descriptor stays blocking (it is shared with whoever
+    gave it), so each read is made only when the loop has seen it readable.
+    """
+
+    def __init__(self, fd: int, encoding: str) -> None:
+        self._fd = fd
+        self._encoding = encoding
+        self._buffer = b""
+        self._ended = False
+
+    @classmethod
+    def for_stdin(cls) -> "_PipedLines | None":
+        """A reader for stdin when it is a pipe or socket; None otherwise (a terminal, a file,
+        or a stand-in without a descriptor)."""
+        try:
+            fd = sys.stdin.fileno()
+            mode = os.fstat(fd).st_mode
+        except (AttributeError, OSError, ValueError):
+            return None
+        if not (stat.S_ISFIFO(mode) or stat.S_ISSOCK(mode)):
+            return None
+        return cls(fd, sys.stdin.encoding or "utf-8")
+
+    async def readline(self, prompt: str) -> str | None:
+        """The next line without its newline; None at end of input. The prompt goes to stderr."""
+        sys.stderr.write(prompt)
+        sys.stderr.flush()
+        while b"\n" not in self._buffer and not self._ended:
+            await self._readable()
+            chunk = os.read(self._fd, 65536)
+            self._ended = not chunk
+            self._buffer += chunk
+        if not self._buffer:
+            return None
+        line, _, self._buffer = self._buffer.partition(b"\n")
+        return line.decode(self._encoding, errors="replace")
+
+    async def _readable(self) -> None:
+        loop = asyncio.get_running_loop()
+        ready = loop.create_future()
+        loop.add_reader(self._fd, lambda: ready.done() or ready.set_result(None))
+        try:
+            await ready
+        finally:
+            loop.remove_reader(self._fd)
 
 
 async def cmd_caption(args: argparse.Namespace) -> int:

@@ -180,6 +180,37 @@ def test_one_ctrl_c_at_the_chat_prompt_leaves(tmp_path: Path) -> None:
         os.close(controller)
 
 
+def test_one_ctrl_c_leaves_a_chat_fed_by_a_pipe_that_stays_open(tmp_path: Path) -> None:
+    """A script feeding questions through a pipe: Ctrl-C while the chat waits for the next line
+    ends it at once, not once the next line comes."""
+    command = [sys.executable, "-m", "bot.cli", "--data", str(tmp_path / "data"), "chat"]
+    proc = subprocess.Popen(
+        command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=os.environ.copy()
+    )
+    assert proc.stdin is not None and proc.stdout is not None and proc.stderr is not None
+    try:
+        proc.stdin.write("a red circle\n".encode())
+        proc.stdin.flush()
+        seen = b""
+        deadline = time.monotonic() + 120
+        while seen.count(b"you> ") < 2 and time.monotonic() < deadline:  # answered, asking again
+            ready, _, _ = select.select([proc.stderr], [], [], 0.2)
+            if ready:
+                chunk = os.read(proc.stderr.fileno(), 4096)
+                if not chunk:
+                    break
+                seen += chunk
+        assert seen.count(b"you> ") == 2, seen.decode(errors="replace")
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=30) == 130  # the pipe is still open: no line, no end of input
+        err = seen + proc.stderr.read()
+        assert b"interrupted" in err and b"Traceback" not in err, err.decode(errors="replace")
+        assert proc.stdout.read().strip(), "the first question was answered"
+    finally:
+        proc.kill()
+        proc.wait()
+
+
 def test_unreachable_model_gives_advice_not_a_traceback(tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("SHOEBOX_CLIP_MODEL", "ViT-B-32")
     monkeypatch.delenv("SHOEBOX_CLIP_CHECKPOINT", raising=False)
