@@ -8,6 +8,7 @@ by editing one ephemeral message.
 from __future__ import annotations
 
 import asyncio
+from dataclasses import replace
 from datetime import timedelta
 
 import discord
@@ -533,6 +534,38 @@ async def test_a_page_in_hand_when_the_bot_leaves_its_server_is_dropped(start_bo
     assert await indexing._save_step(state, page, 1, message.id, False, None)  # type: ignore[union-attr]
     assert await indexing.queue.pending(harness.guild_id) == 0  # type: ignore[union-attr]
     assert await harness.bot.jobs.backfill_state(channel.id) is None  # type: ignore[union-attr]
+
+
+async def test_a_page_in_hand_from_an_archived_thread_is_dropped_once_its_parent_is_excluded(
+    start_bot: StartBot, library: Library  # noqa: F811
+) -> None:
+    """An archived thread is not in the cache, so only the backfill reading it knows its parent:
+    a page it holds while the queue is full must not be queued once the parent is excluded."""
+    harness = await start_bot(LAYOUT)
+    thread_id, _, posted = archived_thread_with_a_photo(harness, "photos", "summer-trip")
+    indexing = harness.bot.get_cog("Indexing")
+    queue = indexing.queue  # type: ignore[union-attr]
+    thread = await harness.bot.fetch_channel(thread_id)
+    assert harness.guild.get_channel_or_thread(thread_id) is None  # not cached: the case at hand
+    settings = queue.settings
+    queue.settings = replace(settings, max_pending=0)  # full: the backfill waits with its page
+    reading = asyncio.create_task(indexing.backfill(thread))  # type: ignore[union-attr]
+    for _ in range(200):
+        await asyncio.sleep(0.01)
+        if not queue._room.is_set():  # waiting for room
+            break
+    assert not reading.done() and not queue._room.is_set()
+    photos = harness.channel_ids["photos"]
+    sent = await harness.slash("boss", "general", "shoebox channels", [
+        {"name": "action", "type": 3, "value": "exclude"}, {"name": "channel", "type": 7, "value": str(photos)},
+    ], resolved={"channels": {str(photos): _resolved_channel(harness, "photos")}})
+    assert "Excluded" in texts(sent)[-1]
+    queue.settings = settings
+    queue._room.set()
+    await asyncio.wait_for(reading, timeout=30)
+    assert await queue.pending(harness.guild_id) == 0
+    await harness.drain()
+    assert await library.catalog.sources_for_messages([posted]) == []
 
 
 def test_a_long_report_keeps_whole_lines_and_says_how_many_are_left_out() -> None:

@@ -187,7 +187,9 @@ class Indexing(commands.Cog):
             on_new_images=lambda count: bot.dispatch("new_images", count), accepts=self.still_wanted,
         )
         self._rules: dict[int, dict[int, str]] = {}
-        self._backfilling: set[int] = set()
+        # Channel or thread id -> the one a backfill is reading: an archived thread is not in the
+        # cache, and `still_wanted` needs it to see the rules of its parent.
+        self._backfilling: dict[int, Messageable] = {}
         self._marks: dict[int, SeenMark] = {}  # channel -> the newest message kept as seen
         # Server -> the newest message seen there before this connection: a channel created
         # after it was created while the bot was away (see `_catch_up_unmarked`).
@@ -222,11 +224,11 @@ class Indexing(commands.Cog):
 
     def still_wanted(self, job: IndexJob) -> bool:
         """Whether a job may still be queued: the bot is in its server, and its channel (where
-        the cache knows it) is not ruled out."""
+        the cache or a running backfill knows it) is not ruled out."""
         guild = self.bot.get_guild(job.guild_id)
         if guild is None:
             return False
-        channel = guild.get_channel_or_thread(job.channel_id)
+        channel = guild.get_channel_or_thread(job.channel_id) or self._backfilling.get(job.channel_id)
         return channel is None or self.wants(channel)
 
     def rules_of(self, guild_id: int) -> dict[int, str]:
@@ -714,11 +716,11 @@ class Indexing(commands.Cog):
         """
         if channel.id in self._backfilling:
             raise BackfillBusy(f"#{channel.name} is already being backfilled")
-        self._backfilling.add(channel.id)
+        self._backfilling[channel.id] = channel
         try:
             return await self._backfill(channel, limit, progress, restart)
         finally:
-            self._backfilling.discard(channel.id)
+            del self._backfilling[channel.id]
 
     async def _backfill(
         self, channel: Messageable, limit: int | None, progress: Progress | None, restart: bool
