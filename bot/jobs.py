@@ -36,7 +36,7 @@ import aiosqlite
 
 from bot.scope import KnownThread
 from bot.tasks import cancel_and_wait
-from store.db import DatabaseUnavailable, SourceRecord, open_connection, utc_now
+from store.db import DatabaseUnavailable, SourceRecord, in_chunks, open_connection, utc_now
 from store.library import IncomingImage, IndexOutcome, Library
 
 log = logging.getLogger(__name__)
@@ -226,12 +226,8 @@ def _job_from_row(row: Sequence[object]) -> IndexJob:
 async def _forgotten_among(conn: aiosqlite.Connection, message_ids: set[int]) -> set[tuple[int, int]]:
     """(message, server) for those of these messages whose photos were forgotten on request."""
     found: set[tuple[int, int]] = set()
-    ids = sorted(message_ids)
-    for start in range(0, len(ids), 500):
-        chunk = ids[start : start + 500]
-        async with conn.execute(
-            f"SELECT message_id, guild_id FROM forgotten WHERE message_id IN ({','.join('?' * len(chunk))})", chunk
-        ) as cur:
+    for chunk, marks in in_chunks(sorted(message_ids)):
+        async with conn.execute(f"SELECT message_id, guild_id FROM forgotten WHERE message_id IN ({marks})", chunk) as cur:
             found.update((int(row[0]), int(row[1])) for row in await cur.fetchall())
     return found
 

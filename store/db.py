@@ -16,12 +16,13 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, AsyncIterator, Iterable, Sequence
+from typing import Any, AsyncIterator, Iterable, Iterator, Sequence, TypeVar
 
 import aiosqlite
 import numpy as np
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 SCHEMA_VERSION = 3
 
@@ -216,6 +217,15 @@ def _key_of(source: SourceRecord) -> tuple[str, str, object]:
 _SOURCE_COLUMNS_OF_S = ", ".join(f"s.{column.strip()}" for column in _SOURCE_COLUMNS.split(","))
 # Values per `IN (...)` list: far below SQLite's limit on bound parameters.
 _IN_CHUNK = 500
+
+
+def in_chunks(values: Iterable[T]) -> Iterator[tuple[list[T], str]]:
+    """The values a chunk at a time, each with the `?, ?, ...` of its `IN (...)` list: a long list
+    of ids bound at once would pass SQLite's limit on parameters."""
+    listed = list(values)
+    for start in range(0, len(listed), _IN_CHUNK):
+        chunk = listed[start : start + _IN_CHUNK]
+        yield chunk, ",".join("?" * len(chunk))
 
 _INSERT_IMAGE = (
     "INSERT INTO images (sha256, size_bytes, width, height, format, thumb, description, "
@@ -559,11 +569,10 @@ class Catalog:
             kind, column, value = _key_of(source)
             by_key.setdefault((kind, column), []).append(value)
         for (kind, column), values in by_key.items():
-            for start in range(0, len(values), _IN_CHUNK):
-                chunk = values[start : start + _IN_CHUNK]
+            for chunk, marks in in_chunks(values):
                 rows = await self.reader.execute_fetchall(
                     f"SELECT {_SOURCE_COLUMNS_OF_S}, i.sha256 FROM sources s JOIN images i ON i.id = s.image_id "
-                    f"WHERE s.kind = ? AND s.{column} IN ({','.join('?' * len(chunk))})",
+                    f"WHERE s.kind = ? AND s.{column} IN ({marks})",
                     [kind, *chunk],
                 )
                 for row in rows:
@@ -575,11 +584,8 @@ class Catalog:
         """The stored copy (path relative to the data folder) of each of these sha256s that is
         already stored."""
         known: dict[str, str] = {}
-        for start in range(0, len(shas), _IN_CHUNK):
-            chunk = list(shas[start : start + _IN_CHUNK])
-            rows = await self.reader.execute_fetchall(
-                f"SELECT sha256, thumb FROM images WHERE sha256 IN ({','.join('?' * len(chunk))})", chunk
-            )
+        for chunk, marks in in_chunks(shas):
+            rows = await self.reader.execute_fetchall(f"SELECT sha256, thumb FROM images WHERE sha256 IN ({marks})", chunk)
             known.update((str(sha), str(thumb)) for sha, thumb in rows)
         return known
 
@@ -638,11 +644,10 @@ class Catalog:
         where, params = flt.where("s")
         visible: set[int] = set()
         ids = [int(i) for i in image_ids]
-        for start in range(0, len(ids), 500):
-            chunk = ids[start : start + 500]
+        for chunk, marks in in_chunks(ids):
             sql = (
                 "SELECT DISTINCT s.image_id FROM sources s INDEXED BY sources_image "
-                f"WHERE s.image_id IN ({','.join('?' * len(chunk))}) AND {where}"
+                f"WHERE s.image_id IN ({marks}) AND {where}"
             )
             visible.update(int(row[0]) for row in await self.reader.execute_fetchall(sql, [*chunk, *params]))
         return visible
@@ -656,9 +661,7 @@ class Catalog:
         """(ids, vectors) for the given images that exist, in chunks to bound SQL parameters."""
         found_ids: list[int] = []
         vectors: list[np.ndarray] = []
-        for start in range(0, len(image_ids), 500):
-            chunk = [int(i) for i in image_ids[start : start + 500]]
-            marks = ",".join("?" * len(chunk))
+        for chunk, marks in in_chunks(int(i) for i in image_ids):
             async with self.reader.execute(
                 f"SELECT id, vector FROM images WHERE id IN ({marks})", chunk
             ) as cur:
@@ -762,11 +765,8 @@ class Catalog:
         return {str(r[0]) for r in rows}
 
     async def sources_for_messages(self, message_ids: Iterable[int]) -> list[SourceRecord]:
-        ids = [int(i) for i in message_ids]
         out: list[SourceRecord] = []
-        for start in range(0, len(ids), 500):
-            chunk = ids[start : start + 500]
-            marks = ",".join("?" * len(chunk))
+        for chunk, marks in in_chunks(int(i) for i in message_ids):
             async with self.reader.execute(
                 f"SELECT {_SOURCE_COLUMNS} FROM sources WHERE kind = 'discord' "
                 f"AND message_id IN ({marks})",
@@ -827,11 +827,8 @@ class Catalog:
         await conn.executemany(_INSERT_IMAGE, [_image_row(new) for new in news])
         shas = [new.sha256 for new in news]
         ids: dict[str, int] = {}
-        for start in range(0, len(shas), _IN_CHUNK):
-            chunk = shas[start : start + _IN_CHUNK]
-            rows = await conn.execute_fetchall(
-                f"SELECT sha256, id FROM images WHERE sha256 IN ({','.join('?' * len(chunk))})", chunk
-            )
+        for chunk, marks in in_chunks(shas):
+            rows = await conn.execute_fetchall(f"SELECT sha256, id FROM images WHERE sha256 IN ({marks})", chunk)
             ids.update((str(sha), int(image_id)) for sha, image_id in rows)
         image_ids = [ids[sha] for sha in shas]
         await conn.executemany(_INSERT_SOURCE, [_source_row(i, new.source) for i, new in zip(image_ids, news)])
@@ -874,6 +871,5 @@ class Catalog:
     @staticmethod
     async def clear_failures(conn: aiosqlite.Connection, keys: Sequence[str]) -> None:
         """Forget the recorded failures of these sources (a batch that has now stored them)."""
-        for start in range(0, len(keys), _IN_CHUNK):
-            chunk = list(keys[start : start + _IN_CHUNK])
-            await conn.execute(f"DELETE FROM failures WHERE source_key IN ({','.join('?' * len(chunk))})", chunk)
+        for chunk, marks in in_chunks(keys):
+            await conn.execute(f"DELETE FROM failures WHERE source_key IN ({marks})", chunk)
