@@ -36,7 +36,7 @@ import aiosqlite
 
 from bot.scope import KnownThread
 from bot.tasks import cancel_and_wait
-from store.db import DatabaseUnavailable, SourceRecord, in_chunks, open_connection, utc_now
+from store.db import SourceRecord, apply_migrations, in_chunks, open_connection, utc_now
 from store.library import IncomingImage, IndexOutcome, Library
 
 log = logging.getLogger(__name__)
@@ -263,16 +263,7 @@ class JobStore:
         return self._conn
 
     async def _migrate(self) -> None:
-        async with self.conn.execute("PRAGMA user_version") as cur:
-            row = await cur.fetchone()
-        version = int(row[0]) if row else 0
-        if version > SCHEMA_VERSION:
-            raise DatabaseUnavailable(
-                f"{self.path} was written by a newer Shoebox (schema {version}); upgrade Shoebox."
-            )
-        for step in range(version, SCHEMA_VERSION):
-            script = MIGRATIONS[step] + f"\nPRAGMA user_version = {step + 1};"
-            await self.conn.executescript("BEGIN IMMEDIATE;\n" + script + "\nCOMMIT;")
+        await apply_migrations(self.conn, self.path, MIGRATIONS)
 
     @asynccontextmanager
     async def _transaction(self) -> AsyncIterator[aiosqlite.Connection]:

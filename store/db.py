@@ -12,6 +12,7 @@ import asyncio
 import logging
 import os
 import sqlite3
+import time
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -407,7 +408,7 @@ async def open_connection(path: Path, *, foreign_keys: bool = False) -> aiosqlit
         raise _unusable(path, error) from error
     try:
         await conn.execute("PRAGMA busy_timeout = 30000")
-        await conn.execute("PRAGMA journal_mode = WAL")
+        await _enter_wal(conn)
         await conn.execute("PRAGMA synchronous = NORMAL")
         if foreign_keys:
             await conn.execute("PRAGMA foreign_keys = ON")
@@ -417,6 +418,74 @@ async def open_connection(path: Path, *, foreign_keys: bool = False) -> aiosqlit
             raise _unusable(path, error) from error
         raise
     return conn
+
+
+def sql_statements(script: str) -> list[str]:
+    """The statements of a script, one by one (a trigger's body stays whole)."""
+    statements: list[str] = []
+    pending = ""
+    for part in script.split(";"):
+        pending += part + ";"
+        if sqlite3.complete_statement(pending):
+            if pending.strip(" \t\n;"):
+                statements.append(pending.strip())
+            pending = ""
+    if pending.strip(" \t\n;"):
+        statements.append(pending.strip())  # unterminated: SQLite will say what is wrong with it
+    return statements
+
+
+async def _user_version(conn: aiosqlite.Connection) -> int:
+    row = await first_row(conn, "PRAGMA user_version")
+    return int(row[0]) if row else 0
+
+
+async def apply_migrations(conn: aiosqlite.Connection, path: Path, migrations: Sequence[str]) -> None:
+    """Bring the schema of the database at `path` (autocommit `conn`) up to `len(migrations)`.
+
+    Each step is one transaction that reads the version under the write lock first: two
+    processes opening an older file at once (the bot, and the CLI beside it) take turns, and the
+    second finds the step done instead of running it again.
+    """
+    target = len(migrations)
+    while True:
+        await conn.execute("BEGIN IMMEDIATE")
+        try:
+            version = await _user_version(conn)
+            if version > target:
+                raise DatabaseUnavailable(
+                    f"{path} was written by a newer Shoebox (schema {version}, this one knows "
+                    f"{target}); upgrade Shoebox to open it."
+                )
+            if version == target:
+                await conn.execute("COMMIT")
+                return
+            log.info("Migrating %s to schema %d", path, version + 1)
+            for statement in sql_statements(migrations[version]):
+                await conn.execute(statement)
+            await conn.execute(f"PRAGMA user_version = {version + 1}")
+            await conn.execute("COMMIT")
+        except BaseException:
+            await conn.execute("ROLLBACK")
+            raise
+
+
+async def _enter_wal(conn: aiosqlite.Connection, patience: float = 30.0) -> None:
+    """Switch to WAL, waiting for other openers as long as for any writer.
+
+    The switch needs the file to itself, and SQLite answers "database is locked" at once, without
+    waiting (busy_timeout does not apply), while another process is setting up a new file: the
+    bot and the CLI started together on a new data folder.
+    """
+    deadline = time.monotonic() + patience
+    while True:
+        try:
+            await conn.execute("PRAGMA journal_mode = WAL")
+            return
+        except sqlite3.OperationalError as error:
+            if getattr(error, "sqlite_errorname", "") != "SQLITE_BUSY" or time.monotonic() > deadline:
+                raise
+        await asyncio.sleep(0.05)
 
 
 def _open_and_close(path: Path) -> None:
@@ -482,18 +551,7 @@ class Catalog:
 
     async def _migrate(self) -> None:
         assert self._writer is not None
-        async with self._writer.execute("PRAGMA user_version") as cur:
-            row = await cur.fetchone()
-        version = int(row[0]) if row else 0
-        if version > SCHEMA_VERSION:
-            raise DatabaseUnavailable(
-                f"{self.path} was written by a newer Shoebox (schema {version}, this one knows "
-                f"{SCHEMA_VERSION}); upgrade Shoebox to open it."
-            )
-        for step in range(version, SCHEMA_VERSION):
-            log.info("Migrating %s to schema %d", self.path, step + 1)
-            script = MIGRATIONS[step] + f"\nPRAGMA user_version = {step + 1};"
-            await self._writer.executescript("BEGIN IMMEDIATE;\n" + script + "\nCOMMIT;")
+        await apply_migrations(self._writer, self.path, MIGRATIONS)
 
     @asynccontextmanager
     async def transaction(self) -> AsyncIterator[aiosqlite.Connection]:
@@ -525,11 +583,15 @@ class Catalog:
         )
 
     @staticmethod
-    async def bump_generation(conn: aiosqlite.Connection) -> None:
+    async def bump_generation(conn: aiosqlite.Connection) -> int:
+        """Count a change to the images inside the open transaction; returns the generation it
+        makes, which is this change's own (the write lock is held until the commit)."""
         await conn.execute(
             "INSERT INTO meta (key, value) VALUES ('generation', '1') "
             "ON CONFLICT (key) DO UPDATE SET value = CAST(value AS INTEGER) + 1"
         )
+        row = await first_row(conn, "SELECT value FROM meta WHERE key = 'generation'")
+        return int(row[0]) if row else 0
 
     async def generation(self) -> int:
         value = await self.get_meta("generation")
