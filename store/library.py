@@ -19,6 +19,7 @@ import hashlib
 import logging
 import math
 import os
+import re
 import sqlite3
 import time
 from collections import deque
@@ -48,7 +49,7 @@ from store.ingest import (
 )
 from store.settings import Settings
 from store.thumbs import ThumbStore
-from store.vectors import VectorIndex
+from store.vectors import VectorIndex, sweep_stale_temp_files
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +70,11 @@ BATCHES_AHEAD = 2
 # and never more candidates than this.
 CHECK_COST_IN_LISTINGS = 4
 MAX_CHECKED_CANDIDATES = 4096
+# Rounds a re-index makes for images stored while it runs (each round embeds only those), before
+# it gives up on a library that never stops growing.
+REINDEX_ROUNDS = 20
 Progress = Callable[[int, int], None]
+_SHA256 = re.compile(r"[0-9a-f]{64}")
 Item = TypeVar("Item")
 
 
@@ -92,6 +97,21 @@ class ReindexIncomplete(RuntimeError):
             f"images, then run the re-index again: the "
             f"{done} image(s) already done are kept and not embedded again."
         )
+
+
+class ReindexOutpaced(ReindexIncomplete):
+    """New images kept arriving (another process indexing all along) faster than the re-index
+    could take them in, so it stopped short of the swap; what it embedded is kept."""
+
+    def __init__(self, done: int) -> None:
+        RuntimeError.__init__(
+            self,
+            f"new images kept arriving while re-embedding, through {REINDEX_ROUNDS} rounds; the index still "
+            f"uses the old vectors. Run the re-index again once indexing is quieter: the {done} image(s) "
+            "already done are kept and not embedded again.",
+        )
+        self.image_ids = []
+        self.done = done
 
 
 @dataclass
@@ -161,6 +181,7 @@ class Library:
         )
         self._lanes = ThreadPoolExecutor(max_workers=MODEL_LANES, thread_name_prefix="shoebox-lane")
         self._sync_lock = asyncio.Lock()
+        self._save_lock = asyncio.Lock()
         self._dirty_since_save = 0
         self._last_save = time.monotonic()
         self._save_seconds = 0.0
@@ -207,6 +228,7 @@ class Library:
                 )
             return  # reindex mode: the stored vectors are foreign to this model, don't load them
         await self.sweep_stored_copies()
+        await asyncio.get_running_loop().run_in_executor(self._cpu, sweep_stale_temp_files, self.data_dir)
         loaded = await asyncio.get_running_loop().run_in_executor(
             self._cpu, VectorIndex.load, self.data_dir, self.embedder.dim, self.embedder.model_id
         )
@@ -240,15 +262,20 @@ class Library:
         await self.close()
 
     async def save_vectors(self) -> None:
-        """Persist FAISS (after re-clustering it if the collection outgrew its layout)."""
+        """Persist FAISS (after re-clustering it if the collection outgrew its layout), one save
+        at a time."""
         loop = asyncio.get_running_loop()
-        started = time.monotonic()
-        if self.vectors.wants_relayout():
-            await loop.run_in_executor(self._cpu, self.vectors.relayout)
-        await loop.run_in_executor(self._cpu, self.vectors.save, self.data_dir)
-        self._dirty_since_save = 0
-        self._last_save = time.monotonic()
-        self._save_seconds = self._last_save - started
+        async with self._save_lock:
+            started = time.monotonic()
+            # What is saved covers the changes counted so far; those made during it stay counted.
+            dirty = self._dirty_since_save
+            vectors = self.vectors
+            if vectors.wants_relayout():
+                await loop.run_in_executor(self._cpu, vectors.relayout)
+            await loop.run_in_executor(self._cpu, vectors.save, self.data_dir)
+            self._dirty_since_save = max(0, self._dirty_since_save - dirty)
+            self._last_save = time.monotonic()
+            self._save_seconds = self._last_save - started
 
     async def sweep_stored_copies(self) -> int:
         """Delete stored copies no image refers to, the leftovers of a crash; returns how many.
@@ -269,8 +296,8 @@ class Library:
         """Save now and then, not after every write: the file is only a head start for the next
         open (SQLite is the truth and a stale file is caught up), so saving may take at most a
         tenth of the time and happens at least every SAVE_INTERVAL seconds while writes go on."""
-        if not self._dirty_since_save:
-            return
+        if not self._dirty_since_save or self._save_lock.locked():
+            return  # nothing new, or a save is on its way
         interval = max(SAVE_INTERVAL, 10 * self._save_seconds)
         if time.monotonic() - self._last_save >= interval:
             await self.save_vectors()
@@ -519,14 +546,17 @@ class Library:
                 if not await self._commit_new_together(conn, todo, vectors, added):
                     for item, vector in zip(todo, vectors):
                         item.outcome = await self._commit_isolated(conn, item, vector, added, removed)
-                stored = [p.incoming.source.key for p in todo if p.outcome and p.outcome.status in ("indexed", "duplicate")]
+                # Unchanged too: a file that failed once and is back to the bytes stored for it.
+                stored = [p.incoming.source.key for p in prepared
+                          if p.outcome and p.outcome.status in ("indexed", "duplicate", "unchanged")]
                 await self.catalog.clear_failures(conn, stored)
+                generation = None
                 if added or removed or any(p.outcome and p.outcome.status == "duplicate" for p in todo):
-                    await self.catalog.bump_generation(conn)
+                    generation = await self.catalog.bump_generation(conn)
             finally:
                 # No write may still be running once the transaction ends (committed or not).
                 await asyncio.gather(*copies, return_exceptions=True)
-        await self._after_commit(added, [image_id for image_id, _ in removed])
+        await self._after_commit(generation, added, [image_id for image_id, _ in removed])
         if removed:
             await self._drop_copies(removed)
         return [p.outcome for p in prepared if p.outcome is not None]
@@ -681,11 +711,16 @@ class Library:
         added.append((image_id, vector))
         return IndexOutcome(source, "indexed", image_id)
 
-    async def _after_commit(self, new_vectors: list[tuple[int, np.ndarray]], removed: Iterable[int] = ()) -> None:
-        """Mirror a committed change into FAISS, or catch up by id if another write came between."""
+    async def _after_commit(
+        self, generation: int | None, new_vectors: list[tuple[int, np.ndarray]], removed: Iterable[int] = ()
+    ) -> None:
+        """Mirror a change committed as `generation` into FAISS, or catch up by id if another
+        write came between. A commit that changed nothing (None) has nothing to mirror: the
+        generation after it is another writer's, whose change only a catch-up can bring."""
+        if generation is None:
+            return
         removed_ids = np.fromiter(removed, dtype=np.int64)
         async with self._sync_lock:
-            generation = await self.catalog.generation()
             if generation != self.vectors.generation + 1:
                 await self._catch_up()
                 return
@@ -735,11 +770,24 @@ class Library:
         return gone
 
     async def _drop_copies(self, gone: Iterable[tuple[int, str]]) -> None:
-        """Delete the stored copies of images that left the catalog (unless bytes came back)."""
-        still_used = await self.catalog.all_thumbs()
-        for _, thumb in gone:
-            if thumb not in still_used:
-                self.thumbs.delete(thumb)
+        """Delete the stored copies of images that left the catalog, unless their bytes came back.
+
+        Checked under the write lock, as the sweep on open is: a copy is only written inside the
+        write transaction that commits its row, so a row that refers to it again (the same bytes
+        indexed meanwhile, which found the copy still there and kept it) is seen here.
+        """
+        gone = list(gone)
+        if not gone:
+            return
+        async with self.catalog.transaction() as conn:
+            for _, thumb in gone:
+                sha256 = Path(thumb).stem
+                if _SHA256.fullmatch(sha256):  # the name this version gives: the sha256's index finds it
+                    row = await first_row(conn, "SELECT 1 FROM images WHERE sha256 = ? AND thumb = ?", (sha256, thumb))
+                else:
+                    row = await first_row(conn, "SELECT 1 FROM images WHERE thumb = ?", (thumb,))
+                if row is None:
+                    self.thumbs.delete(thumb)
 
     async def remove_sources(self, sources: Sequence[SourceRecord]) -> list[int]:
         """Forget these sources; returns the ids of images that are now gone from search."""
@@ -747,8 +795,8 @@ class Library:
             return []
         async with self.catalog.transaction() as conn:
             gone = await self._delete_sources(conn, sources)
-            await self.catalog.bump_generation(conn)
-        await self._after_commit([], [image_id for image_id, _ in gone])
+            generation = await self.catalog.bump_generation(conn)
+        await self._after_commit(generation, [], [image_id for image_id, _ in gone])
         await self._drop_copies(gone)
         await self._maybe_save()
         return [image_id for image_id, _ in gone]
@@ -957,8 +1005,7 @@ class Library:
                     for image_id, _ in orphans:
                         await catalog.delete_image(conn, image_id)
                     await catalog.bump_generation(conn)
-                for _, thumb in orphans:
-                    self.thumbs.delete(thumb)
+                await self._drop_copies(orphans)
         models = await catalog.models_in_use()
         foreign = {m: n for m, n in models.items() if m != self.embedder.model_id}
         if foreign:
@@ -1024,16 +1071,54 @@ class Library:
         New vectors are staged in their own table (so an interrupted run resumes where it stopped)
         and swapped in with one transaction at the end, only once every image has one: raises
         `ReindexIncomplete` (having switched nothing) when some stored copy could not be read.
+        Images stored meanwhile (the bot indexing while the CLI re-indexes) are embedded in a
+        further round; the swap checks under the write lock that none came after the last.
         """
         catalog = self.catalog
         target = new_embedder.model_id
         async with catalog.transaction() as conn:
             await conn.execute("DELETE FROM staged_vectors WHERE model_id != ?", (target,))
-        async with catalog.reader.execute(
+        tried: set[int] = set()
+        for _ in range(REINDEX_ROUNDS):
+            todo = [(image_id, thumb) for image_id, thumb in await self._not_reembedded(catalog.reader, target)
+                    if image_id not in tried]
+            if todo:
+                await self._stage_vectors(new_embedder, todo, progress)
+                tried.update(image_id for image_id, _ in todo)
+                continue
+            async with catalog.transaction() as conn:
+                left_out = [image_id for image_id, _ in await self._not_reembedded(conn, target)]
+                if not left_out:
+                    total_images = await self._swap_in_staged(conn, new_embedder)
+                    break
+            if set(left_out) <= tried:
+                raise ReindexIncomplete(left_out, (await catalog.counts())["images"] - len(left_out))
+        else:
+            raise ReindexOutpaced(len(tried))
+        self.embedder = new_embedder
+        self.vectors = VectorIndex(new_embedder.dim, target)
+        self.vectors.generation = -1
+        await self.sync_vectors()
+        await self.save_vectors()
+        return total_images
+
+    @staticmethod
+    async def _not_reembedded(conn: aiosqlite.Connection, target: str) -> list[tuple[int, str]]:
+        """(id, stored copy) of the images without a staged vector from `target`."""
+        async with conn.execute(
             "SELECT i.id, i.thumb FROM images i WHERE NOT EXISTS "
-            "(SELECT 1 FROM staged_vectors v WHERE v.image_id = i.id) ORDER BY i.id"
+            "(SELECT 1 FROM staged_vectors v WHERE v.image_id = i.id AND v.model_id = ?) ORDER BY i.id",
+            (target,),
         ) as cur:
-            todo = [(int(r[0]), str(r[1])) for r in await cur.fetchall()]
+            return [(int(r[0]), str(r[1])) for r in await cur.fetchall()]
+
+    async def _stage_vectors(
+        self, new_embedder: Embedder, todo: list[tuple[int, str]], progress: Progress | None
+    ) -> None:
+        """Embed these images' stored copies with the new model and stage the vectors, a chunk per
+        transaction (an unreadable copy is left out and counted at the end)."""
+        catalog = self.catalog
+        target = new_embedder.model_id
         total_images = (await catalog.counts())["images"]
         done = total_images - len(todo)
         loop = asyncio.get_running_loop()
@@ -1054,30 +1139,22 @@ class Library:
             done += len(chunk)
             if progress:
                 progress(done, total_images)
-        async with catalog.reader.execute(
-            "SELECT i.id FROM images i WHERE NOT EXISTS "
-            "(SELECT 1 FROM staged_vectors v WHERE v.image_id = i.id AND v.model_id = ?) ORDER BY i.id",
-            (target,),
-        ) as cur:
-            left_out = [int(r[0]) for r in await cur.fetchall()]
-        if left_out:
-            raise ReindexIncomplete(left_out, total_images - len(left_out))
-        async with catalog.transaction() as conn:
-            await conn.execute(
-                "UPDATE images SET vector = (SELECT v.vector FROM staged_vectors v WHERE v.image_id = images.id), "
-                "model_id = ? WHERE id IN (SELECT image_id FROM staged_vectors WHERE model_id = ?)",
-                (target, target),
-            )
-            await conn.execute("DELETE FROM staged_vectors")
-            await catalog.set_meta(conn, "model_id", target)
-            await catalog.set_meta(conn, "dim", str(new_embedder.dim))
-            await catalog.bump_generation(conn)
-        self.embedder = new_embedder
-        self.vectors = VectorIndex(new_embedder.dim, target)
-        self.vectors.generation = -1
-        await self.sync_vectors()
-        await self.save_vectors()
-        return total_images
+
+    async def _swap_in_staged(self, conn: aiosqlite.Connection, new_embedder: Embedder) -> int:
+        """Make the staged vectors the images' own, inside the caller's transaction; returns how
+        many images there are."""
+        target = new_embedder.model_id
+        await conn.execute(
+            "UPDATE images SET vector = (SELECT v.vector FROM staged_vectors v WHERE v.image_id = images.id), "
+            "model_id = ? WHERE id IN (SELECT image_id FROM staged_vectors WHERE model_id = ?)",
+            (target, target),
+        )
+        await conn.execute("DELETE FROM staged_vectors")
+        await self.catalog.set_meta(conn, "model_id", target)
+        await self.catalog.set_meta(conn, "dim", str(new_embedder.dim))
+        await self.catalog.bump_generation(conn)
+        row = await first_row(conn, "SELECT COUNT(*) FROM images")
+        return int(row[0]) if row else 0
 
     def _load_thumbs(self, relatives: list[str]) -> list[Image.Image | None]:
         out: list[Image.Image | None] = []

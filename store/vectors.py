@@ -69,12 +69,42 @@ class IndexHeader:
 
 
 def _atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    with tmp.open("wb") as handle:
-        handle.write(data)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
+    """Write a temp file named after this process and thread, then rename it over `path`: two
+    writers (the bot and the CLI, or two saves) never share a temp file."""
+    tmp = path.with_name(f"{path.name}.{os.getpid()}-{threading.get_ident()}.tmp")
+    try:
+        with tmp.open("wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # someone else's process: alive
+        return True
+    return True
+
+
+def sweep_stale_temp_files(directory: Path) -> int:
+    """Delete the temp files of saves whose process is gone (killed mid-save: each is as large as
+    the index); returns how many. A live process's temp file may be a save in progress: kept."""
+    removed = 0
+    for name in (INDEX_FILE, HEADER_FILE):
+        for tmp in directory.glob(f"{name}.*.tmp"):
+            owner = tmp.name[len(name) + 1 : -len(".tmp")].split("-", 1)[0]
+            if owner.isdigit() and _process_alive(int(owner)):
+                continue
+            tmp.unlink(missing_ok=True)
+            removed += 1
+    return removed
 
 
 def _as_ids(ids: np.ndarray) -> np.ndarray:
@@ -155,6 +185,8 @@ class VectorIndex:
         self._index: faiss.Index = _flat(dim)
         self._trained_on = 0
         self._lock = threading.RLock()
+        # While `relayout` trains without the lock, the adds and removes it must replay.
+        self._changes_while_training: list[tuple[np.ndarray, np.ndarray | None]] | None = None
 
     @property
     def layout(self) -> str:
@@ -182,11 +214,15 @@ class VectorIndex:
         vectors = np.ascontiguousarray(vectors, dtype=np.float32).reshape(len(ids), self.dim)
         with self._lock, _single_threaded():
             self._index.add_with_ids(vectors, _as_ids(ids))
+            if self._changes_while_training is not None:
+                self._changes_while_training.append((_as_ids(ids).copy(), vectors.copy()))
 
     def remove(self, ids: np.ndarray) -> int:
         if len(ids) == 0:
             return 0
         with self._lock, _single_threaded():
+            if self._changes_while_training is not None:
+                self._changes_while_training.append((_as_ids(ids).copy(), None))
             return int(self._index.remove_ids(_as_ids(ids)))
 
     def vector(self, image_id: int) -> np.ndarray | None:
@@ -212,14 +248,28 @@ class VectorIndex:
         return self.count >= RETRAIN_GROWTH * max(self._trained_on, 1)
 
     def relayout(self) -> None:
-        """Rebuild as IVF trained on the current vectors (slow: run it in an executor)."""
+        """Rebuild as IVF trained on the current vectors (slow: run it in an executor).
+
+        Training runs without the lock, so searches and writes go on meanwhile; the writes made
+        during it are replayed into the new index, in order, before it takes over.
+        """
         with self._lock, _single_threaded():
             ids = self.ids()
             vectors = np.vstack([self._index.reconstruct_batch(ids[i : i + 50_000]) for i in range(0, len(ids), 50_000)])
-        index = _on_passing_thread(lambda: _train_ivf(vectors, ids, self.dim))
-        with self._lock:
-            self._index = index
-            self._trained_on = len(ids)
+            self._changes_while_training = []
+        try:
+            index = _on_passing_thread(lambda: _train_ivf(vectors, ids, self.dim))
+            with self._lock, _single_threaded():
+                for changed_ids, added in self._changes_while_training:
+                    if added is None:
+                        index.remove_ids(changed_ids)
+                    else:
+                        index.add_with_ids(added, changed_ids)
+                self._index = index
+                self._trained_on = len(ids)
+        finally:
+            with self._lock:
+                self._changes_while_training = None
         log.info("Vector index now clustered into %d lists over %d images", index.nlist, len(ids))
 
     def search(

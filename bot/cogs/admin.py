@@ -279,9 +279,13 @@ class Admin(commands.GroupCog, group_name="shoebox", group_description="Manage S
                     total = await library.reindex(library.embedder, note)
                 except ReindexIncomplete as error:
                     log.warning("Re-index left the old vectors in place: %s", error)
+                    why = (
+                        f"{len(error.image_ids):,} photo(s) have no readable stored copy"
+                        if error.image_ids else "new photos kept arriving from another indexer"
+                    )
                     await progress.show(
-                        f"Re-indexing stopped: {len(error.image_ids):,} photo(s) have no readable stored copy, so "
-                        "search keeps the current vectors. `shoebox verify` on the host lists the problem.",
+                        f"Re-indexing stopped: {why}, so search keeps the current vectors. "
+                        "`shoebox verify` on the host lists any problem; run it again to resume.",
                         final=True,
                     )
                     return
