@@ -98,6 +98,8 @@ def format_result(result: dict[str, Any]) -> str:
     line = f"#{result['id']:<6} {score}  {where}"
     if result.get("description"):
         line += f"\n         {result['description']}"
+    if result.get("posted_text"):  # a message's words, or a file's imported description
+        line += f"\n         text: {result['posted_text']}"
     return line
 
 
@@ -308,6 +310,8 @@ async def cmd_describe(args: argparse.Namespace) -> int:
         print(f"  description: {info['description'] or '(none yet)'}")
         for post in info["posts"]:
             print(f"  seen at: {post.get('path') or post.get('message_url')}")
+            if post.get("posted_text"):
+                print(f"    text: {post['posted_text']}")
     return 0
 
 
@@ -399,8 +403,6 @@ def _description_entry(line: str) -> tuple[str, str] | None:
 
 
 async def cmd_import_descriptions(args: argparse.Namespace) -> int:
-    from store.library import file_source
-
     path = Path(args.file)
     if not path.is_file():
         raise UserError(f"no such file: {path}")
@@ -417,12 +419,10 @@ async def cmd_import_descriptions(args: argparse.Namespace) -> int:
             candidate = Path(image_path)
             if not candidate.is_absolute() and not candidate.exists():
                 candidate = path.parent / candidate
-            source = await library.catalog.source_for_key(file_source(candidate))
-            if source is None or source.image_id is None:
-                unknown.append(image_path)
-                continue
-            if await library.set_description(source.image_id, text, "import"):
+            if await library.set_file_text(candidate, text):
                 updated += 1
+            else:
+                unknown.append(image_path)
     summary = {"updated": updated, "unknown_paths": unknown, "bad_lines": bad}
     if args.json:
         print_json(summary)
@@ -506,7 +506,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_reindex)
 
     p = sub.add_parser(
-        "import-descriptions", help='import captions from JSON lines {"path": ..., "description": ...}'
+        "import-descriptions", help='import descriptions of indexed files, JSON lines {"path": ..., "description": ...}'
     )
     p.add_argument("file", metavar="FILE.jsonl")
     p.add_argument("--json", action="store_true", help="print JSON")

@@ -25,7 +25,7 @@ import numpy as np
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 
 # Each entry upgrades the schema from version i to i + 1. Append; never edit a released step.
 MIGRATIONS: list[str] = [
@@ -112,6 +112,16 @@ MIGRATIONS: list[str] = [
     END;
     DELETE FROM images_fts;
     INSERT INTO images_fts (rowid, body) SELECT id, description FROM images WHERE coalesce(description, '') != '';
+    """,
+    # A description imported for a local file is the operator's words about that file, not what
+    # the pixels show: it becomes the file's own text, searched and shown with that source only,
+    # so the same bytes posted on Discord do not carry it there.
+    """
+    UPDATE sources SET posted_text = (SELECT i.description FROM images i WHERE i.id = sources.image_id)
+        WHERE kind = 'file' AND posted_text = '' AND image_id IN
+            (SELECT id FROM images WHERE description_source = 'import' AND coalesce(description, '') != '');
+    DELETE FROM images_fts WHERE rowid IN (SELECT id FROM images WHERE description_source = 'import');
+    UPDATE images SET description = NULL, description_source = NULL WHERE description_source = 'import';
     """,
 ]
 assert len(MIGRATIONS) == SCHEMA_VERSION
@@ -907,6 +917,12 @@ class Catalog:
             await conn.execute(_SET_TEXT, (image_id, description))
         else:
             await conn.execute(_DELETE_TEXT, (image_id,))
+
+    @staticmethod
+    async def set_source_text(conn: aiosqlite.Connection, source_id: int, text: str) -> bool:
+        """Give one source its own words (searched and shown with that source only)."""
+        cur = await conn.execute("UPDATE sources SET posted_text = ? WHERE id = ?", (text, source_id))
+        return bool(cur.rowcount)
 
     @staticmethod
     async def set_posted_text(conn: aiosqlite.Connection, message_id: int, text: str) -> int:

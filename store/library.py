@@ -954,6 +954,16 @@ class Library:
             await self.catalog.set_searchable_description(conn, image_id, text)
         return True
 
+    async def set_file_text(self, path: Path, text: str) -> bool:
+        """Words about an indexed file (`shoebox import-descriptions`); False when the file is
+        not indexed. They belong to the file, not to its bytes: the same picture posted on
+        Discord is not found by them, nor shown with them."""
+        source = await self.catalog.source_for_key(file_source(path))
+        if source is None or source.id is None:
+            return False
+        async with self.catalog.transaction() as conn:
+            return await self.catalog.set_source_text(conn, source.id, text)
+
     async def set_posted_text(self, message_id: int, text: str) -> int:
         """A message's words were edited: its sources carry, and are found by, the new words
         only. Returns how many sources changed."""

@@ -236,7 +236,10 @@ def test_import_descriptions_feeds_text_search(tmp_path: Path, capsys: pytest.Ca
     code, summary = run_cli(capsys, "--data", data, "import-descriptions", str(tmp_path / "desc.jsonl"), "--json")
     assert summary["updated"] == 1 and summary["bad_lines"] == [2, 4, 5, 6] and len(summary["unknown_paths"]) == 1
     code, results = run_cli(capsys, "--data", data, "search", "pottery", "--k", "1", "--json")
-    assert results[0]["path"].endswith("img001.jpg") and "pottery" in results[0]["description"]
+    assert results[0]["path"].endswith("img001.jpg") and "pottery" in results[0]["posted_text"]
+    assert results[0]["description"] is None  # the file's words, not a description of its pixels
+    code, out = run_cli(capsys, "--data", data, "describe", str(results[0]["id"]))
+    assert "text: Aunt May's pottery workshop" in out
 
 
 def _rows(db: Path) -> int:

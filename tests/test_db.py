@@ -55,9 +55,46 @@ async def test_a_first_schema_database_is_upgraded_and_keeps_its_rows(tmp_path: 
     finally:
         await catalog.close()
     with sqlite3.connect(path) as conn:
-        assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 3
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 4
         assert conn.execute("SELECT body FROM images_fts").fetchall() == [("a sandy beach",)]
     assert "sources_scope" in _indexes(path) and "sources_channel" not in _indexes(path)
+
+
+async def test_descriptions_imported_for_files_become_the_files_own_text(tmp_path: Path) -> None:
+    """Schema 3 kept an imported description on the image, shared with the same bytes posted on
+    Discord; schema 4 moves it to the image's file sources, and leaves captions where they are."""
+    path = tmp_path / "v3.sqlite3"
+    with sqlite3.connect(path) as conn:
+        conn.executescript("\n".join(MIGRATIONS[:3]) + "\nPRAGMA user_version = 3;")
+        for image_id, description, origin in ((1, "grandma at the clinic", "import"), (2, "a red kite", "claude")):
+            conn.execute(
+                "INSERT INTO images (id, sha256, size_bytes, width, height, format, thumb, description,"
+                " description_source, model_id, vector, created_at) VALUES (?, ?, 1, 1, 1, 'JPEG', 't', ?, ?, 'm',"
+                " x'00', '2026-01-01T00:00:00+00:00')",
+                (image_id, f"sha{image_id}", description, origin),
+            )
+            conn.execute("INSERT INTO images_fts (rowid, body) VALUES (?, ?)", (image_id, description))
+        sources = ((1, "file", None, "/photos/g.jpg"), (1, "discord", 70, None), (2, "discord", 70, None))
+        for number, (image_id, kind, channel, file_path) in enumerate(sources):
+            conn.execute(
+                "INSERT INTO sources (image_id, kind, path, guild_id, channel_id, attachment_id, filename, posted_at,"
+                " added_at) VALUES (?, ?, ?, ?, ?, ?, 'a.jpg', '2026-01-01T00:00:00+00:00', '2026-01-01T00:00:00+00:00')",
+                (image_id, kind, file_path, 7 if channel else None, channel, 700 + number if channel else None),
+            )
+    catalog = await Catalog(path).open()
+    seventy = SourceFilter(channel_ids=frozenset({70}), include_files=False)
+    try:
+        assert await catalog.text_matches("grandma", 5, seventy) == []
+        assert await catalog.text_matches("grandma", 5, SourceFilter()) == [1]
+        assert await catalog.text_matches("kite", 5, seventy) == [2]
+        assert await catalog.posted_text_index_agrees()
+    finally:
+        await catalog.close()
+    with sqlite3.connect(path) as conn:
+        assert conn.execute("SELECT id, description, description_source FROM images ORDER BY id").fetchall() == [
+            (1, None, None), (2, "a red kite", "claude")]
+        assert conn.execute("SELECT kind, posted_text FROM sources WHERE image_id = 1 ORDER BY kind").fetchall() == [
+            ("discord", ""), ("file", "grandma at the clinic")]
 
 
 async def test_listing_a_scope_reads_only_the_scope_index(tmp_path: Path) -> None:

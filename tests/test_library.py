@@ -706,3 +706,26 @@ async def test_a_library_that_fails_to_open_leaves_nothing_running(
     with pytest.raises(OSError, match="Input/output error") as failed:
         await Library.open(settings, embedder)
     assert not sqlite_threads_left(before), failed.value
+
+
+async def test_a_files_imported_description_stays_with_the_file(library: Library, tmp_path: Path) -> None:
+    """The operator's words about a local file are not the picture's: the same bytes posted on
+    Discord are neither found by them nor shown with them, while the terminal finds the file."""
+    data = jpeg_bytes((200, 40, 40))
+    local = tmp_path / "IMG_0042.jpg"
+    local.write_bytes(data)
+    [on_disk] = await library.index_paths([local])
+    await library.index([IncomingImage(discord_source(1, channel=11), data)])
+    assert await library.set_file_text(local, "grandma at the oncology ward")
+    assert not await library.set_file_text(tmp_path / "never-indexed.jpg", "x")
+
+    channel = Scope.channels({11})
+    assert [r for r in await search_images(library, "oncology", scope=channel) if "oncology" in json.dumps(r)] == []
+    shown = await get_description(library, on_disk.image_id or 0, channel)
+    assert "oncology" not in json.dumps(shown) and shown["posts"]
+    [found, *_] = await search_images(library, "oncology ward", scope=Scope.everything())
+    assert found["id"] == on_disk.image_id
+    everything = await get_description(library, on_disk.image_id or 0, Scope.everything())
+    assert {"path": str(local.resolve()), "text": "grandma at the oncology ward"} in [
+        {"path": post.get("path"), "text": post["posted_text"]} for post in everything["posts"]]
+    assert await library.catalog.text_matches("oncology", 5, SourceFilter(channel_ids=frozenset({11}), include_files=False)) == []

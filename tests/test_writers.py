@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from store import vectors as vectors_module
-from store.db import Catalog
+from store.db import SCHEMA_VERSION, Catalog
 from store.embedder import ClipEmbedder
 from store.library import IncomingImage, Library, file_source
 from store.settings import Settings
@@ -115,7 +115,7 @@ async def test_two_processes_creating_the_catalog_at_once_take_turns(tmp_path: P
                 await catalog.close()
         assert failures == []
     with sqlite3.connect(path) as conn:
-        assert conn.execute("PRAGMA user_version").fetchone()[0] == 3
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
 
 
 async def test_a_forget_keeps_the_copy_of_its_bytes_indexed_again_meanwhile(
