@@ -21,7 +21,8 @@ An answer posted in a server channel is seen by everyone who can view that chann
 the asker (Read Message History only governs scrolling back; new messages reach every viewer), so
 such an answer is further limited to channels "at least as visible" as the one it is posted in
 (`audience_channel_ids`): a photo is only shown where everyone who will see the answer could
-already read the photo's channel.
+already read the photo's channel. That holds for the answer's own channel too: where some may view
+it without reading its history, its old photos are held back like any other channel's.
 """
 
 from __future__ import annotations
@@ -255,9 +256,11 @@ class _RoleHolder:
 def _at_least_as_visible(
     answer: _Channel, photo: _Channel, members: Mapping[int, discord.Member | None]
 ) -> bool:
-    """Can everyone who sees `answer` read `photo`? Conservative: unsure means no."""
-    if answer.id == photo.id:
-        return True
+    """Can everyone who sees `answer` read `photo`? Conservative: unsure means no.
+
+    `photo` may be `answer` itself: viewing a channel does not mean reading its history, and an
+    answer there must not scroll it back for those who may only view it.
+    """
     guild = answer.guild
     answer_overwrites = answer.overwrites
     photo_overwrites = photo.overwrites
@@ -322,11 +325,12 @@ def audience_channel_ids(
 
     Why: the asker's scope says what the asker may see, but an answer posted in a server channel
     is read by that channel's whole audience. A staff member asking in #general must not surface
-    #staff photos there. So a candidate channel C qualifies only if it is the answer channel
-    itself, or C is "at least as visible": every member who can view the answer channel can also
-    view and read the history of C. Viewing is enough to be in the audience: without Read
-    Message History a member cannot scroll back, but still sees every message posted while they
-    look, the answer included. Without the members intent the
+    #staff photos there. So a candidate channel C qualifies only if C is "at least as visible":
+    every member who can view the answer channel can also view and read the history of C. Viewing
+    is enough to be in the audience: without Read Message History a member cannot scroll back,
+    but still sees every message posted while they look, the answer included. The answer channel
+    (and its threads) is no exception: where some may view it but not read its history, an answer
+    there must not show them its old photos. Without the members intent the
     audience cannot be listed, so this is decided conservatively from what is known:
 
     * roles: for @everyone alone and for every role R of the guild, a member holding only
@@ -349,21 +353,22 @@ def audience_channel_ids(
 
     Threads are judged by their parent, as in `readable_channel_ids`: an answer in a thread by the
     parent's audience (a superset), a public thread's photos by the parent's readers. A private
-    thread's photos are only shown in that thread. Candidates that cannot be resolved, and every
-    candidate but the answer channel when the answer channel itself cannot be, are left out.
+    thread's photos are only shown in that thread, and there only if everyone who views its parent
+    reads the parent's history (a thread's history is read through its parent's permission).
+    Candidates that cannot be resolved, and all of them when the answer channel cannot be, are
+    left out.
     """
     threads = {known.thread_id: known for known in known_threads if known.guild_id == guild.id}
     answer = _answer_parent(guild, answer_channel, threads)
     lookup: Mapping[int, discord.Member | None] = members or {}
     verdicts: dict[int, bool] = {}
     shown: set[int] = set()
+    if answer is None:
+        return shown
     for channel_id in set(candidates):
-        if channel_id == answer_channel.id:
-            shown.add(channel_id)
-            continue
-        if answer is None:
-            continue
-        photo = _photo_parent(guild, channel_id, threads)
+        # The answer channel's own photos are judged through `answer`, its parent when it is a
+        # thread: a thread's history is read with its parent's permissions.
+        photo = answer if channel_id == answer_channel.id else _photo_parent(guild, channel_id, threads)
         if photo is None:
             continue
         if photo.id not in verdicts:
@@ -382,18 +387,21 @@ def overwrite_member_ids(
     """Ids of the members `audience_channel_ids` would have to look at, answer channel's first.
 
     These are the members with their own overwrites (granting reading on the answer channel,
-    denying it on a candidate) who are not in the guild's cache; the caller may look them up and
-    pass them in as `members`. Without them the channels concerned are simply held back.
+    denying it on a candidate, the answer channel itself included) who are not in the guild's
+    cache; the caller may look them up and pass them in as `members`. Without them the channels
+    concerned are simply held back.
     """
     threads = {known.thread_id: known for known in known_threads if known.guild_id == guild.id}
     answer = _answer_parent(guild, answer_channel, threads)
     if answer is None:
         return []
     targets = _member_overwrites(answer, _grants)
-    photos = {photo.id: photo for cid in set(candidates) if (photo := _photo_parent(guild, cid, threads)) is not None}
+    wanted = set(candidates)
+    photos = {photo.id: photo for cid in wanted if (photo := _photo_parent(guild, cid, threads)) is not None}
+    if answer_channel.id in wanted:
+        photos[answer.id] = answer
     for photo in photos.values():
-        if photo.id != answer.id:
-            targets.extend(_member_overwrites(photo, _denies))
+        targets.extend(_member_overwrites(photo, _denies))
     ids: list[int] = []
     for target in targets:
         if isinstance(target, discord.Member) or target.id in ids:

@@ -180,12 +180,13 @@ async def test_a_role_shut_out_of_a_channel_keeps_its_photos_out(start_bot: Star
 
 async def test_members_that_cannot_be_looked_up_hold_channels_back(start_bot: StartBot) -> None:  # noqa: F811
     """Without the members intent Eve is not in the cache: unless she is passed in, nobody can say
-    what she reads, so an answer in #project shows only #project."""
+    what she reads, so an answer in #project shows nothing, not even #project's own photos (for
+    all anyone knows, she may view it without reading its history)."""
     harness = await start_bot(LAYOUT)
     ids = harness.channel_ids
     project = harness.channel("project")
     candidates = set(ids.values())
-    assert audience_channel_ids(harness.guild, project, candidates) == {ids["project"]}
+    assert audience_channel_ids(harness.guild, project, candidates) == set()
     eve = harness.member("eve")
     assert audience_channel_ids(harness.guild, project, candidates, members={eve.id: eve}) == {
         ids["general"], ids["project"]
@@ -243,4 +244,42 @@ async def test_viewers_without_history_are_in_the_audience(start_bot: StartBot) 
     assert "staff" not in shown_channels(harness, await mention(harness, "ann", "lobby"))
     assert "staff" not in shown_channels(harness, await mention(harness, "ann", "club"))
     # In #staff itself, its own photos are shown.
+    assert "staff" in shown_channels(harness, await mention(harness, "ann", "staff"))
+
+
+async def test_an_answer_shows_its_own_channels_old_photos_only_if_every_viewer_may_scroll_back(
+    start_bot: StartBot,  # noqa: F811
+) -> None:
+    """Ben may view #lobby but not read its history, so he cannot scroll back to its old photos
+    in Discord: an answer in #lobby, or in a thread of it, must not show them to him. In #staff
+    Dan's own overwrite takes the history away from him alone; once he has left the server,
+    everyone viewing #staff reads it, and its photos are shown there again."""
+    layout = Layout(
+        roles={"staff": discord.Permissions.none()},
+        channels=[
+            ChannelSpec("lobby", {"@everyone": deny(read_message_history=True), "staff": allow(read_message_history=True)}),
+            ChannelSpec("staff", {"@everyone": deny(view_channel=True), "staff": allow(view_channel=True),
+                                  "dan": deny(read_message_history=True)}),
+        ],
+        members={"ann": ["staff"], "ben": [], "dan": ["staff"], "root": ["staff"]},
+    )
+    harness = await start_bot(layout)
+    await harness.create_thread("lobby", "lobby-chat", owner="root")
+    for channel, (colour, shape) in {"lobby": ("red", "circle"), "lobby-chat": ("green", "triangle"),
+                                     "staff": ("blue", "star")}.items():
+        await harness.post(channel, "root", f"a {colour} {shape}", files=[(f"{shape}.jpg", scene_jpeg(colour, shape))])
+    await harness.drain()
+    ben = harness.permissions("ben", "lobby")
+    assert ben.view_channel and not ben.read_message_history
+    dan = harness.permissions("dan", "staff")
+    assert dan.view_channel and not dan.read_message_history
+
+    lobby = {"lobby", "lobby-chat"}
+    assert not lobby & shown_channels(harness, await mention(harness, "ann", "lobby"))
+    assert not lobby & shown_channels(harness, await mention(harness, "ann", "lobby-chat"))
+    # Ann herself may scroll back: an answer only she sees shows them.
+    assert lobby <= shown_channels(harness, await slash_ask(harness, "ann", "lobby", private=True))
+
+    assert "staff" not in shown_channels(harness, await mention(harness, "ann", "staff"))
+    del harness.world.members[(harness.guild_id, harness.user_ids["dan"])]
     assert "staff" in shown_channels(harness, await mention(harness, "ann", "staff"))
