@@ -564,7 +564,12 @@ OnBatch = Callable[[int], None]
 
 @dataclass
 class QueueCounters:
-    """What the worker did since start, for `/shoebox status`."""
+    """What the worker did since start: bot-wide, and per server for `/shoebox status`.
+
+    A server's own counters have no duplicates: whether the same bytes were already stored says
+    nothing about that server (they may come from another one, a channel hidden from its admins,
+    or a local folder), so its photo counts as indexed there.
+    """
 
     indexed: int = 0
     duplicates: int = 0
@@ -686,9 +691,10 @@ class IndexQueue:
         """What the worker did since start for one server."""
         return self._counters_by_guild.setdefault(guild_id, QueueCounters())
 
-    def _tally(self, guild_id: int, name: str) -> None:
-        for counters in (self.counters, self.counters_of(guild_id)):
-            setattr(counters, name, getattr(counters, name) + 1)
+    def _tally(self, guild_id: int, name: str, name_here: str | None = None) -> None:
+        """Count one `name` bot-wide, and one `name_here` (by default the same) for the server."""
+        for counters, counted in ((self.counters, name), (self.counters_of(guild_id), name_here or name)):
+            setattr(counters, counted, getattr(counters, counted) + 1)
 
     # ---- forgetting -------------------------------------------------------------------------
 
@@ -882,7 +888,7 @@ class IndexQueue:
     def _count(self, job: IndexJob, outcome: IndexOutcome) -> None:
         # "failed": not an image, or one the decoder refused; the reason is noted and in the catalog.
         name = {"indexed": "indexed", "duplicate": "duplicates", "unchanged": "unchanged"}.get(outcome.status, "rejected")
-        self._tally(job.guild_id, name)
+        self._tally(job.guild_id, name, "indexed" if name == "duplicates" else name)
 
     def _spawn(self, coro: Awaitable[None]) -> None:
         async def guarded() -> None:

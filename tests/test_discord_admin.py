@@ -577,3 +577,22 @@ def test_a_long_report_keeps_whole_lines_and_says_how_many_are_left_out() -> Non
     assert fit_lines(lines[:3]) == "\n".join(lines[:3])
     assert fit_lines(["x" * 1990, "y" * 5]) == "x" * 1990 + "\n" + "y" * 5  # 1,996 characters: all fit
     assert fit_lines(["z" * 3000, "w"]) == "z" * (2000 - len("\n… and 2 more")) + "\n… and 1 more"
+
+
+async def test_status_counts_a_photo_already_in_the_library_as_indexed(start_bot: StartBot) -> None:  # noqa: F811
+    """The same bytes may already be stored from another server: a server's status must not tell
+    its admins so. Their copy is counted as indexed, like any other photo of theirs."""
+    harness = await start_bot(LAYOUT)
+    home = harness.guild_view()
+    elsewhere = harness.add_guild(Layout(channels=[ChannelSpec("family")], members={"bob": []}), "Bob's family")
+    harness.use_guild(elsewhere)
+    secret = scene_jpeg("green", "triangle")
+    await harness.post("family", "bob", files=[("kids.jpg", secret)])
+    await harness.drain()
+    harness.use_guild(home)
+    await harness.post("photos", "boss", files=[("guess.jpg", secret)])
+    await harness.drain()
+    status = "\n".join(texts(await harness.slash("boss", "general", "shoebox status")))
+    assert "Photos from this server: **1**" in status
+    assert "since start: 1 indexed, 0 not photos" in status, status
+    assert "duplicate" not in status

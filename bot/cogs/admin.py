@@ -218,7 +218,7 @@ class Admin(commands.GroupCog, group_name="shoebox", group_description="Manage S
             f"Model: `{library.embedder.model_id}`",
             f"Queue: {await queue.pending(guild.id):,} waiting"
             + ("" if queue.running else " (worker stopped!)")
-            + f" · since start: {counters.indexed:,} indexed, {counters.duplicates:,} duplicates, "
+            + f" · since start: {counters.indexed:,} indexed, "
             f"{counters.rejected:,} not photos, {counters.gave_up:,} gave up",
         ]
         if self._reindex_progress is not None:
