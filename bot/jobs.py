@@ -28,7 +28,7 @@ import asyncio
 import logging
 import time
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 
@@ -344,11 +344,19 @@ class JobStore:
                 (attempts, next_try, error[:500], job_id),
             )
 
-    async def pending(self, guild_id: int | None = None) -> int:
-        """Jobs waiting, in every server or in one."""
+    async def pending(self, guild_id: int | None = None, channel_ids: Iterable[int] | None = None) -> int:
+        """Jobs waiting, in every server or in one; only those posted in `channel_ids`, if given."""
+        if channel_ids is not None:
+            return await self._pending_in(channel_ids)
         if guild_id is None:
             return await self._scalar("SELECT COUNT(*) FROM jobs")
         return await self._scalar("SELECT COUNT(*) FROM jobs WHERE guild_id = ?", (guild_id,))
+
+    async def _pending_in(self, channel_ids: Iterable[int]) -> int:
+        total = 0
+        for chunk, marks in in_chunks(sorted(set(channel_ids))):
+            total += await self._scalar(f"SELECT COUNT(*) FROM jobs WHERE channel_id IN ({marks})", chunk)
+        return total
 
     async def drop_messages(self, message_ids: Iterable[int], guild_id: int | None = None) -> int:
         """Drop the pending jobs of these messages (only those posted in `guild_id`, if given)."""
@@ -564,11 +572,11 @@ OnBatch = Callable[[int], None]
 
 @dataclass
 class QueueCounters:
-    """What the worker did since start: bot-wide, and per server for `/shoebox status`.
+    """What the worker did since start: bot-wide, and per channel for `/shoebox status`.
 
-    A server's own counters have no duplicates: whether the same bytes were already stored says
-    nothing about that server (they may come from another one, a channel hidden from its admins,
-    or a local folder), so its photo counts as indexed there.
+    A channel's counters have no duplicates: whether the same bytes were already stored says
+    nothing about that channel (they may come from another server, a channel hidden from this
+    one's admins, or a local folder), so its photo counts as indexed there.
     """
 
     indexed: int = 0
@@ -630,7 +638,7 @@ class IndexQueue:
         self.on_indexed = on_indexed
         self.on_new_images = on_new_images  # told how many new images each batch stored
         self.counters = QueueCounters()
-        self._counters_by_guild: dict[int, QueueCounters] = {}
+        self._counters_by_channel: dict[int, QueueCounters] = {}
         self._wake = asyncio.Event()
         self._room = asyncio.Event()
         self._pause = asyncio.Lock()
@@ -684,16 +692,28 @@ class IndexQueue:
             self._wake.set()
         return added
 
-    async def pending(self, guild_id: int | None = None) -> int:
-        return await self.store.pending(guild_id)
+    async def pending(self, guild_id: int | None = None, channel_ids: Iterable[int] | None = None) -> int:
+        return await self.store.pending(guild_id, channel_ids)
 
-    def counters_of(self, guild_id: int) -> QueueCounters:
-        """What the worker did since start for one server."""
-        return self._counters_by_guild.setdefault(guild_id, QueueCounters())
+    def counters_of(self, channel_ids: Iterable[int]) -> QueueCounters:
+        """What the worker did since start in these channels and threads, added up.
 
-    def _tally(self, guild_id: int, name: str, name_here: str | None = None) -> None:
-        """Count one `name` bot-wide, and one `name_here` (by default the same) for the server."""
-        for counters, counted in ((self.counters, name), (self.counters_of(guild_id), name_here or name)):
+        Kept per channel rather than per server: a server's admin is shown only the channels they
+        can view, and a server-wide figure would move with every photo posted in the others.
+        """
+        total = QueueCounters()
+        for channel_id in set(channel_ids):
+            counters = self._counters_by_channel.get(channel_id)
+            if counters is None:
+                continue
+            for counter in fields(QueueCounters):
+                setattr(total, counter.name, getattr(total, counter.name) + getattr(counters, counter.name))
+        return total
+
+    def _tally(self, job: IndexJob, name: str, name_here: str | None = None) -> None:
+        """Count one `name` bot-wide, and one `name_here` (by default the same) for the job's channel."""
+        here = self._counters_by_channel.setdefault(job.channel_id, QueueCounters())
+        for counters, counted in ((self.counters, name), (here, name_here or name)):
             setattr(counters, counted, getattr(counters, counted) + 1)
 
     # ---- forgetting -------------------------------------------------------------------------
@@ -835,7 +855,7 @@ class IndexQueue:
                     finished.append(job)
                 elif isinstance(result, _TooBig):
                     log.info("Not indexing %s: %s", job.filename, result)
-                    self._tally(job.guild_id, "rejected")
+                    self._tally(job, "rejected")
                     await self._note("index", f"{job.filename} (message {job.message_id}): {result}", job)
                     finished.append(job)
                 elif isinstance(result, asyncio.CancelledError):
@@ -888,7 +908,7 @@ class IndexQueue:
     def _count(self, job: IndexJob, outcome: IndexOutcome) -> None:
         # "failed": not an image, or one the decoder refused; the reason is noted and in the catalog.
         name = {"indexed": "indexed", "duplicate": "duplicates", "unchanged": "unchanged"}.get(outcome.status, "rejected")
-        self._tally(job.guild_id, name, "indexed" if name == "duplicates" else name)
+        self._tally(job, name, "indexed" if name == "duplicates" else name)
 
     def _spawn(self, coro: Awaitable[None]) -> None:
         async def guarded() -> None:
@@ -906,7 +926,7 @@ class IndexQueue:
         if job.id is None:
             return
         if attempts >= self.settings.max_attempts:
-            self._tally(job.guild_id, "gave_up")
+            self._tally(job, "gave_up")
             log.warning("Giving up on %s after %d attempts: %s", job.filename, attempts, reason)
             await self.store.finish([job.id])
             await self._note(
@@ -916,7 +936,7 @@ class IndexQueue:
             return
         delays = self.settings.retry_delays or (10.0,)
         delay = delays[min(attempts - 1, len(delays) - 1)]
-        self._tally(job.guild_id, "retried")
+        self._tally(job, "retried")
         log.info("Will retry %s in %.0fs: %s", job.filename, delay, reason)
         await self.store.postpone(job.id, attempts, time.time() + delay, reason)
 

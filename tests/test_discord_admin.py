@@ -596,3 +596,27 @@ async def test_status_counts_a_photo_already_in_the_library_as_indexed(start_bot
     assert "Photos from this server: **1**" in status
     assert "since start: 1 indexed, 0 not photos" in status, status
     assert "duplicate" not in status
+
+
+async def test_status_figures_leave_out_channels_the_admin_cannot_view(start_bot: StartBot) -> None:  # noqa: F811
+    """Photos, the queue and what was indexed since start are counted only in the channels the
+    admin can view: a server-wide figure would show a hidden channel's photos, and would move
+    each time one is posted there."""
+    staff_only = {"@everyone": deny(view_channel=True), "staff": allow(view_channel=True),
+                  "Shoebox": allow(view_channel=True)}
+    layout = Layout(roles={"admin": discord.Permissions(manage_guild=True), "staff": discord.Permissions()},
+                    channels=[ChannelSpec("general"), ChannelSpec("staff-room", staff_only)],
+                    members={"boss": ["admin"], "chief": ["admin", "staff"], "ann": ["staff"]})
+    harness = await start_bot(layout)
+    await harness.post("staff-room", "ann", files=[("x.jpg", scene_jpeg("blue", "star")),
+                                                   ("y.txt", b"not a photo")])
+    await harness.drain()
+    queue = harness.bot.get_cog("Indexing").queue  # type: ignore[union-attr]
+    async with queue.paused():  # one more waits in the queue
+        await harness.post("staff-room", "ann", files=[("z.jpg", scene_jpeg("red", "heart"))])
+        boss = "\n".join(texts(await harness.slash("boss", "general", "shoebox status")))
+        chief = "\n".join(texts(await harness.slash("chief", "general", "shoebox status")))
+    assert "Photos from this server: **0**" in boss, boss
+    assert "Queue: 0 waiting · since start: 0 indexed, 0 not photos" in boss, boss
+    assert "Photos from this server: **1**" in chief, chief
+    assert "Queue: 1 waiting · since start: 1 indexed, 1 not photos" in chief, chief

@@ -205,18 +205,21 @@ class Admin(commands.GroupCog, group_name="shoebox", group_description="Manage S
         await interaction.response.defer(ephemeral=True, thinking=True)
         guild = interaction.guild
         assert guild is not None
-        # Only this server's figures and problems: its admins are not those of the others.
+        # Only this server's figures and problems, and of it only the channels this admin can
+        # view: its admins are not those of the others, and managing a server does not open
+        # every channel in it.
         library = self.bot.library
+        readable = await self._readable_by(interaction.user, guild)
         here = await library.catalog.visible_image_ids(
-            SourceFilter(guild_ids=frozenset({guild.id}), include_files=False)
+            SourceFilter(channel_ids=frozenset(readable), guild_ids=frozenset({guild.id}), include_files=False)
         )
         queue = self.indexing.queue
-        counters = queue.counters_of(guild.id)
+        counters = queue.counters_of(readable)
         lines = [
-            "**Shoebox status**",
+            "**Shoebox status** (the channels you can view)",
             f"Photos from this server: **{len(here):,}**",
             f"Model: `{library.embedder.model_id}`",
-            f"Queue: {await queue.pending(guild.id):,} waiting"
+            f"Queue: {await queue.pending(guild.id, readable):,} waiting"
             + ("" if queue.running else " (worker stopped!)")
             + f" · since start: {counters.indexed:,} indexed, "
             f"{counters.rejected:,} not photos, {counters.gave_up:,} gave up",
@@ -230,7 +233,6 @@ class Admin(commands.GroupCog, group_name="shoebox", group_description="Manage S
             lines.append(f"Channel rules: {described}")
         else:
             lines.append("Channel rules: none (every channel I can read)")
-        readable = await self._readable_by(interaction.user, guild)
         states = [s for s in await self.bot.jobs.backfill_states(guild.id) if s.channel_id in readable]
         for state in states[:5]:
             running = self.indexing.is_backfilling(state.channel_id)
