@@ -620,3 +620,43 @@ async def test_status_figures_leave_out_channels_the_admin_cannot_view(start_bot
     assert "Queue: 0 waiting · since start: 0 indexed, 0 not photos" in boss, boss
     assert "Photos from this server: **1**" in chief, chief
     assert "Queue: 1 waiting · since start: 1 indexed, 1 not photos" in chief, chief
+
+
+async def test_forget_by_link_touches_only_a_message_in_a_channel_the_admin_can_view(
+    start_bot: StartBot, library: Library  # noqa: F811
+) -> None:
+    """A link names a channel as well as a message, and anyone can write one. Boss manages the
+    server but cannot view #staff-room: a link to a message there, under its own channel or under
+    one Boss can view, gets the answer a message without photos gets, and forgets nothing."""
+    staff_only = {"@everyone": deny(view_channel=True), "staff": allow(view_channel=True),
+                  "Shoebox": allow(view_channel=True)}
+    layout = Layout(roles={"admin": discord.Permissions(manage_guild=True), "staff": discord.Permissions()},
+                    channels=[ChannelSpec("general"), ChannelSpec("staff-room", staff_only)],
+                    members={"boss": ["admin"], "chief": ["admin", "staff"], "ann": ["staff"]})
+    harness = await start_bot(layout)
+    hidden = await harness.post("staff-room", "ann", files=[("x.jpg", scene_jpeg("blue", "star")),
+                                                           ("y.jpg", scene_jpeg("red", "heart"))])
+    public = await harness.post("general", "ann", files=[("z.jpg", scene_jpeg("green", "circle"))])
+    await harness.drain()
+
+    async def forget(admin: str, channel: str, message_id: int) -> str:
+        link = f"https://discord.com/channels/{harness.guild_id}/{harness.channel_ids[channel]}/{message_id}"
+        return texts(await harness.slash(admin, "general", "shoebox forget", [{"name": "link", "type": 3, "value": link}]))[-1]
+
+    assert await forget("boss", "staff-room", hidden.id) == "I had no photos from that message."
+    assert await forget("boss", "general", hidden.id) == "I had no photos from that message."
+    assert len(await library.catalog.sources_for_messages([hidden.id])) == 2
+    # Chief views both channels, but a message is only found in the channel it was posted in.
+    assert await forget("chief", "staff-room", public.id) == "I had no photos from that message."
+    assert len(await library.catalog.sources_for_messages([public.id])) == 1
+    assert await forget("chief", "staff-room", hidden.id) == "Forgot 2 photo(s) from that message."
+    assert await library.catalog.sources_for_messages([hidden.id]) == []
+
+    # A message not read yet is looked for in its channel, and stays forgotten through a backfill.
+    away = harness.post_while_away("general", "ann", "", [("w.jpg", scene_jpeg("red", "square"))])
+    assert await forget("boss", "general", away) == "I had no photos from that message."
+    general = harness.channel_ids["general"]
+    await harness.slash("boss", "general", "shoebox backfill", [{"name": "channel", "type": 7, "value": str(general)}],
+                        resolved={"channels": {str(general): _resolved_channel(harness, "general")}})
+    await harness.drain()
+    assert await library.catalog.sources_for_messages([away]) == []

@@ -444,14 +444,38 @@ class Admin(commands.GroupCog, group_name="shoebox", group_description="Manage S
         if parsed is None:
             await interaction.response.send_message("That is not a message link.", ephemeral=True)
             return
-        guild_id, _, message_id = parsed
-        if guild_id != interaction.guild_id:
+        guild_id, channel_id, message_id = parsed
+        guild = interaction.guild
+        if guild is None or guild_id != guild.id:
             await interaction.response.send_message("That message is not in this server.", ephemeral=True)
             return
         await interaction.response.defer(ephemeral=True, thinking=True)
-        count = await forget_message_photos(self.bot, guild_id, message_id)
+        count = 0
+        # A channel this admin cannot view, or a message that is not in the link's channel, gets
+        # the answer a message without photos gets: no word on whether it had any.
+        if channel_id in await self._readable_by(interaction.user, guild) and await self._message_is_in(
+            guild, channel_id, message_id
+        ):
+            count = await forget_message_photos(self.bot, guild_id, message_id)
         text = f"Forgot {count} photo(s) from that message." if count else "I had no photos from that message."
         await interaction.followup.send(text, ephemeral=True)
+
+    async def _message_is_in(self, guild: discord.Guild, channel_id: int, message_id: int) -> bool:
+        """Whether a pasted link's message was posted in the link's channel.
+
+        Anyone can write a link's ids, and a channel's photos are for those who can view it. A
+        message's indexed photos say where it was posted, even once it was deleted while the bot
+        was away; any other message (queued, not read yet, forgotten before) is looked for in that
+        channel, where Discord finds it or not.
+        """
+        sources = await self.bot.library.catalog.sources_for_messages([message_id])
+        if any(s.guild_id == guild.id and s.channel_id == channel_id for s in sources):
+            return True
+        try:
+            await self.bot.get_partial_messageable(channel_id, guild_id=guild.id).fetch_message(message_id)
+        except discord.HTTPException:
+            return False
+        return True
 
 
 async def forget_message_photos(bot: "ShoeboxBot", guild_id: int, message_id: int) -> int:
