@@ -660,3 +660,36 @@ async def test_forget_by_link_touches_only_a_message_in_a_channel_the_admin_can_
                         resolved={"channels": {str(general): _resolved_channel(harness, "general")}})
     await harness.drain()
     assert await library.catalog.sources_for_messages([away]) == []
+
+
+async def test_excluding_a_category_counts_only_the_photos_the_admin_can_view(
+    start_bot: StartBot, library: Library  # noqa: F811
+) -> None:
+    """Boss excludes the Team category and cannot view #staff-room in it: its two photos are
+    forgotten without a word. #general's is counted, although the same bytes posted in #lounge
+    keep the stored image: each photo posted is counted, not each image that goes."""
+    staff_only = {"@everyone": deny(view_channel=True), "staff": allow(view_channel=True),
+                  "Shoebox": allow(view_channel=True)}
+    layout = Layout(roles={"admin": discord.Permissions(manage_guild=True), "staff": discord.Permissions()},
+                    channels=[ChannelSpec("general", category="team"),
+                              ChannelSpec("staff-room", staff_only, category="team"), ChannelSpec("lounge")],
+                    members={"boss": ["admin"], "ann": ["staff"]})
+    harness = await start_bot(layout)
+    shared = scene_jpeg("green", "circle")
+    await harness.post("general", "ann", files=[("g.jpg", shared)])
+    await harness.post("lounge", "ann", files=[("l.jpg", shared)])
+    await harness.post("staff-room", "ann", files=[("x.jpg", scene_jpeg("blue", "star")),
+                                                   ("y.jpg", scene_jpeg("red", "heart"))])
+    await harness.drain()
+    category = harness.channel("general").category
+    assert category is not None
+    resolved = {"channels": {str(category.id): {"id": str(category.id), "name": "team", "type": 4,
+                                                "permissions": str(discord.Permissions.all().value),
+                                                "guild_id": str(harness.guild_id), "parent_id": None}}}
+    reply = texts(await harness.slash("boss", "general", "shoebox channels", [
+        {"name": "action", "type": 3, "value": "exclude"}, {"name": "channel", "type": 7, "value": str(category.id)},
+    ], resolved=resolved))[-1]
+    assert "and 1 photo(s) from it were forgotten" in reply, reply
+    for name in ("general", "staff-room"):
+        assert await library.catalog.find_sources("channel_id", harness.channel_ids[name]) == []
+    assert len(await library.catalog.find_sources("channel_id", harness.channel_ids["lounge"])) == 1

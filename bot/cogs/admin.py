@@ -421,10 +421,7 @@ class Admin(commands.GroupCog, group_name="shoebox", group_description="Manage S
             )
         elif action == "exclude" and channel is not None:
             await indexing.set_rule(guild.id, channel.id, "exclude")
-            forgotten = 0
-            ids = {channel.id} | {c.id for c in getattr(channel, "channels", [])}
-            for cid in ids:
-                forgotten += len(await indexing.queue.forget_channel(cid, excluded=True))
+            forgotten = await self._forget_excluded(channel, await self._readable_by(interaction.user, guild))
             text = f"Excluded {channel.mention}: it is no longer indexed, and {forgotten} photo(s) from it were forgotten."
         elif action == "remove" and channel is not None:
             await indexing.set_rule(guild.id, channel.id, None)
@@ -434,6 +431,23 @@ class Admin(commands.GroupCog, group_name="shoebox", group_description="Manage S
         rules = indexing.rules_of(guild.id)
         listing = "\n".join(f"• {mode} <#{cid}>" for cid, mode in sorted(rules.items())) or "• none: every channel I can read"
         await interaction.followup.send(f"{text}\n**Rules**\n{listing}".strip()[:2000], ephemeral=True)
+
+    async def _forget_excluded(self, channel: discord.abc.Snowflake, readable: set[int]) -> int:
+        """Forget the photos of an excluded channel, or of every channel in an excluded category,
+        their threads' too; returns how many of them were posted where the admin can view.
+
+        A category can hold channels its admin cannot view: their photos go without a word, as
+        `status` does not count them either. Each photo posted is counted, not each stored image
+        that goes: an image stays while a copy of it is posted elsewhere, and that is not this
+        admin's to know.
+        """
+        catalog = self.bot.library.catalog
+        forgotten = 0
+        for cid in {channel.id} | {c.id for c in getattr(channel, "channels", [])}:
+            for place in {cid, *await self.bot.jobs.threads_of(cid)} & readable:
+                forgotten += len(await catalog.find_sources("channel_id", place))
+            await self.indexing.queue.forget_channel(cid, excluded=True)
+        return forgotten
 
     # ---- forget -----------------------------------------------------------------------------
 
