@@ -160,6 +160,12 @@ def _state_line(channel: str | None, state: BackfillState, running: bool = True)
     return f"{channel}: {state.scanned:,} messages scanned, {state.queued:,} photos queued ({status})"
 
 
+def _share_done(done: int, total: int) -> str:
+    """How far a re-index is, as a share: it runs over every server's photos, and their number
+    is not for the admins of one to know."""
+    return f"{100 * done // total if total else 0}%"
+
+
 @app_commands.default_permissions(manage_guild=True)
 @app_commands.guild_only()
 class Admin(commands.GroupCog, group_name="shoebox", group_description="Manage Shoebox in this server"):
@@ -225,8 +231,7 @@ class Admin(commands.GroupCog, group_name="shoebox", group_description="Manage S
             f"{counters.rejected:,} not photos, {counters.gave_up:,} gave up",
         ]
         if self._reindex_progress is not None:
-            done, total = self._reindex_progress
-            lines.append(f"Re-index: running, {done:,} / {total:,} photos (new photos wait for it)")
+            lines.append(f"Re-index: running, {_share_done(*self._reindex_progress)} done (new photos wait for it)")
         rules = self.indexing.rules_of(guild.id)
         if rules:
             described = ", ".join(f"{mode} <#{cid}>" for cid, mode in sorted(rules.items()))
