@@ -8,10 +8,10 @@ a `.tmp` file that `sweep` removes.
 
 from __future__ import annotations
 
-import os
-import threading
 from pathlib import Path
 from typing import BinaryIO, Callable
+
+from store.atomic import write_atomically
 
 THUMB_DIR = "thumbs"
 
@@ -38,16 +38,7 @@ class ThumbStore:
         if target.exists():
             return relative
         target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = target.with_name(target.name + f".{os.getpid()}.{threading.get_ident()}.tmp")
-        try:
-            with tmp.open("wb") as handle:
-                fill(handle)
-                handle.flush()
-                os.fsync(handle.fileno())
-            os.replace(tmp, target)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
+        write_atomically(target, fill)
         return relative
 
     def delete(self, relative: str) -> None:

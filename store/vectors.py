@@ -37,6 +37,8 @@ from typing import Callable, Iterator, TypeVar
 import faiss
 import numpy as np
 
+from store.atomic import write_atomically
+
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
@@ -66,21 +68,6 @@ class IndexHeader:
     count: int
     layout: str = "flat"
     trained_on: int = 0
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    """Write a temp file named after this process and thread, then rename it over `path`: two
-    writers (the bot and the CLI, or two saves) never share a temp file."""
-    tmp = path.with_name(f"{path.name}.{os.getpid()}-{threading.get_ident()}.tmp")
-    try:
-        with tmp.open("wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def _process_alive(pid: int) -> bool:
@@ -342,8 +329,9 @@ class VectorIndex:
             header = IndexHeader(
                 self.model_id, self.dim, self.generation, self.count, self.layout, self._trained_on
             )
-        _atomic_write(directory / INDEX_FILE, data)
-        _atomic_write(directory / HEADER_FILE, json.dumps(asdict(header), sort_keys=True).encode())
+        write_atomically(directory / INDEX_FILE, lambda handle: handle.write(data))
+        text = json.dumps(asdict(header), sort_keys=True).encode()
+        write_atomically(directory / HEADER_FILE, lambda handle: handle.write(text))
 
     @classmethod
     def load(cls, directory: Path, dim: int, model_id: str) -> "VectorIndex | None":

@@ -510,7 +510,7 @@ CRASH_POINTS: dict[str, tuple[str, str, dict[str, Any]]] = {
     # a/ was indexed and saved; indexing b/ then saved the new FAISS file but not its header:
     # a torn save, new vectors under the old header
     "faiss-saved-header-not": (
-        "half", "index", {"module": "store.vectors", "attribute": "_atomic_write", "call": 1, "when": "after"}
+        "half", "index", {"module": "store.vectors", "attribute": "write_atomically", "call": 1, "when": "after"}
     ),
     # `shoebox forget` committed the deletion but had not yet removed the stored copy
     "forgotten-copy-not-removed": (

@@ -600,16 +600,20 @@ async def test_status_counts_a_photo_already_in_the_library_as_indexed(start_bot
     assert "duplicate" not in status
 
 
+# Boss manages the server but cannot view #staff-room; Chief manages it and can.
+STAFF_ROOM = Layout(
+    roles={"admin": discord.Permissions(manage_guild=True), "staff": discord.Permissions()},
+    channels=[ChannelSpec("general"), ChannelSpec("staff-room", {
+        "@everyone": deny(view_channel=True), "staff": allow(view_channel=True), "Shoebox": allow(view_channel=True)})],
+    members={"boss": ["admin"], "chief": ["admin", "staff"], "ann": ["staff"]},
+)
+
+
 async def test_status_figures_leave_out_channels_the_admin_cannot_view(start_bot: StartBot) -> None:  # noqa: F811
     """Photos, the queue and what was indexed since start are counted only in the channels the
     admin can view: a server-wide figure would show a hidden channel's photos, and would move
     each time one is posted there."""
-    staff_only = {"@everyone": deny(view_channel=True), "staff": allow(view_channel=True),
-                  "Shoebox": allow(view_channel=True)}
-    layout = Layout(roles={"admin": discord.Permissions(manage_guild=True), "staff": discord.Permissions()},
-                    channels=[ChannelSpec("general"), ChannelSpec("staff-room", staff_only)],
-                    members={"boss": ["admin"], "chief": ["admin", "staff"], "ann": ["staff"]})
-    harness = await start_bot(layout)
+    harness = await start_bot(STAFF_ROOM)
     await harness.post("staff-room", "ann", files=[("x.jpg", scene_jpeg("blue", "star")),
                                                    ("y.txt", b"not a photo")])
     await harness.drain()
@@ -630,12 +634,7 @@ async def test_forget_by_link_touches_only_a_message_in_a_channel_the_admin_can_
     """A link names a channel as well as a message, and anyone can write one. Boss manages the
     server but cannot view #staff-room: a link to a message there, under its own channel or under
     one Boss can view, gets the answer a message without photos gets, and forgets nothing."""
-    staff_only = {"@everyone": deny(view_channel=True), "staff": allow(view_channel=True),
-                  "Shoebox": allow(view_channel=True)}
-    layout = Layout(roles={"admin": discord.Permissions(manage_guild=True), "staff": discord.Permissions()},
-                    channels=[ChannelSpec("general"), ChannelSpec("staff-room", staff_only)],
-                    members={"boss": ["admin"], "chief": ["admin", "staff"], "ann": ["staff"]})
-    harness = await start_bot(layout)
+    harness = await start_bot(STAFF_ROOM)
     hidden = await harness.post("staff-room", "ann", files=[("x.jpg", scene_jpeg("blue", "star")),
                                                            ("y.jpg", scene_jpeg("red", "heart"))])
     public = await harness.post("general", "ann", files=[("z.jpg", scene_jpeg("green", "circle"))])

@@ -9,6 +9,7 @@ import sqlite3
 import subprocess
 import sys
 from pathlib import Path
+from typing import AsyncIterator
 
 import numpy as np
 import pytest
@@ -163,6 +164,19 @@ async def test_a_file_back_to_its_indexed_bytes_clears_its_failure(library: Libr
     assert await library.catalog.recent_failures(10) == []
 
 
+@pytest.fixture
+async def cli_and_bot(settings: Settings, embedder: ClipEmbedder, tmp_path: Path) -> AsyncIterator[tuple[Library, Library]]:
+    """Two libraries on one data folder (two processes), the first holding one photo."""
+    cli = await Library.open(settings, embedder)
+    bot = await Library.open(settings, embedder)
+    try:
+        await cli.index([IncomingImage(file_source(photo(tmp_path / "photos", "a.jpg", 1)))])
+        yield cli, bot
+    finally:
+        await bot.close()
+        await cli.close()
+
+
 class _ModelThatWatchesAnotherIndexer:
     """A "new model" (the test model's weights under another name) whose every pass first lets
     another process's library store a new photo: the bot indexing while the CLI re-indexes."""
@@ -187,37 +201,25 @@ class _ModelThatWatchesAnotherIndexer:
 
 
 async def test_a_reindex_takes_in_the_images_stored_while_it_runs(
-    settings: Settings, embedder: ClipEmbedder, tmp_path: Path
+    cli_and_bot: tuple[Library, Library], embedder: ClipEmbedder, tmp_path: Path
 ) -> None:
-    cli = await Library.open(settings, embedder)
-    bot = await Library.open(settings, embedder)
-    try:
-        await cli.index([IncomingImage(file_source(photo(tmp_path / "photos", "a.jpg", 1)))])
-        model = _ModelThatWatchesAnotherIndexer(embedder, bot, tmp_path / "later", asyncio.get_running_loop(), 2)
-        assert await cli.reindex(model) == 3  # type: ignore[arg-type]
-        assert len(model.stored) == 2
-        assert await cli.catalog.models_in_use() == {"another-model": 3}
-        assert set(cli.vectors.ids().tolist()) == set((await cli.catalog.all_image_ids()).tolist())
-    finally:
-        await bot.close()
-        await cli.close()
+    cli, bot = cli_and_bot
+    model = _ModelThatWatchesAnotherIndexer(embedder, bot, tmp_path / "later", asyncio.get_running_loop(), 2)
+    assert await cli.reindex(model) == 3  # type: ignore[arg-type]
+    assert len(model.stored) == 2
+    assert await cli.catalog.models_in_use() == {"another-model": 3}
+    assert set(cli.vectors.ids().tolist()) == set((await cli.catalog.all_image_ids()).tolist())
 
 
 async def test_a_reindex_outpaced_by_new_images_stops_before_the_swap_and_says_why(
-    settings: Settings, embedder: ClipEmbedder, tmp_path: Path
+    cli_and_bot: tuple[Library, Library], embedder: ClipEmbedder, tmp_path: Path
 ) -> None:
     from store.library import REINDEX_ROUNDS, ReindexOutpaced
 
-    cli = await Library.open(settings, embedder)
-    bot = await Library.open(settings, embedder)
-    try:
-        await cli.index([IncomingImage(file_source(photo(tmp_path / "photos", "a.jpg", 1)))])
-        model = _ModelThatWatchesAnotherIndexer(embedder, bot, tmp_path / "later", asyncio.get_running_loop(), 10_000)
-        with pytest.raises(ReindexOutpaced, match="kept arriving") as stopped:
-            await cli.reindex(model)  # type: ignore[arg-type]
-        assert len(model.stored) == REINDEX_ROUNDS
-        assert stopped.value.done == REINDEX_ROUNDS
-        assert set((await cli.catalog.models_in_use())) == {embedder.model_id}  # nothing swapped
-    finally:
-        await bot.close()
-        await cli.close()
+    cli, bot = cli_and_bot
+    model = _ModelThatWatchesAnotherIndexer(embedder, bot, tmp_path / "later", asyncio.get_running_loop(), 10_000)
+    with pytest.raises(ReindexOutpaced, match="kept arriving") as stopped:
+        await cli.reindex(model)  # type: ignore[arg-type]
+    assert len(model.stored) == REINDEX_ROUNDS
+    assert stopped.value.done == REINDEX_ROUNDS
+    assert set(await cli.catalog.models_in_use()) == {embedder.model_id}  # nothing swapped
