@@ -8,7 +8,10 @@ time is counted. Each model gets a library of `--images` photos first (not timed
     python bench/bench_startup.py [--images 200] [--runs 5] [--models shoebox-tiny,ViT-B-32]
 
 ViT-B-32 runs with randomly initialised weights saved as a local checkpoint: the same file size
-and load cost as the real LAION weights, which cannot be downloaded here.
+and load cost as the real LAION weights, which cannot be downloaded here. The commands run in an
+empty folder, so no `.env` (an API key would make the answer go online) is read. The weights and
+the library are in the page cache by then (indexing has just read them): the figures are a
+restart's, not a cold boot's; the first run of each model is reported beside the median.
 """
 
 from __future__ import annotations
@@ -47,9 +50,9 @@ def model_env(model: str, root: Path) -> dict[str, str]:
     return env
 
 
-def timed(command: list[str], env: dict[str, str]) -> tuple[float, str]:
+def timed(command: list[str], env: dict[str, str], cwd: Path) -> tuple[float, str]:
     started = time.perf_counter()
-    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600, check=True)
+    done = subprocess.run(command, env=env, cwd=cwd, capture_output=True, text=True, timeout=600, check=True)
     return time.perf_counter() - started, done.stdout
 
 
@@ -64,20 +67,22 @@ def main() -> None:
         root = Path(tmp)
         photos = root / "photos"
         write_photos(photos, args.images, size=(640, 480))
-        help_seconds = [timed(SHOEBOX + ["--help"], dict(os.environ))[0] for _ in range(args.runs)]
+        help_seconds = [timed(SHOEBOX + ["--help"], dict(os.environ), root)[0] for _ in range(args.runs)]
         report["help_seconds_median"] = round(statistics.median(help_seconds), 3)
         for model in args.models.split(","):
             env = model_env(model, root)
             data = str(root / f"data-{model}")
-            subprocess.run(SHOEBOX + ["--data", data, "index", str(photos)], env=env, check=True, capture_output=True, timeout=1800)
+            subprocess.run(SHOEBOX + ["--data", data, "index", str(photos)], env=env, cwd=root, check=True,
+                           capture_output=True, timeout=1800)
             seconds = []
             for _ in range(args.runs):
-                elapsed, out = timed(SHOEBOX + ["--data", data, "ask", "a photo of a red car", "--json"], env)
+                elapsed, out = timed(SHOEBOX + ["--data", data, "ask", "a photo of a red car", "--json"], env, root)
                 reply = json.loads(out)
                 assert reply["offline"] and reply["images"], "the answer must show images"
                 seconds.append(elapsed)
             report[model] = {
                 "first_answer_seconds_median": round(statistics.median(seconds), 2),
+                "first_answer_seconds_first_run": round(seconds[0], 2),
                 "first_answer_seconds_max": round(max(seconds), 2),
             }
     print(json.dumps(report, indent=2))
