@@ -323,9 +323,12 @@ class VectorIndex:
     # ---- persistence ------------------------------------------------------------------------
 
     def save(self, directory: Path) -> None:
-        """Write the index then its header, each atomically: a torn save reads as stale, not wrong."""
+        """Write the index then its header, each atomically: a torn save reads as stale, not wrong.
+
+        The index is serialized under the lock (a copy in memory, quick) and written without it,
+        so searches and writes wait for the copy only, not for the disk."""
         with self._lock:
-            data = faiss.serialize_index(self._index).tobytes()
+            data = memoryview(faiss.serialize_index(self._index))
             header = IndexHeader(
                 self.model_id, self.dim, self.generation, self.count, self.layout, self._trained_on
             )
@@ -338,8 +341,7 @@ class VectorIndex:
         """The saved index if it exists and was built for this model, else None (rebuild)."""
         try:
             header = IndexHeader(**json.loads((directory / HEADER_FILE).read_text()))
-            raw = np.fromfile(directory / INDEX_FILE, dtype=np.uint8)
-            index = faiss.deserialize_index(raw)
+            index = faiss.read_index(str(directory / INDEX_FILE))  # straight from the file: no copy
         except (OSError, ValueError, TypeError, RuntimeError) as error:
             if (directory / INDEX_FILE).exists() or (directory / HEADER_FILE).exists():
                 log.warning("Vector index unreadable (%s); rebuilding it from the catalog", error)
