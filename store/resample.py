@@ -18,7 +18,9 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import logging
+import math
 from collections.abc import Iterator
+from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 from typing import Literal
@@ -220,24 +222,106 @@ def shortest_side_size(width: int, height: int, side: int) -> tuple[int, int]:
     return int(side * width / height), side
 
 
+# How far torch's antialiased filters reach from an output pixel's centre, in source pixels, at
+# 1x; shrinking by a factor widens the reach by that factor.
+_FILTER_REACH: dict[str, float] = {"bilinear": 1.0, "bicubic": 2.0}
+
+# An axis whose whole resized length is at most this is resized whole, as torchvision does: the
+# crop would save little of it (4 MB of pixels at the most, at 224), and cutting columns out of a
+# picture copies them, which costs a photo more time than resizing them.
+_WINDOW_ABOVE = 4096
+
+# Resized pixels that a crop's window may begin before the crop, so that the window can begin
+# where the whole resize has a pixel edge on a source pixel edge (see `_aligned_begin`). At 224,
+# a window is then under 2,000 x 224 pixels (1.7 MB), however long the picture.
+_ALIGNMENT_SLACK = 1024
+
+_RESIZE_OPS = {
+    "bilinear": torch.ops.aten._upsample_bilinear2d_aa,
+    "bicubic": torch.ops.aten._upsample_bicubic2d_aa,
+}
+
+
+@dataclass(frozen=True)
+class _Window:
+    """The part of one axis that a centre crop draws from.
+
+    Source pixels `start:stop` are resized to `size` pixels on the grid of the whole resized
+    axis (`scale` resized pixels per source pixel; None: the whole axis, whose scale the resize
+    works out itself), and the crop begins `skip` pixels into them.
+    """
+
+    start: int
+    stop: int
+    size: int
+    skip: int
+    scale: float | None
+
+
+def _aligned_begin(source_per_resized: float, latest: int) -> int:
+    """Where a window should begin on the resized axis: at most `latest`, at most
+    `_ALIGNMENT_SLACK` before it, and where a resized pixel's edge lies on a source pixel's edge
+    (or as near as these allow), so that the window samples where the whole resize samples.
+
+    0 always qualifies, and most sizes have closer ones: a window that can reach back to one
+    gives exactly the whole resize's pixels; otherwise the sampling moves by a tiny fraction of a
+    pixel (see `resize_and_center_crop`).
+    """
+    candidates = np.arange(max(0, latest - _ALIGNMENT_SLACK), latest + 1)
+    positions = candidates * source_per_resized
+    error = np.abs(positions - np.round(positions))
+    return int(candidates[error <= error.min() + 1e-9].max())
+
+
+def _window(source: int, resized: int, first: int, count: int, mode: Filter) -> _Window:
+    """The source pixels that resized pixels `first:first + count` are made from: the filter's
+    reach on either side of them, plus a pixel for the kernels' rounding of it."""
+    source_per_resized = source / resized
+    reach = _FILTER_REACH[mode] * max(source_per_resized, 1.0) + 1
+    low = (first + 0.5) * source_per_resized - reach
+    high = (first + count - 0.5) * source_per_resized + reach
+    if resized <= _WINDOW_ABOVE or (low <= 0 and high >= source):
+        return _Window(start=0, stop=source, size=resized, skip=first, scale=None)
+    begin = _aligned_begin(source_per_resized, math.floor(low / source_per_resized)) if low > 0 else 0
+    return _Window(
+        start=round(begin * source_per_resized),
+        stop=min(source, math.ceil(high)),
+        size=first + count - begin,
+        skip=first - begin,
+        scale=resized / source,
+    )
+
+
 def resize_and_center_crop(pixels: torch.Tensor, side: int, crop: tuple[int, int], mode: Filter) -> torch.Tensor:
     """torchvision's `Resize(side)` then `CenterCrop(crop)`, as (3, crop_h, crop_w) uint8 RGB.
 
     Sizes and crop offsets are rounded the way torchvision rounds them, and torch's antialiased
     filter is the one Pillow uses, so this is open_clip's transform up to a level of rounding.
+
+    An axis that would be resized past `_WINDOW_ABOVE` pixels is resized only where the crop
+    draws from it: a picture 1 pixel wide and 10,000 tall would otherwise become 224 x 2,240,000
+    (2 GB) on its way to a 224 x 224 crop, and one 200,000 tall would not fit in memory. The
+    window is resized on the whole axis's grid (the same scale, and the same sample positions
+    where it begins on a whole source pixel), so the crop is the whole resize's: exactly, for
+    every size tried up to 4.5 times longer than wide even with both axes windowed, and within
+    3 levels (0.4 on average) for noisy pictures 19 to 10,000 times longer than wide, where the
+    window may begin a small fraction of a source pixel off the grid.
     """
     height, width = pixels.shape[-2:]
     new_width, new_height = shortest_side_size(width, height, side)
     crop_height, crop_width = crop
     if crop_height > new_height or crop_width > new_width:
         raise ValueError(f"crop {crop} is larger than the resized picture {new_height}x{new_width}")
-    with one_openmp_thread():
-        resized = pixels
-        if (new_height, new_width) != (height, width):
-            resized = F.interpolate(pixels, size=(new_height, new_width), mode=mode, antialias=True)
     top = int(round((new_height - crop_height) / 2.0))
     left = int(round((new_width - crop_width) / 2.0))
-    return resized[0, :3, top : top + crop_height, left : left + crop_width]
+    if (new_height, new_width) == (height, width):
+        return pixels[0, :3, top : top + crop_height, left : left + crop_width]
+    rows = _window(height, new_height, top, crop_height, mode)
+    columns = _window(width, new_width, left, crop_width, mode)
+    source = pixels[:, :, rows.start : rows.stop, columns.start : columns.stop]
+    with one_openmp_thread():
+        resized = _RESIZE_OPS[mode](source, [rows.size, columns.size], False, rows.scale, columns.scale)
+    return resized[0, :3, rows.skip : rows.skip + crop_height, columns.skip : columns.skip + crop_width]
 
 
 __all__ = [

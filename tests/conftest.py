@@ -121,3 +121,43 @@ def sqlite_threads_left(before: set[threading.Thread], wait: float = 5.0) -> lis
 
 
 NOT_A_DATABASE = b"these bytes are not an SQLite database\n" * 200
+
+
+class LargestTensor:
+    """While entered, the largest block of memory that a torch operation on this thread makes
+    for its result (views of the operation's inputs do not count): what a resize costs, measured
+    without timing anything and without the process's earlier peaks in the way."""
+
+    def __init__(self) -> None:
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        outer = self
+
+        class _Watch(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+                result = func(*args, **(kwargs or {}))
+                outer._note(result, (*args, *(kwargs or {}).values()))
+                return result
+
+        self._mode = _Watch()
+        self.nbytes = 0
+
+    def _note(self, result: object, inputs: tuple[object, ...]) -> None:
+        import torch
+
+        def tensors(values: object) -> list[torch.Tensor]:
+            items = values if isinstance(values, (tuple, list)) else (values,)
+            return [value for value in items if isinstance(value, torch.Tensor)]
+
+        borrowed = {tensor.untyped_storage().data_ptr() for tensor in tensors(inputs)}
+        for tensor in tensors(result):
+            storage = tensor.untyped_storage()
+            if storage.data_ptr() not in borrowed:
+                self.nbytes = max(self.nbytes, storage.nbytes())
+
+    def __enter__(self) -> "LargestTensor":
+        self._mode.__enter__()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._mode.__exit__(*exc)

@@ -21,7 +21,7 @@ from store.library import DB_FILE, IncomingImage, Library, ModelMismatch, Reinde
 from store.settings import Settings
 from store.thumbs import ThumbStore
 from store.vectors import HEADER_FILE, INDEX_FILE
-from tests.conftest import NOT_A_DATABASE, jpeg_bytes, sqlite_threads, sqlite_threads_left
+from tests.conftest import NOT_A_DATABASE, LargestTensor, jpeg_bytes, sqlite_threads, sqlite_threads_left
 from tools.search import Filters, Scope, ToolError, find_similar, get_description, search_images
 
 
@@ -361,6 +361,31 @@ async def test_rejected_files_are_recorded_and_leave_nothing_behind(library: Lib
     assert len(library.thumbs.all_relative()) == 1
     failures = await library.catalog.recent_failures(10)
     assert len(failures) == 4
+
+
+async def test_a_picture_one_pixel_wide_is_indexed_without_a_huge_resize(
+    library: Library, embedder: ClipEmbedder, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """1 x 200,000 pixels is a 500-byte PNG; resized whole for the small model's 64-px crop it
+    would be 64 x 12,800,000 (3.3 GB). Only the crop's window is resized, in a few MB."""
+    from PIL import Image
+
+    strip = tmp_path / "strip.png"
+    Image.new("RGB", (1, 200_000), (200, 30, 30)).save(strip)
+    preprocess = embedder.preprocess_pixels
+    largest: list[int] = []
+
+    def measured(pixels: object) -> object:
+        with LargestTensor() as seen:
+            prepared = preprocess(pixels)
+        largest.append(seen.nbytes)
+        return prepared
+
+    monkeypatch.setattr(embedder, "preprocess_pixels", measured)
+    [outcome] = await library.index_paths([strip])
+    assert outcome.status == "indexed" and outcome.image_id is not None
+    assert len(largest) == 1 and largest[0] <= 4 * 1024 * 1024
+    assert len(library.thumbs.all_relative()) == 1
 
 
 async def test_another_model_is_refused_until_reindexed(settings, embedder, library: Library, tmp_path: Path) -> None:

@@ -9,10 +9,14 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
 from store import resample
 from store.resample import as_tensor, fit_within, resize_and_center_crop, shrink_to_fit, to_image
+from tests.conftest import LargestTensor
+
+MB = 1024 * 1024
 
 
 def _photo(width: int, height: int, seed: int = 0) -> Image.Image:
@@ -125,6 +129,64 @@ def test_resize_and_center_crop_is_torchvisions_on_pillow(size: tuple[int, int])
 def test_crop_larger_than_the_picture_is_refused() -> None:
     with pytest.raises(ValueError, match="larger"):
         resize_and_center_crop(as_tensor(_photo(80, 50)), 32, (40, 40), "bicubic")
+
+
+def _whole_resize_crop(pixels: torch.Tensor, side: int, crop: int, mode: str) -> tuple[np.ndarray, int]:
+    """The crop as torchvision makes it, the whole picture resized and then cut, and the bytes of
+    that whole resize."""
+    height, width = pixels.shape[-2:]
+    new_width, new_height = resample.shortest_side_size(width, height, side)
+    whole = F.interpolate(pixels, size=(new_height, new_width), mode=mode, antialias=True)
+    top, left = int(round((new_height - crop) / 2.0)), int(round((new_width - crop) / 2.0))
+    return whole[0, :3, top : top + crop, left : left + crop].numpy(), whole.untyped_storage().nbytes()
+
+
+def _cropped(pixels: torch.Tensor, side: int, crop: int, mode: str) -> tuple[np.ndarray, int]:
+    """`resize_and_center_crop`'s crop and the most memory it took for one tensor on the way."""
+    with LargestTensor() as seen:
+        ours = resize_and_center_crop(pixels, side, (crop, crop), mode)  # type: ignore[arg-type]
+    return ours.numpy(), seen.nbytes
+
+
+@pytest.mark.parametrize("size", [(1024, 768), (768, 1024), (640, 480), (1080, 1920), (300, 1000), (211, 937)])
+@pytest.mark.parametrize("mode", ["bicubic", "bilinear"])
+def test_resizing_only_the_window_the_crop_needs_gives_the_whole_resizes_pixels(
+    size: tuple[int, int], mode: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Ordinary photos are resized whole; forced to resize only the crop's window on both axes,
+    they still get exactly the pixels of the whole resize, from less memory."""
+    monkeypatch.setattr(resample, "_WINDOW_ABOVE", 0)
+    pixels = as_tensor(_photo(*size, seed=size[0]))
+    theirs, whole_bytes = _whole_resize_crop(pixels, 224, 224, mode)
+    ours, largest = _cropped(pixels, 224, 224, mode)
+    assert np.array_equal(ours, theirs)
+    assert largest < whole_bytes
+
+
+@pytest.mark.parametrize(("size", "side"), [((3, 5000), 64), ((5000, 3), 64), ((40, 9000), 224), ((17, 2000), 224)])
+def test_a_very_long_picture_is_cropped_like_the_whole_resize_from_a_window(size: tuple[int, int], side: int) -> None:
+    """Past 18:1, only the crop's window is resized; the crop stays within 3 levels of the whole
+    resize's (the window may begin a fraction of a source pixel off its grid)."""
+    pixels = as_tensor(_photo(*size, seed=size[1]))
+    theirs, whole_bytes = _whole_resize_crop(pixels, side, side, "bicubic")
+    ours, largest = _cropped(pixels, side, side, "bicubic")
+    difference = np.abs(ours.astype(np.int16) - theirs.astype(np.int16))
+    assert difference.max() <= 3 and difference.mean() < 0.5
+    assert largest < whole_bytes / 4
+
+
+@pytest.mark.parametrize("size", [(1, 200_000), (200_000, 1), (2, 100_001)])
+def test_a_thin_picture_is_cropped_from_its_middle_in_little_memory(size: tuple[int, int]) -> None:
+    """1 x 200,000 resized whole to 224 wide would be 224 x 44,800,000 (40 GB): only the window
+    is resized, in a few MB."""
+    width, height = size
+    ramp = np.linspace(0, 255, max(size)).round().astype(np.uint8)
+    grey = np.broadcast_to(ramp[:, None] if height > width else ramp[None, :], (height, width))
+    picture = Image.fromarray(np.ascontiguousarray(grey)).convert("RGB")
+    ours, largest = _cropped(as_tensor(picture), 224, 224, "bicubic")
+    assert ours.shape == (3, 224, 224)
+    assert np.abs(ours.astype(np.int16) - 127).max() <= 1  # the middle of the ramp
+    assert largest <= 4 * MB
 
 
 def test_resizing_runs_on_one_openmp_thread_and_restores_the_limit(monkeypatch: pytest.MonkeyPatch) -> None:
