@@ -53,6 +53,8 @@ from store.vectors import VectorIndex, sweep_stale_temp_files
 
 log = logging.getLogger(__name__)
 
+PREPARE_REASON = "image could not be prepared for searching"
+
 DB_FILE = "shoebox.sqlite3"
 FUSION_RANK_CONSTANT = 60  # reciprocal-rank fusion: 1 / (c + rank); 60 is the customary value
 SAVE_INTERVAL = 30.0  # seconds between saves of the vector index file while writes go on
@@ -499,11 +501,24 @@ class Library:
             if self._splits_preprocessing:
                 # From the decoded picture, not the copy: what open_clip's own transform would
                 # see, rather than a resize of a resize.
-                out.model_input = self.embedder.preprocess_pixels(pixels)  # type: ignore[attr-defined]
+                out.model_input = self._model_input(pixels)
         except RejectedImage as error:
             out.outcome = IndexOutcome(out.incoming.source, "failed", reason=str(error))
         except MemoryError:
             out.outcome = IndexOutcome(out.incoming.source, "failed", reason="image too large to decode")
+
+    def _model_input(self, pixels: torch.Tensor) -> object:
+        """The model's input made from decoded pixels, or RejectedImage if it cannot be made.
+
+        Torch reports an allocation it cannot make as RuntimeError, and a transform that cannot
+        take a picture as ValueError; either is about this one picture, so it alone is refused
+        and the rest of its batch goes on.
+        """
+        try:
+            return self.embedder.preprocess_pixels(pixels)  # type: ignore[attr-defined]
+        except (RuntimeError, ValueError) as error:
+            log.warning("Could not prepare a %dx%d picture for the model: %s", pixels.shape[-1], pixels.shape[-2], error)
+            raise RejectedImage(PREPARE_REASON) from error
 
     def _restore_copy(self, item: _Prepared, relative: str) -> bool:
         """Write the stored copy of known bytes again if it has gone missing (a worker thread);

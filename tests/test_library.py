@@ -11,6 +11,7 @@ from typing import BinaryIO, Callable
 
 import numpy as np
 import pytest
+import torch
 
 import store.db
 
@@ -386,6 +387,32 @@ async def test_a_picture_one_pixel_wide_is_indexed_without_a_huge_resize(
     assert outcome.status == "indexed" and outcome.image_id is not None
     assert len(largest) == 1 and largest[0] <= 4 * 1024 * 1024
     assert len(library.thumbs.all_relative()) == 1
+
+
+async def test_a_picture_the_models_preprocessing_fails_on_is_refused_alone(
+    library: Library, embedder: ClipEmbedder, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Torch failing to allocate while preparing one picture refuses that picture with a reason;
+    the others in its batch are indexed."""
+    folder = tmp_path / "batch"
+    folder.mkdir()
+    (folder / "fine.jpg").write_bytes(jpeg_bytes((200, 30, 30)))
+    (folder / "doomed.jpg").write_bytes(jpeg_bytes((30, 30, 200), size=(97, 61)))
+    (folder / "also_fine.jpg").write_bytes(jpeg_bytes((30, 200, 30)))
+    preprocess = embedder.preprocess_pixels
+
+    def fails_on_one(pixels: torch.Tensor) -> object:
+        if tuple(pixels.shape[-2:]) == (61, 97):
+            raise RuntimeError("DefaultCPUAllocator: can't allocate memory")
+        return preprocess(pixels)
+
+    monkeypatch.setattr(embedder, "preprocess_pixels", fails_on_one)
+    outcomes = {Path(o.source.path or "").name: o for o in await library.index_paths([folder])}
+    assert {name: o.status for name, o in outcomes.items()} == {
+        "fine.jpg": "indexed", "doomed.jpg": "failed", "also_fine.jpg": "indexed",
+    }
+    assert outcomes["doomed.jpg"].reason == "image could not be prepared for searching"
+    assert len(library.thumbs.all_relative()) == 2 and (await library.verify(repair=False)).ok
 
 
 async def test_another_model_is_refused_until_reindexed(settings, embedder, library: Library, tmp_path: Path) -> None:
