@@ -209,21 +209,54 @@ def _jpeg_sof_offset(data: bytes) -> int:
     raise ValueError("no SOF segment")
 
 
-def _jpeg_scan_span(data: bytes) -> tuple[int, int]:
-    """Start and end of the entropy-coded data of the first scan (up to the next real marker).
+def _scan_data_end(data: bytes, start: int) -> int:
+    """Where the entropy-coded data starting at `start` ends (at the next real marker).
 
     Inside entropy data 0xFF is always followed by 0x00 (byte stuffing) or a restart marker,
     so the first 0xFF followed by anything else ends the scan.
     """
-    offset, length = _jpeg_segment(data, 0xDA)
-    start = offset + 2 + length
     position = start
     while True:
         position = data.index(b"\xff", position)
         follower = data[position + 1]
         if follower != 0x00 and not 0xD0 <= follower <= 0xD7:
-            return start, position
+            return position
         position += 2
+
+
+def _jpeg_scan_span(data: bytes) -> tuple[int, int]:
+    """Start and end of the entropy-coded data of the first scan (up to the next real marker)."""
+    offset, length = _jpeg_segment(data, 0xDA)
+    start = offset + 2 + length
+    return start, _scan_data_end(data, start)
+
+
+def jpeg_scans(data: bytes) -> list[tuple[int, int]]:
+    """(offset of the SOS marker, end of its entropy data) for every scan of a JPEG."""
+    scans = []
+    position = 2
+    while position + 4 <= len(data) and data[position] == 0xFF and data[position + 1] != 0xD9:
+        if data[position + 1] in _STANDALONE_MARKERS:
+            position += 2
+            continue
+        end = position + 2 + struct.unpack(">H", data[position + 2 : position + 4])[0]
+        if data[position + 1] == 0xDA:
+            end = _scan_data_end(data, end)
+            scans.append((position, end))
+        position = end
+    return scans
+
+
+def jpeg_repeating_a_pass(data: bytes, copies: int) -> bytes:
+    """A progressive JPEG with its first AC pass (a scan whose spectral start Ss is above 0)
+    repeated `copies` more times before the end marker: still a picture libjpeg decodes, one
+    whole-picture pass per copy."""
+    for start, end in jpeg_scans(data):
+        components = data[start + 4]
+        if data[start + 5 + 2 * components] > 0:
+            end_marker = data.rindex(b"\xff\xd9")
+            return data[:end_marker] + data[start:end] * copies + data[end_marker:]
+    raise ValueError("no AC scan: not a progressive JPEG")
 
 
 def _patch(data: bytes, offset: int, replacement: bytes) -> bytes:

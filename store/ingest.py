@@ -2,8 +2,9 @@
 
 Everything that reaches the index passes through here first, and everything here assumes the
 bytes are hostile: the file name and extension are ignored, the format is decided by magic bytes,
-the declared pixel count is checked before a single pixel is decoded, and every failure inside
-Pillow becomes a `RejectedImage` with one short sentence instead of a traceback.
+the declared pixel count is checked before a single pixel is decoded, so is a layout that would
+keep a parser busy for seconds (a JPEG of thousands of passes or segments), and every failure
+inside Pillow becomes a `RejectedImage` with one short sentence instead of a traceback.
 
 What the rest of Shoebox gets back is always the same shape: an RGB image, fully loaded and
 detached from the input, rotated the way the camera meant it (EXIF orientation), with
@@ -17,6 +18,7 @@ import io
 import logging
 import math
 import os
+import re
 import stat
 import warnings
 from collections.abc import Iterator
@@ -409,6 +411,99 @@ def _precheck_declared_size(data: bytes, format_name: str, max_pixels: int) -> N
     _check_dimensions(width, height, max_pixels)
 
 
+# --------------------------------------------------------------------------------------------
+# Structure: files whose layout, not their pixels, would keep a decoder busy for seconds.
+# --------------------------------------------------------------------------------------------
+
+# Outside compressed data, a JPEG marker is 0xFF and a code; more 0xFF bytes before it are fill,
+# and 0x00 after it is not a code (stuffing).
+_JPEG_MARKER = re.compile(rb"\xff[^\x00\xff]")
+# Inside a scan's compressed data, 0xFF is only ever followed by 0x00 (stuffing) or a restart
+# code (0xD0-0xD7), so the first 0xFF followed by anything else is the marker that ends the scan.
+_JPEG_SCAN_END = re.compile(rb"\xff[^\x00\xd0-\xd7\xff]")
+# Markers without a length field: TEM, restart codes and start of image.
+_JPEG_STANDALONE = frozenset({0x01, *range(0xD0, 0xD9)})
+_JPEG_END, _JPEG_SCAN = 0xD9, 0xDA
+
+# Progressive passes (scans) a JPEG may have. Encoders write about 10 (libjpeg's default script
+# has 10 for colour, 6 for grey; optimised scripts a few more), but libjpeg decodes every pass
+# over the whole picture, about 3 ms each for a 49-megapixel photo, and a file can repeat a
+# small pass thousands of times: 10,000 passes in 0.9 MB took 30 s. 500 is what libjpeg-turbo
+# itself sets when it fuzzes its decoder; the passes of an embedded EXIF thumbnail are not
+# counted, since the walk skips over the metadata that holds it.
+MAX_JPEG_SCANS = 500
+# Marker segments (metadata, tables, scan headers) a JPEG may have. A camera writes a few dozen;
+# an ICC profile may take up to 255 and extended XMP some hundreds (50 MB of it is 800). Pillow
+# reads those before the first scan one by one in Python and keeps every APPn: 10 million empty
+# ones (40 MB) took 11 s and 1.4 GB.
+MAX_JPEG_SECTIONS = 10_000
+# Bytes before the first scan that belong to no segment (padding, stray 0xFF): Pillow steps over
+# them one at a time, 0.3 s per MB. Real files have at most a few KB.
+MAX_JPEG_STRAY_BYTES = 1024 * 1024
+
+
+@dataclass
+class _JpegLayout:
+    """What a walk over a JPEG's markers found, up to its end marker or a limit."""
+
+    sections: int = 0
+    scans: int = 0
+    stray_bytes: int = 0
+
+    def within_limits(self) -> bool:
+        return (
+            self.sections <= MAX_JPEG_SECTIONS
+            and self.scans <= MAX_JPEG_SCANS
+            and self.stray_bytes <= MAX_JPEG_STRAY_BYTES
+        )
+
+
+def _jpeg_layout(data: bytes) -> _JpegLayout:
+    """Count a JPEG's segments and scans, jumping over segment payloads by their lengths and
+    over compressed data with one search, so the walk takes one step per segment and stops as
+    soon as a limit is passed. A damaged layout just ends the walk: judging damage is the
+    decoder's job."""
+    layout = _JpegLayout()
+    position = 2
+    while layout.within_limits():
+        marker = _JPEG_MARKER.search(data, position)
+        if marker is None:
+            break
+        if layout.scans == 0:
+            layout.stray_bytes += marker.start() - position
+        code = data[marker.start() + 1]
+        if code == _JPEG_END:
+            break
+        layout.sections += 1
+        position = marker.end()
+        if code in _JPEG_STANDALONE:
+            continue
+        position += int.from_bytes(data[position : position + 2], "big")
+        if code == _JPEG_SCAN:
+            layout.scans += 1
+            scan_end = _JPEG_SCAN_END.search(data, position)
+            if scan_end is None:
+                break
+            position = scan_end.start()
+    return layout
+
+
+def _check_jpeg_layout(data: bytes) -> None:
+    layout = _jpeg_layout(data)
+    if layout.scans > MAX_JPEG_SCANS:
+        raise RejectedImage(f"image is stored in too many progressive passes (more than {MAX_JPEG_SCANS})")
+    if layout.sections > MAX_JPEG_SECTIONS:
+        raise RejectedImage(f"image file is split into too many sections (more than {MAX_JPEG_SECTIONS})")
+    if layout.stray_bytes > MAX_JPEG_STRAY_BYTES:
+        raise RejectedImage(CORRUPT_REASON)
+
+
+def _precheck_structure(data: bytes, format_name: str) -> None:
+    """Refuse a file whose layout alone would cost seconds to parse or decode, before opening."""
+    if format_name == "JPEG":
+        _check_jpeg_layout(data)
+
+
 @contextmanager
 def _pillow_errors(max_pixels: int) -> Iterator[None]:
     """Turn whatever Pillow raises on hostile input into a RejectedImage with a short reason.
@@ -598,6 +693,7 @@ def decode_image(data: bytes, limits: IngestSettings, *, min_side: int = 0) -> D
     if format_name is None:
         raise RejectedImage(describe_non_image(data))
     _precheck_declared_size(data, format_name, limits.max_pixels)
+    _precheck_structure(data, format_name)
     with _pillow_errors(limits.max_pixels):
         with Image.open(io.BytesIO(data), formats=[format_name]) as image:
             return _decode_opened(image, format_name, limits, min_side)

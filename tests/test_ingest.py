@@ -327,6 +327,73 @@ def test_webp_canvas_bomb_is_refused_before_libwebp_allocates_it() -> None:
     )
 
 
+def never_opened(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Make any Pillow open fail the test: the file must be judged from its bytes alone."""
+
+    def refuse(*args: object, **kwargs: object) -> Image.Image:
+        raise AssertionError("Pillow was asked to open the file")
+
+    monkeypatch.setattr(Image, "open", refuse)
+
+
+def progressive_jpeg(passes_added: int) -> bytes:
+    return corpus_mod.jpeg_repeating_a_pass(encode(corpus_mod._photo(64, 48, 1), "JPEG", progressive=True), passes_added)
+
+
+def test_a_jpeg_of_too_many_progressive_passes_is_refused_before_decoding(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each pass is decoded over the whole picture: thousands of repeats of a small one took
+    minutes. libjpeg's own script has 10 passes; past 500 the file is refused unopened."""
+    assert len(corpus_mod.jpeg_scans(progressive_jpeg(0))) == 10
+    assert decode_image(progressive_jpeg(ingest.MAX_JPEG_SCANS - 10), LIMITS).image.size == (64, 48)
+    never_opened(monkeypatch)
+    assert rejection(progressive_jpeg(ingest.MAX_JPEG_SCANS - 9)) == (
+        "image is stored in too many progressive passes (more than 500)"
+    )
+
+
+def test_scan_markers_inside_metadata_or_after_the_picture_are_not_passes(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The walk jumps over each segment by its length and stops at the end marker, so an
+    embedded thumbnail, a comment full of 0xFFDA bytes or a video appended after the picture
+    (as in motion photos) adds no passes; the file's own passes still count."""
+    noise = b"\xff\xda" * 30_000
+    comment = b"\xff\xfe" + struct.pack(">H", 2 + len(noise)) + noise
+    thumbnail = encode(Image.new("RGB", (16, 16)), "JPEG", progressive=True) * 60
+    exif = b"\xff\xe1" + struct.pack(">H", 2 + len(thumbnail)) + thumbnail
+
+    def padded(jpeg: bytes) -> bytes:
+        return jpeg[:2] + comment + exif + jpeg[2:] + noise * 20
+
+    assert decode_image(padded(progressive_jpeg(0)), LIMITS).image.size == (64, 48)
+    never_opened(monkeypatch)
+    assert "progressive passes" in rejection(padded(progressive_jpeg(ingest.MAX_JPEG_SCANS)))
+
+
+def test_a_jpeg_of_too_many_sections_is_refused_before_opening(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Pillow reads every segment before the picture in Python and keeps each APPn: 10 million
+    empty ones took 11 s and 1.4 GB. A camera writes a few dozen; past 10,000 it is refused."""
+    jpeg = encode(Image.new("RGB", (16, 16), (200, 50, 50)), "JPEG")
+    many_comments = jpeg[:2] + b"\xff\xfe\x00\x02" * 9_000 + jpeg[2:]
+    assert decode_image(many_comments, LIMITS).image.size == (16, 16)
+    never_opened(monkeypatch)
+    for marker in (b"\xff\xfe", b"\xff\xe5"):
+        spam = jpeg[:2] + (marker + b"\x00\x02") * (ingest.MAX_JPEG_SECTIONS + 1) + jpeg[2:]
+        assert rejection(spam) == "image file is split into too many sections (more than 10000)"
+
+
+def test_a_jpeg_with_a_megabyte_of_padding_before_the_picture_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Pillow steps over bytes between segments one at a time (6 s for 20 MB of 0xFF); a few
+    KB of it is a common flaw that decodes, over 1 MB is corrupt."""
+    jpeg = encode(Image.new("RGB", (16, 16), (200, 50, 50)), "JPEG")
+    after_app0 = 2 + 2 + struct.unpack(">H", jpeg[4:6])[0]
+    for filler in (b"\x00", b"\xff"):
+        padded = jpeg[:after_app0] + filler * 4096 + jpeg[after_app0:]
+        assert decode_image(padded, LIMITS).image.size == (16, 16)
+    never_opened(monkeypatch)
+    for filler in (b"\x00", b"\xff"):
+        padded = jpeg[:after_app0] + filler * (ingest.MAX_JPEG_STRAY_BYTES + 1) + jpeg[after_app0:]
+        assert rejection(padded) == CORRUPT_REASON
+
+
 @pytest.mark.parametrize(("width", "height"), [(0, 0), (0, 10), (10, 0)])
 def test_zero_sized_png_is_rejected(width: int, height: int) -> None:
     data = (
