@@ -418,6 +418,24 @@ def test_a_png_of_too_many_chunks_is_refused_before_opening(monkeypatch: pytest.
     assert "too many sections" in rejection(small[:iend] + empty_idat * ingest.MAX_PNG_CHUNKS + small[iend:])
 
 
+def test_a_gif_of_too_many_blocks_before_its_picture_is_refused_before_opening(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Pillow reads a GIF's extensions before its first picture in Python: 5 million comments
+    took 2.3 s and 0.9 GB. Up to 100,000 blocks and sub-blocks are read; more are refused."""
+    gif = encode(Image.new("P", (4, 4), 1), "GIF")
+    picture = corpus_mod._gif_image_descriptor(gif)
+    one_byte_comment = b"\x21\xfe\x01a\x00"  # an extension and its one sub-block: 2 blocks
+    long_comment = b"\x21\xfe" + b"\xff" + b"a" * 255 + b"\x01a" * 99_998 + b"\x00"  # 100,000 blocks
+
+    def with_before_picture(blocks: bytes) -> bytes:
+        return gif[:picture] + blocks + gif[picture:]
+
+    assert decode_image(with_before_picture(one_byte_comment * 50_000), LIMITS).image.size == (4, 4)
+    assert decode_image(with_before_picture(long_comment), LIMITS).image.size == (4, 4)
+    never_opened(monkeypatch)
+    for blocks in (one_byte_comment * 50_001, long_comment[:-1] + b"\x01a\x00"):  # 100,002 and 100,001
+        assert rejection(with_before_picture(blocks)) == "image file is split into too many sections (more than 100000)"
+
+
 @pytest.mark.parametrize(("width", "height"), [(0, 0), (0, 10), (10, 0)])
 def test_zero_sized_png_is_rejected(width: int, height: int) -> None:
     data = (
