@@ -172,6 +172,41 @@ def tiff_header_only(width: int, height: int) -> bytes:
     return header + body + struct.pack("<I", 0)
 
 
+
+def tiff_of_one_row_strips(width: int, height: int, order: str = "<", big: bool = False) -> bytes:
+    """A greyscale TIFF stored as one strip per row (classic or BigTIFF, little- or big-endian
+    by `order`), every strip pointing at the same row of pixels."""
+    # BigTIFF has 8-byte counts, values and directory size, and strips listed as LONG8.
+    size, number, piece_kind, fields_format = (8, "Q", 16, "Q") if big else (4, "I", 4, "H")
+
+    def entry(tag: int, kind: int, count: int, value: int) -> bytes:
+        packed = struct.pack(order + {3: "H", 4: "I", 16: "Q"}[kind], value).ljust(size, b"\x00")
+        return struct.pack(f"{order}HH{number}", tag, kind, count) + packed
+
+    header = (b"II" if order == "<" else b"MM") + (
+        struct.pack(f"{order}HHHQ", 43, 8, 0, 16) if big else struct.pack(f"{order}HI", 42, 8)
+    )
+    fields = 9
+    offsets_at = len(header) + struct.calcsize(fields_format) + fields * (4 + 2 * size) + size
+    counts_at = offsets_at + size * height
+    pixels_at = counts_at + size * height
+    entries = [
+        entry(256, 4, 1, width),  # ImageWidth
+        entry(257, 4, 1, height),  # ImageLength
+        entry(258, 3, 1, 8),  # BitsPerSample
+        entry(259, 3, 1, 1),  # Compression: none
+        entry(262, 3, 1, 1),  # Photometric: black is zero
+        entry(273, piece_kind, height, offsets_at if height > 1 else pixels_at),  # StripOffsets
+        entry(277, 3, 1, 1),  # SamplesPerPixel
+        entry(278, 4, 1, 1),  # RowsPerStrip
+        entry(279, piece_kind, height, counts_at if height > 1 else width),  # StripByteCounts
+    ]
+    directory = struct.pack(order + fields_format, fields) + b"".join(entries) + bytes(size)
+    strips = struct.pack(f"{order}{height}{number}", *[pixels_at] * height)
+    strips += struct.pack(f"{order}{height}{number}", *[width] * height)
+    return header + directory + strips + bytes(i % 256 for i in range(width))
+
+
 _STANDALONE_MARKERS = {0xD8, 0xD9, 0x01} | set(range(0xD0, 0xD8))
 
 
