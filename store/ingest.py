@@ -709,13 +709,20 @@ def _wide_range(mode: str, values: np.ndarray) -> tuple[float, float]:
 
 
 def _wide_to_rgb(image: Image.Image) -> Image.Image:
-    """Greyscale deeper than 8 bits to RGB; Pillow's own convert() clips instead of scaling."""
+    """Greyscale deeper than 8 bits to RGB; Pillow's own convert() clips instead of scaling.
+
+    A grey value marked transparent (a 16-bit PNG's colour key) becomes white, as it does in
+    8-bit pictures, rather than whatever grey it stands for.
+    """
     values = np.asarray(image)
     if values.dtype.kind == "f":
         values = np.nan_to_num(values, nan=0.0, posinf=0.0, neginf=0.0)
     low, high = _wide_range(image.mode, values)
-    grey = Image.fromarray(_scale_to_uint8(values, low, high))
-    return grey.convert("RGB")
+    grey = _scale_to_uint8(values, low, high)
+    key = image.info.get("transparency")
+    if isinstance(key, int):
+        grey[values == key] = 255
+    return Image.fromarray(grey).convert("RGB")
 
 
 def _has_transparency(image: Image.Image) -> bool:

@@ -627,6 +627,22 @@ def test_grey_colour_key_transparency_is_white() -> None:
     assert pixel(decoded, (6, 1)) == (200, 200, 200)
 
 
+def test_sixteen_bit_grey_colour_key_transparency_is_white_too() -> None:
+    """The 16-bit twin of the test above: transparent pixels are white, not the black their
+    grey value stands for, and the rest keeps its grey."""
+    row = b"\x00\x00" * 4 + b"\x80\x00" * 4
+    trns = corpus_mod.png_chunk(b"tRNS", b"\x00\x00")
+    plain = corpus_mod.png_from_rows(8, 8, 16, 0, [row] * 8)
+    ihdr_end = 8 + 25
+    data = plain[:ihdr_end] + trns + plain[ihdr_end:]
+    with Image.open(io.BytesIO(data)) as raw:
+        assert raw.mode == "I;16" and raw.info["transparency"] == 0
+    decoded = decode_image(data, LIMITS)
+    assert pixel(decoded, (1, 1)) == WHITE
+    assert pixel(decoded, (6, 1)) == (128, 128, 128)
+    assert pixel(decode_image(plain, LIMITS), (1, 1)) == (0, 0, 0)
+
+
 def test_sixteen_bit_gradient_keeps_its_full_range() -> None:
     gradient = np.tile(np.linspace(0, 65535, 256).astype(np.uint16), (4, 1))
     data = encode(Image.fromarray(gradient), "PNG")
