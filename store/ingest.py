@@ -39,6 +39,7 @@ _MB = 1024 * 1024
 _KB = 1024
 
 CORRUPT_REASON = "image data is truncated or corrupt"
+METADATA_TOO_LARGE_REASON = "image carries too much embedded metadata"
 THUMBNAIL_QUALITY = 85
 THUMBNAIL_EXTENSION = "jpg"
 _WHITE = (255, 255, 255, 255)
@@ -590,6 +591,20 @@ def _precheck_structure(data: bytes, format_name: str) -> None:
         raise _too_many_sections(MAX_TIFF_PIECES)
 
 
+# Pillow will not unpack more than 1 MB from one compressed PNG text or colour-profile chunk, nor
+# 64 MB from them all (a small zlib bomb would unpack into gigabytes); its ValueError's message is
+# the only thing that tells this refusal from damage.
+_METADATA_LIMIT_MESSAGES = ("decompressed data too large", "too much memory used in text chunks")
+
+
+def _pillow_reason(error: Exception) -> str:
+    """The reason to give for an error Pillow raised while opening or decoding."""
+    message = str(error).lower()
+    if isinstance(error, ValueError) and any(hint in message for hint in _METADATA_LIMIT_MESSAGES):
+        return METADATA_TOO_LARGE_REASON
+    return CORRUPT_REASON
+
+
 @contextmanager
 def _pillow_errors(max_pixels: int) -> Iterator[None]:
     """Turn whatever Pillow raises on hostile input into a RejectedImage with a short reason.
@@ -618,7 +633,7 @@ def _pillow_errors(max_pixels: int) -> Iterator[None]:
         raise RejectedImage(f"image is over the {limit}") from error
     except Exception as error:
         log.debug("Pillow rejected an image: %r", error)
-        raise RejectedImage(CORRUPT_REASON) from error
+        raise RejectedImage(_pillow_reason(error)) from error
 
 
 def _draft_target(width: int, height: int, min_side: int) -> tuple[int, int]:
@@ -827,6 +842,7 @@ def save_thumbnail(thumb: Image.Image, target: BinaryIO) -> None:
 
 __all__ = [
     "CORRUPT_REASON",
+    "METADATA_TOO_LARGE_REASON",
     "THUMBNAIL_EXTENSION",
     "DecodedImage",
     "RejectedImage",

@@ -14,6 +14,7 @@ import struct
 import time
 import warnings
 import zipfile
+import zlib
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -459,6 +460,29 @@ def test_zero_sized_png_is_rejected(width: int, height: int) -> None:
         + corpus_mod.png_chunk(b"IEND", b"")
     )
     assert rejection(data) == f"image has no pixels ({width}x{height})"
+
+
+def _metadata_bomb(kind: bytes, header: bytes, size: int = 2 * MB) -> bytes:
+    return corpus_mod.png_chunk(kind, header + zlib.compress(bytes(size), 9))
+
+
+@pytest.mark.parametrize(
+    ("chunk", "after_pixels"),
+    [
+        (_metadata_bomb(b"zTXt", b"Comment\x00\x00"), False),
+        (_metadata_bomb(b"iCCP", b"icc\x00\x00"), False),
+        (_metadata_bomb(b"iTXt", b"XML:com.adobe.xmp\x00\x01\x00\x00\x00"), True),
+        (_metadata_bomb(b"zTXt", b"Comment\x00\x00", 512 * 1024) * 130, False),
+    ],
+    ids=["text", "colour profile", "text after the pixels", "many texts"],
+)
+def test_a_png_whose_metadata_unpacks_too_large_is_refused_for_that(chunk: bytes, after_pixels: bool) -> None:
+    """A few KB of compressed text or colour profile can unpack into gigabytes; Pillow stops at
+    1 MB a chunk and 64 MB in all, and the file is refused for its metadata, not as corrupt."""
+    small = encode(Image.new("RGB", (4, 4), (1, 2, 3)), "PNG")
+    at = len(small) - 12 if after_pixels else 8 + 25
+    assert len(chunk) < 400 * 1024
+    assert rejection(small[:at] + chunk + small[at:]) == "image carries too much embedded metadata"
 
 
 def test_unexpected_pillow_exception_becomes_a_short_reason(monkeypatch: pytest.MonkeyPatch) -> None:
