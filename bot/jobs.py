@@ -37,6 +37,7 @@ import aiosqlite
 from bot.scope import KnownThread
 from bot.tasks import cancel_and_wait
 from store.db import SourceRecord, apply_migrations, in_chunks, open_connection, utc_now
+from store.ingest import too_large_reason
 from store.library import IncomingImage, IndexOutcome, Library
 
 log = logging.getLogger(__name__)
@@ -830,7 +831,7 @@ class IndexQueue:
 
     async def _fetch(self, job: IndexJob, gate: asyncio.Semaphore) -> bytes:
         if job.size and job.size > self.settings.max_file_bytes:
-            raise _TooBig(f"{job.size / 1e6:.1f} MB is over the {self.settings.max_file_bytes / 1e6:.0f} MB limit")
+            raise _TooBig(too_large_reason(job.size, self.settings.max_file_bytes))
         async with gate:
             return await asyncio.wait_for(self.download(job), timeout=self.settings.download_timeout)
 

@@ -144,6 +144,25 @@ async def test_a_full_queue_makes_producers_wait(store: JobStore, library: Libra
     assert queue.counters.indexed == 3 and await queue.pending() == 0
 
 
+async def test_an_attachment_over_the_size_limit_is_noted_in_the_words_indexing_uses(
+    store: JobStore, library: Library
+) -> None:
+    """Discord says the size before anything is downloaded; the note counts megabytes the way
+    every other size reason does (1024 x 1024 bytes), so a 50 MB limit reads "50 MB"."""
+    downloads: list[str] = []
+
+    async def download(j: IndexJob) -> bytes:
+        downloads.append(j.url)
+        return jpeg_bytes((1, 2, 3))
+
+    queue = IndexQueue(store, library, download, QueueSettings(max_file_bytes=50 * 1024 * 1024))
+    await queue.submit([dataclasses.replace(job(0), size=int(80.2 * 1024 * 1024))])
+    await queue.drain()
+    assert downloads == [] and queue.counters.indexed == 0
+    [note] = await store.recent_errors()
+    assert note.message == "0.jpg (message 500): file is 80.2 MB, over the 50 MB limit"
+
+
 async def test_the_worker_wakes_for_work_submitted_while_it_looks(
     store: JobStore, library: Library, monkeypatch: pytest.MonkeyPatch
 ) -> None:
