@@ -613,6 +613,14 @@ def _png16(width: int, height: int, colour_type: int, channels: int) -> bytes:
     return png_from_rows(width, height, 16, colour_type, (row.tobytes() for _ in range(height)))
 
 
+def _png16_colour_key() -> bytes:
+    """A 16-bit grey PNG, half of it the grey its tRNS chunk marks transparent."""
+    row = b"\x00\x00" * 8 + b"\x80\x00" * 8
+    plain = png_from_rows(16, 16, 16, 0, [row] * 16)
+    ihdr_end = len(PNG_SIGNATURE) + 25
+    return plain[:ihdr_end] + png_chunk(b"tRNS", b"\x00\x00") + plain[ihdr_end:]
+
+
 def _colour_modes(seed: int) -> Iterable[Entry]:
     """Every colour model a real upload might use, all expected to become RGB."""
     photo = _photo(48, 32, seed + 6)
@@ -634,6 +642,7 @@ def _colour_modes(seed: int) -> Iterable[Entry]:
     yield "la.png", _encode(_solid((90, 128), (16, 16), "LA"), "PNG"), INDEXED, "grey + alpha"
     yield "rgba.png", _encode(_solid((0, 0, 0, 0), (16, 16), "RGBA"), "PNG"), INDEXED, "fully transparent"
     yield "grey_trns.png", _encode(_solid(7, (16, 16), "L"), "PNG", transparency=7), INDEXED, "grey colour key"
+    yield "grey16_trns.png", _png16_colour_key(), INDEXED, "16-bit grey colour key"
     yield "rgb_trns.png", _encode(photo, "PNG", transparency=(1, 2, 3)), INDEXED, "RGB colour key"
     yield "bilevel.png", _encode(photo.convert("1"), "PNG"), INDEXED, "1-bit PNG"
     yield "hand_written_grey.png", png_from_rows(4, 4, 8, 0, (bytes(4) for _ in range(4))), INDEXED, "minimal PNG"
@@ -689,8 +698,43 @@ def _extreme_aspect(seed: int) -> Iterable[Entry]:
     yield "wide_10000x1.gif", _encode(wide.convert("P"), "GIF"), INDEXED, "10000 x 1"
     yield "wide_10000x1.webp", _encode(wide, "WEBP", lossless=True), INDEXED, "10000 x 1"
     yield "tall_2x16383.webp", _encode(_photo(2, 16_383, seed), "WEBP"), INDEXED, "WebP maximum height"
+    yield "tall_1x200000.png", _encode(_photo(1, 200_000, seed), "PNG"), INDEXED, "1 x 200000: resized whole, 40 GB"
+    yield "wide_200000x1.png", _encode(_photo(200_000, 1, seed), "PNG"), INDEXED, "200000 x 1"
     for fmt, suffix in (("PNG", "png"), ("JPEG", "jpg"), ("GIF", "gif"), ("WEBP", "webp"), ("BMP", "bmp")):
         yield f"single_pixel.{suffix}", _encode(_solid((12, 34, 56), (1, 1)), fmt), INDEXED, "1 x 1"
+
+
+def _costly_structures(seed: int) -> Iterable[Entry]:
+    """Small files whose layout, not their pixels, would keep a parser busy for seconds or unpack
+    into gigabytes: thousands of progressive passes, segments, chunks, blocks or strips, and
+    compressed metadata bombs. Within the limits, the same layouts are ordinary pictures."""
+    progressive = _encode(_photo(64, 48, seed + 9), "JPEG", progressive=True)  # 10 passes
+    yield "jpeg_500_passes.jpg", jpeg_repeating_a_pass(progressive, 490), INDEXED, "500 progressive passes"
+    yield "jpeg_501_passes.jpg", jpeg_repeating_a_pass(progressive, 491), REJECTED, "501 progressive passes"
+    jpeg = _encode(_photo(32, 24, seed + 10), "JPEG")
+    comment = b"\xff\xfe\x00\x02"
+    yield "jpeg_5000_comments.jpg", jpeg[:2] + comment * 5_000 + jpeg[2:], INDEXED, "5000 empty comments"
+    yield "jpeg_20000_comments.jpg", jpeg[:2] + comment * 20_000 + jpeg[2:], REJECTED, "20000 empty comments"
+    app0_end = 4 + struct.unpack(">H", jpeg[4:6])[0]
+    for size, expect in ((4096, INDEXED), (1024 * 1024 + 1, REJECTED)):
+        padded = jpeg[:app0_end] + bytes(size) + jpeg[app0_end:]
+        yield f"jpeg_{size}_bytes_of_padding.jpg", padded, expect, "zero bytes between header segments"
+    png = _encode(_solid((40, 80, 120), (8, 8)), "PNG")
+    ihdr_end = len(PNG_SIGNATURE) + 25
+    for extra, expect in ((1_000, INDEXED), (100_000, REJECTED)):
+        chunks = png[:ihdr_end] + png_chunk(b"abCd", b"") * extra + png[ihdr_end:]
+        yield f"png_{extra + 3}_chunks.png", chunks, expect, "empty unknown chunks before the pixels"
+    bomb = zlib.compress(bytes(2 * 1024 * 1024), 9)
+    for kind, header in ((b"zTXt", b"Comment\x00\x00"), (b"iCCP", b"icc\x00\x00")):
+        name = kind.decode().lower()
+        yield f"png_{name}_bomb.png", png[:ihdr_end] + png_chunk(kind, header + bomb) + png[ihdr_end:], REJECTED, "2 MB"
+    gif = _encode(_photo(8, 8, seed + 11).convert("P"), "GIF")
+    picture = _gif_image_descriptor(gif)
+    for comments, expect in ((2_000, INDEXED), (60_000, REJECTED)):
+        blocks = gif[:picture] + b"\x21\xfe\x01a\x00" * comments + gif[picture:]
+        yield f"gif_{comments}_comments.gif", blocks, expect, "one-letter comments before the picture"
+    for rows, expect in ((5_000, INDEXED), (100_001, REJECTED)):
+        yield f"tiff_{rows}_strips.tif", tiff_of_one_row_strips(2, rows), expect, "one strip per row"
 
 
 def _degenerate(seed: int) -> Iterable[Entry]:
@@ -788,6 +832,7 @@ BUILDERS: dict[str, Callable[[int], Iterable[Entry]]] = {
     "colour_mode": _colour_modes,
     "exif_orientation": _exif,
     "extreme_aspect": _extreme_aspect,
+    "costly_structure": _costly_structures,
     "degenerate": _degenerate,
     "unsupported_format": _unsupported,
     "size_limit": _size_limit,

@@ -858,6 +858,7 @@ def test_thumbnail_of_an_extreme_aspect_keeps_one_pixel() -> None:
 
 REQUIRED_KINDS = {
     "bomb",
+    "costly_structure",
     "truncated",
     "corrupt",
     "empty",
@@ -924,6 +925,10 @@ def test_every_corpus_file_gets_its_expected_outcome(corpus: Corpus) -> None:
         if item.kind == "bomb":
             assert "pixel limit" in reason, (item.path.name, reason)
             assert elapsed < 0.5, (item.path.name, elapsed)
+        if item.kind == "costly_structure" and outcome == "rejected":
+            assert reason.startswith(("image file is split", "image is stored in", "image carries")) or (
+                reason == CORRUPT_REASON and "padding" in item.path.name
+            ), (item.path.name, reason)
     assert wrong == []
 
 
