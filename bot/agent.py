@@ -140,6 +140,18 @@ class Reply:
 
 
 @dataclass
+class _DirectResults:
+    """What a search without Claude found, and what to say of it: `what` the results are, the
+    `problems` that kept an attachment or the words from being used (said, not passed over),
+    and whether anything was `searched` at all."""
+
+    results: list[dict[str, Any]]
+    what: str
+    problems: list[str] = field(default_factory=list)
+    searched: bool = True
+
+
+@dataclass
 class _TurnState:
     """What tools returned in this turn: the only images the reply may show."""
 
@@ -368,10 +380,8 @@ class Agent:
 
     async def _direct(
         self, question: str, scope: Scope, attachments: Sequence[Attachment], k: int
-    ) -> tuple[list[dict[str, Any]], str, str]:
-        """Results without Claude: look-alikes of an attachment, else a search for the words;
-        what they are; and why an attachment could not be used (rather than passing over it in
-        silence), or ""."""
+    ) -> _DirectResults:
+        """Results without Claude: look-alikes of an attachment, else a search for the words."""
         unusable = []
         for attachment in attachments:
             try:
@@ -379,28 +389,28 @@ class Agent:
             except ToolError as error:
                 unusable.append(f"{attachment.filename}: {error}")
                 continue
-            return results, "the images that look most like your attachment", ""
-        why = f" ({'; '.join(unusable)})" if unusable else ""
+            return _DirectResults(results, "the images that look most like your attachment")
         if not question:
-            return [], "nothing to search for", why
+            return _DirectResults([], "", unusable, searched=False)
         try:
             results = await search_images(self.library, question, k=k, scope=scope)
         except ToolError as error:  # e.g. a question too long to search for: say so
-            return [], "no search", f" ({'; '.join([*unusable, f'your words could not be searched for: {error}'])})"
-        return results, f"the closest direct matches for \u201c{_clip(question, 80)}\u201d", why
+            return _DirectResults([], "", [*unusable, f"your words could not be searched for: {error}"], searched=False)
+        return _DirectResults(results, f"the closest direct matches for \u201c{_clip(question, 80)}\u201d", unusable)
 
     async def _offline(self, question: str, scope: Scope, attachments: Sequence[Attachment]) -> Reply:
-        results, what, why = await self._direct(question, scope, attachments, OFFLINE_SHOWN)
+        direct = await self._direct(question, scope, attachments, OFFLINE_SHOWN)
         state = _TurnState(ToolContext(scope), 0)
-        state.record(ToolOutput({"results": results}, [int(r["id"]) for r in results], ranked=True))
+        state.record(ToolOutput({"results": direct.results}, [int(r["id"]) for r in direct.results], ranked=True))
         images = await self._shown(state.last_ranked, state, scope)
         lead = "Answers from Claude need an API key (set ANTHROPIC_API_KEY)"
+        why = f" ({'; '.join(direct.problems)})" if direct.problems else ""
         if images:
-            answer = f"{lead}; here are {what}{' instead' if why else ''}{why}."
-        else:
+            answer = f"{lead}; here are {direct.what}{' instead' if why else ''}{why}."
+        elif direct.searched:
             answer = f"{lead}; a direct search found no matching image{why}."
-            if what == "no search":
-                answer = f"{lead}, and there was nothing to search with{why}."
+        else:
+            answer = f"{lead}, and there was nothing to search with{why}."
         return Reply(answer, images, offline=True)
 
     async def _failed(
@@ -415,7 +425,7 @@ class Agent:
         log.warning("Claude failed (%s): %s", error.kind, error)
         ids = state.last_ranked[:DEFAULT_SHOWN]
         if not ids:
-            results, _, _ = await self._direct(question, scope, attachments, DEFAULT_SHOWN)
+            results = (await self._direct(question, scope, attachments, DEFAULT_SHOWN)).results
             state.record(ToolOutput({"results": results}, [int(r["id"]) for r in results], ranked=True))
             ids = state.last_ranked[:DEFAULT_SHOWN]
         images = await self._shown(ids, state, scope)

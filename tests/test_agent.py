@@ -656,6 +656,10 @@ async def test_without_a_key_answers_offline_with_direct_search(library: Library
         "and there was nothing to search with (your words could not be searched for: "
         "query is too long (over 500 characters))."
     )
+    unusable = await agent.answer("", IN_SCOPE, [Attachment(b"just some notes", "notes.txt")])
+    assert unusable.images == [] and unusable.answer.endswith(
+        "and there was nothing to search with (notes.txt: that file cannot be used: not an image (looks like text))."
+    )
 
 
 LOW_CREDIT = (
