@@ -228,7 +228,7 @@ class _PipedLines:
         if not self._buffer:
             return None
         line, _, self._buffer = self._buffer.partition(b"\n")
-        return line.decode(self._encoding, errors="replace")
+        return line.removesuffix(b"\r").decode(self._encoding, errors="replace")  # a Windows line end too
 
     async def _readable(self) -> None:
         loop = asyncio.get_running_loop()

@@ -476,7 +476,8 @@ async def apply_migrations(conn: aiosqlite.Connection, path: Path, migrations: S
             await conn.execute(f"PRAGMA user_version = {version + 1}")
             await conn.execute("COMMIT")
         except BaseException:
-            await conn.execute("ROLLBACK")
+            if conn.in_transaction:  # SQLite may have rolled back already (disk full, I/O error)
+                await conn.execute("ROLLBACK")
             raise
 
 
@@ -723,6 +724,19 @@ class Catalog:
             )
             visible.update(int(row[0]) for row in await self.reader.execute_fetchall(sql, [*chunk, *params]))
         return visible
+
+    async def image_ids_and_generation(self) -> tuple[np.ndarray, int]:
+        """Every image id and the generation they are at, read in one statement, so both come
+        from the same snapshot: a commit landing between two reads would be counted in one and
+        not the other."""
+        async with self.reader.execute(
+            "SELECT 0, CAST(value AS INTEGER) FROM meta WHERE key = 'generation' "
+            "UNION ALL SELECT 1, id FROM images"
+        ) as cur:
+            rows = await cur.fetchall()
+        generation = next((int(value) for kind, value in rows if kind == 0), 0)
+        ids = np.fromiter((value for kind, value in rows if kind == 1), dtype=np.int64)
+        return np.sort(ids), generation
 
     async def all_image_ids(self) -> np.ndarray:
         async with self.reader.execute("SELECT id FROM images ORDER BY id") as cur:

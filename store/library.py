@@ -265,7 +265,12 @@ class Library:
 
     async def save_vectors(self) -> None:
         """Persist FAISS (after re-clustering it if the collection outgrew its layout), one save
-        at a time."""
+        at a time. A caller cancelled meanwhile (the queue's worker at shutdown) stops waiting,
+        but the save goes on and holds the turn until its threads are done: the next save
+        (`close`'s) waits for it instead of running beside it."""
+        await asyncio.shield(asyncio.ensure_future(self._save_vectors_in_turn()))
+
+    async def _save_vectors_in_turn(self) -> None:
         loop = asyncio.get_running_loop()
         async with self._save_lock:
             started = time.monotonic()
@@ -317,10 +322,9 @@ class Library:
 
     async def _catch_up(self) -> bool:
         """Diff FAISS against SQLite by id and apply the difference (hold `_sync_lock`)."""
-        generation = await self.catalog.generation()
+        db_ids, generation = await self.catalog.image_ids_and_generation()
         if generation == self.vectors.generation:
             return False
-        db_ids = await self.catalog.all_image_ids()
         index_ids = self.vectors.ids()
         extra = np.setdiff1d(index_ids, db_ids, assume_unique=True)
         missing = np.setdiff1d(db_ids, index_ids, assume_unique=True)
@@ -826,11 +830,9 @@ class Library:
         through its new path before the old one is forgotten.
         """
         where = str(folder.expanduser().resolve())
-        gone = [
-            source
-            for source in await self.catalog.file_sources_under(where)
-            if source.path and _known_missing(Path(source.path))
-        ]
+        under = await self.catalog.file_sources_under(where)
+        gone = [source for source in under if source.path and _known_missing(Path(source.path))]
+        await self._pass_text_to_new_paths(gone, [source for source in under if source not in gone])
         await self.remove_sources(gone)
         # The failures of files that are gone would otherwise be "recent" for ever.
         stale = [key for key in await self.catalog.file_failures_under(where) if _known_missing(Path(key[5:]))]
@@ -838,6 +840,17 @@ class Library:
             async with self.catalog.transaction() as conn:
                 await self.catalog.clear_failures(conn, stale)
         return gone
+
+    async def _pass_text_to_new_paths(self, gone: list[SourceRecord], kept: list[SourceRecord]) -> None:
+        """A file that moved is a new path of the same image: the words imported for it go with
+        it, to a path of that image that has none."""
+        wordless = {source.image_id: source for source in kept if not source.posted_text and source.id is not None}
+        moved = [(wordless.pop(source.image_id), source.posted_text) for source in gone
+                 if source.posted_text and source.image_id in wordless]
+        if moved:
+            async with self.catalog.transaction() as conn:
+                for new, text in moved:
+                    await self.catalog.set_source_text(conn, new.id, text)  # type: ignore[arg-type]
 
     async def forget_image(self, image_id: int) -> bool:
         sources = await self.catalog.find_sources("image_id", image_id)
@@ -1048,8 +1061,13 @@ class Library:
         if not np.array_equal(db_ids, index_ids):
             missing = len(np.setdiff1d(db_ids, index_ids))
             extra = len(np.setdiff1d(index_ids, db_ids))
-            self._note(report, repair, f"vector index out of step ({missing} missing, {extra} extra)")
-            if repair:
+            twice = len(index_ids) - len(np.unique(index_ids))
+            self._note(
+                report, repair,
+                f"vector index out of step ({missing} missing, {extra} extra" + (f", {twice} twice)" if twice else ")"),
+            )
+            if repair:  # rebuilt from SQLite: a catch-up by id cannot see an id held twice
+                self.vectors = VectorIndex(self.embedder.dim, self.embedder.model_id)
                 self.vectors.generation = -1
                 await self.sync_vectors()
                 await self.save_vectors()
@@ -1157,9 +1175,11 @@ class Library:
             ) if ok else []
             async with catalog.transaction() as conn:
                 for (image_id, _), vector in zip(ok, vectors):
+                    # Only for an image still there: another process may have forgotten it meanwhile.
                     await conn.execute(
-                        "INSERT OR REPLACE INTO staged_vectors (image_id, model_id, vector) VALUES (?, ?, ?)",
-                        (image_id, target, np.asarray(vector, dtype=np.float32).tobytes()),
+                        "INSERT OR REPLACE INTO staged_vectors (image_id, model_id, vector) "
+                        "SELECT ?, ?, ? WHERE EXISTS (SELECT 1 FROM images WHERE id = ?)",
+                        (image_id, target, np.asarray(vector, dtype=np.float32).tobytes(), image_id),
                     )
             done += len(chunk)
             if progress:

@@ -86,8 +86,13 @@ def sweep_stale_temp_files(directory: Path) -> int:
     removed = 0
     for name in (INDEX_FILE, HEADER_FILE):
         for tmp in directory.glob(f"{name}.*.tmp"):
-            owner = tmp.name[len(name) + 1 : -len(".tmp")].split("-", 1)[0]
-            if owner.isdigit() and _process_alive(int(owner)):
+            owner, _, thread = tmp.name[len(name) + 1 : -len(".tmp")].partition("-")
+            if owner.isdigit() and int(owner) == os.getpid():
+                # This process's own id: a live save of ours only if its thread is alive (a
+                # container's process is PID 1 after every restart).
+                if thread.isdigit() and int(thread) in {t.ident for t in threading.enumerate()}:
+                    continue
+            elif owner.isdigit() and _process_alive(int(owner)):
                 continue
             tmp.unlink(missing_ok=True)
             removed += 1
@@ -174,6 +179,7 @@ class VectorIndex:
         self._lock = threading.RLock()
         # While `relayout` trains without the lock, the adds and removes it must replay.
         self._changes_while_training: list[tuple[np.ndarray, np.ndarray | None]] | None = None
+        self._relayout_lock = threading.Lock()
 
     @property
     def layout(self) -> str:
@@ -240,6 +246,10 @@ class VectorIndex:
         Training runs without the lock, so searches and writes go on meanwhile; the writes made
         during it are replayed into the new index, in order, before it takes over.
         """
+        with self._relayout_lock:  # one at a time: each replays only the writes of its own training
+            self._relayout()
+
+    def _relayout(self) -> None:
         with self._lock, _single_threaded():
             ids = self.ids()
             vectors = np.vstack([self._index.reconstruct_batch(ids[i : i + 50_000]) for i in range(0, len(ids), 50_000)])

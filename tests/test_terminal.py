@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import io
 import json
+import os
 from pathlib import Path
 from typing import Any, Callable
 
@@ -158,3 +159,16 @@ def test_chat_ends_at_end_of_input(shoebox: Run, monkeypatch: pytest.MonkeyPatch
     monkeypatch.setattr("sys.stdin", io.StringIO("blue triangle"))
     code, out = shoebox("chat")
     assert code == 0 and "ANTHROPIC_API_KEY" in out and "[#" in out
+
+
+async def test_a_piped_chat_reads_its_lines_whole_whatever_their_ends() -> None:
+    from bot.terminal import _PipedLines
+
+    read_end, write_end = os.pipe()
+    os.write(write_end, "one\r\ntwo, caf\u00e9\nthree".encode())
+    os.close(write_end)
+    try:
+        lines = _PipedLines(read_end, "utf-8")
+        assert [await lines.readline("") for _ in range(4)] == ["one", "two, caf\u00e9", "three", None]
+    finally:
+        os.close(read_end)

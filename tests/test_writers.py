@@ -8,6 +8,8 @@ import os
 import sqlite3
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 from typing import AsyncIterator
 
@@ -96,7 +98,7 @@ def test_temp_files_of_a_killed_save_are_swept_and_a_live_ones_kept(tmp_path: Pa
     dead_pid = int(gone.stdout)
     dead = tmp_path / f"{INDEX_FILE}.{dead_pid}-140000.tmp"
     old_style = tmp_path / f"{INDEX_FILE}.{dead_pid}.tmp"
-    live = tmp_path / f"{INDEX_FILE}.{os.getpid()}-1.tmp"
+    live = tmp_path / f"{INDEX_FILE}.{os.getppid()}-1.tmp"  # another process, alive
     for path in (dead, old_style, live):
         path.write_bytes(b"partial")
     assert sweep_stale_temp_files(tmp_path) == 2
@@ -223,3 +225,125 @@ async def test_a_reindex_outpaced_by_new_images_stops_before_the_swap_and_says_w
     assert len(model.stored) == REINDEX_ROUNDS
     assert stopped.value.done == REINDEX_ROUNDS
     assert set(await cli.catalog.models_in_use()) == {embedder.model_id}  # nothing swapped
+
+
+class _ModelWhileAnotherForgets:
+    """A "new model" whose first pass lets another process forget the first image: the bot
+    deleting a photo while the CLI re-indexes."""
+
+    def __init__(self, embedder: ClipEmbedder, other: Library, loop: asyncio.AbstractEventLoop) -> None:
+        self.dim = embedder.dim
+        self.model_id = "another-model"
+        self._embedder, self._other, self._loop = embedder, other, loop
+        self.forgotten: int | None = None
+
+    def embed_images(self, images: list[object]) -> np.ndarray:
+        if self.forgotten is None:
+            ids = asyncio.run_coroutine_threadsafe(self._other.catalog.all_image_ids(), self._loop).result()
+            self.forgotten = int(ids[0])
+            assert asyncio.run_coroutine_threadsafe(self._other.forget_image(self.forgotten), self._loop).result()
+        return self._embedder.embed_images(images)  # type: ignore[arg-type]
+
+    def embed_texts(self, texts: list[str]) -> np.ndarray:
+        return self._embedder.embed_texts(texts)
+
+
+async def test_a_reindex_goes_on_when_an_image_is_forgotten_under_it(
+    cli_and_bot: tuple[Library, Library], embedder: ClipEmbedder, tmp_path: Path
+) -> None:
+    cli, bot = cli_and_bot
+    await cli.index([IncomingImage(file_source(photo(tmp_path / "more", "b.jpg", 2)))])
+    model = _ModelWhileAnotherForgets(embedder, bot, asyncio.get_running_loop())
+    assert await cli.reindex(model) == 1  # type: ignore[arg-type]
+    assert model.forgotten not in cli.vectors.ids().tolist()
+    assert await cli.catalog.models_in_use() == {"another-model": 1}
+
+
+async def test_a_catch_up_and_a_commit_of_this_process_never_hold_an_id_twice(
+    cli_and_bot: tuple[Library, Library], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A search's catch-up (the other process wrote) reads the catalog while this process
+    commits: the commit's images must reach FAISS once, whichever is seen first."""
+    cli, bot = cli_and_bot
+    await bot.index([IncomingImage(file_source(photo(tmp_path / "bot", "b.jpg", 5)))])
+    committed = asyncio.Event()
+    after_commit, read = cli._after_commit, cli.catalog.image_ids_and_generation
+
+    async def after_commit_noted(*args: object) -> None:
+        committed.set()
+        await after_commit(*args)  # type: ignore[arg-type]
+
+    async def read_once_committed() -> tuple[np.ndarray, int]:
+        await committed.wait()
+        return await read()
+
+    monkeypatch.setattr(cli, "_after_commit", after_commit_noted)
+    monkeypatch.setattr(cli.catalog, "image_ids_and_generation", read_once_committed)
+    catching_up = asyncio.ensure_future(cli.sync_vectors())
+    await asyncio.sleep(0.05)
+    await cli.index([IncomingImage(file_source(photo(tmp_path / "cli", "c.jpg", 9)))])
+    await catching_up
+    in_index = cli.vectors.ids().tolist()
+    assert sorted(in_index) == (await cli.catalog.all_image_ids()).tolist()
+
+
+async def test_verify_repairs_an_id_held_twice(library: Library, tmp_path: Path) -> None:
+    [stored] = await library.index([IncomingImage(file_source(photo(tmp_path, "c.jpg", 9)))])
+    vector = library.vectors.vector(stored.image_id or 0)
+    assert vector is not None
+    library.vectors.add(np.array([stored.image_id]), vector.reshape(1, -1))
+    first = await library.verify(repair=True)
+    assert any("1 twice" in line for line in first.repaired), first
+    assert (await library.verify(repair=False)).problems == []
+    assert library.vectors.ids().tolist() == [stored.image_id]
+
+
+async def test_a_save_whose_caller_was_cancelled_finishes_before_the_next(
+    library: Library, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The queue's worker is cancelled at shutdown in the middle of a save that re-clusters the
+    index; `close` then saves again. The second must wait for the first, not run beside it."""
+    rng = np.random.default_rng(0)
+    library.vectors.add(np.arange(1, 3001), rng.normal(size=(3000, library.embedder.dim)).astype(np.float32))
+    library._dirty_since_save = 1
+    monkeypatch.setattr(library.vectors, "wants_relayout", lambda: True)
+    train = vectors_module._train_ivf
+    trainings: list[float] = []
+
+    def slow_train(vectors: np.ndarray, ids: np.ndarray, d: int) -> object:
+        trainings.append(time.monotonic())
+        time.sleep(0.5)
+        return train(vectors, ids, d)
+
+    monkeypatch.setattr(vectors_module, "_train_ivf", slow_train)
+    first = asyncio.ensure_future(library.save_vectors())
+    await asyncio.sleep(0.2)
+    first.cancel()
+    await library.save_vectors()
+    assert len(trainings) == 2 and trainings[1] - trainings[0] >= 0.5  # one after the other
+    assert sorted(library.vectors.ids().tolist()) == list(range(1, 3001))
+
+
+def test_a_temp_file_of_this_process_id_is_swept_unless_its_thread_is_alive(tmp_path: Path) -> None:
+    """In a container the bot is PID 1 after every restart: a save killed there leaves a file
+    under the new process's own id."""
+    killed = tmp_path / f"{INDEX_FILE}.{os.getpid()}-12345.tmp"
+    saving = tmp_path / f"{INDEX_FILE}.{os.getpid()}-{threading.get_ident()}.tmp"
+    for path in (killed, saving):
+        path.write_bytes(b"partial")
+    assert sweep_stale_temp_files(tmp_path) == 1
+    assert not killed.exists() and saving.exists()
+
+
+async def test_a_moved_file_keeps_its_imported_text(library: Library, tmp_path: Path) -> None:
+    folder = tmp_path / "pictures"
+    first = photo(folder, "a.jpg", 3)
+    await library.index_paths([folder])
+    assert await library.set_file_text(first, "grandpa at the lake")
+    moved = folder / "2024" / "a.jpg"
+    moved.parent.mkdir()
+    first.rename(moved)
+    await library.index_paths([folder])
+    await library.forget_missing_files(folder)
+    [kept] = await library.catalog.file_sources_under(str(folder.resolve()))
+    assert (kept.path, kept.posted_text) == (str(moved.resolve()), "grandpa at the lake")
