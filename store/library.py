@@ -322,6 +322,8 @@ class Library:
 
     async def _catch_up(self) -> bool:
         """Diff FAISS against SQLite by id and apply the difference (hold `_sync_lock`)."""
+        if await self.catalog.generation() == self.vectors.generation:
+            return False  # caught up meanwhile (by the search ahead of this one): no ids to read
         db_ids, generation = await self.catalog.image_ids_and_generation()
         if generation == self.vectors.generation:
             return False
