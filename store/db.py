@@ -458,6 +458,8 @@ async def apply_migrations(conn: aiosqlite.Connection, path: Path, migrations: S
     second finds the step done instead of running it again.
     """
     target = len(migrations)
+    if await _user_version(conn) == target:
+        return  # the usual case, without taking the write lock
     while True:
         await conn.execute("BEGIN IMMEDIATE")
         try:
