@@ -215,6 +215,13 @@ async def test_threads_are_judged_by_their_parent(start_bot: StartBot) -> None: 
     assert audience_channel_ids(guild, discord.Object(903), candidates, threads) == {ids["general"], 901, 903}
 
 
+
+async def post_photos(harness: Harness, photos: dict[str, tuple[str, str]]) -> None:
+    """Root posts one photo of each (colour, shape) in its channel; all of them indexed."""
+    for channel, (colour, shape) in photos.items():
+        await harness.post(channel, "root", f"a {colour} {shape}", files=[(f"{shape}.jpg", scene_jpeg(colour, shape))])
+    await harness.drain()
+
 async def test_viewers_without_history_are_in_the_audience(start_bot: StartBot) -> None:  # noqa: F811
     """Read Message History only governs scrolling back: whoever may view a channel sees every
     answer posted there while they look. In #lobby only Staff may scroll back, but Ben views it,
@@ -232,10 +239,7 @@ async def test_viewers_without_history_are_in_the_audience(start_bot: StartBot) 
         members={"ann": ["staff"], "ben": [], "eve": [], "root": ["staff"]},
     )
     harness = await start_bot(layout)
-    for channel, (colour, shape) in {"lobby": ("red", "circle"), "club": ("green", "triangle"),
-                                     "staff": ("blue", "star")}.items():
-        await harness.post(channel, "root", f"a {colour} {shape}", files=[(f"{shape}.jpg", scene_jpeg(colour, shape))])
-    await harness.drain()
+    await post_photos(harness, {"lobby": ("red", "circle"), "club": ("green", "triangle"), "staff": ("blue", "star")})
     ben_lobby = harness.permissions("ben", "lobby")
     assert ben_lobby.view_channel and not ben_lobby.read_message_history
     eve_club = harness.permissions("eve", "club")
@@ -265,10 +269,7 @@ async def test_an_answer_shows_its_own_channels_old_photos_only_if_every_viewer_
     )
     harness = await start_bot(layout)
     await harness.create_thread("lobby", "lobby-chat", owner="root")
-    for channel, (colour, shape) in {"lobby": ("red", "circle"), "lobby-chat": ("green", "triangle"),
-                                     "staff": ("blue", "star")}.items():
-        await harness.post(channel, "root", f"a {colour} {shape}", files=[(f"{shape}.jpg", scene_jpeg(colour, shape))])
-    await harness.drain()
+    await post_photos(harness, {"lobby": ("red", "circle"), "lobby-chat": ("green", "triangle"), "staff": ("blue", "star")})
     ben = harness.permissions("ben", "lobby")
     assert ben.view_channel and not ben.read_message_history
     dan = harness.permissions("dan", "staff")
