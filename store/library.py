@@ -1069,10 +1069,7 @@ class Library:
                 f"vector index out of step ({missing} missing, {extra} extra" + (f", {twice} twice)" if twice else ")"),
             )
             if repair:  # rebuilt from SQLite: a catch-up by id cannot see an id held twice
-                self.vectors = VectorIndex(self.embedder.dim, self.embedder.model_id)
-                self.vectors.generation = -1
-                await self.sync_vectors()
-                await self.save_vectors()
+                await self._rebuild_vectors()
         async with catalog.reader.execute(
             "SELECT COUNT(*) FROM images_fts f WHERE NOT EXISTS (SELECT 1 FROM images i WHERE i.id = f.rowid)"
         ) as cur:
@@ -1141,11 +1138,15 @@ class Library:
         else:
             raise ReindexOutpaced(len(tried))
         self.embedder = new_embedder
-        self.vectors = VectorIndex(new_embedder.dim, target)
+        await self._rebuild_vectors()
+        return total_images
+
+    async def _rebuild_vectors(self) -> None:
+        """A new FAISS index for the current model, filled from SQLite and saved."""
+        self.vectors = VectorIndex(self.embedder.dim, self.embedder.model_id)
         self.vectors.generation = -1
         await self.sync_vectors()
         await self.save_vectors()
-        return total_images
 
     @staticmethod
     async def _not_reembedded(conn: aiosqlite.Connection, target: str) -> list[tuple[int, str]]:
