@@ -28,7 +28,6 @@ import contextlib
 import json
 import logging
 import math
-import os
 import threading
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -37,7 +36,7 @@ from typing import Callable, Iterator, TypeVar
 import faiss
 import numpy as np
 
-from store.atomic import write_atomically
+from store.atomic import sweep_abandoned_temp_files, write_atomically
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -70,33 +69,10 @@ class IndexHeader:
     trained_on: int = 0
 
 
-def _process_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except OSError:  # someone else's process: alive
-        return True
-    return True
-
-
 def sweep_stale_temp_files(directory: Path) -> int:
-    """Delete the temp files of saves whose process is gone (killed mid-save: each is as large as
-    the index); returns how many. A live process's temp file may be a save in progress: kept."""
-    removed = 0
-    for name in (INDEX_FILE, HEADER_FILE):
-        for tmp in directory.glob(f"{name}.*.tmp"):
-            owner, _, thread = tmp.name[len(name) + 1 : -len(".tmp")].partition("-")
-            if owner.isdigit() and int(owner) == os.getpid():
-                # This process's own id: a live save of ours only if its thread is alive (a
-                # container's process is PID 1 after every restart).
-                if thread.isdigit() and int(thread) in {t.ident for t in threading.enumerate()}:
-                    continue
-            elif owner.isdigit() and _process_alive(int(owner)):
-                continue
-            tmp.unlink(missing_ok=True)
-            removed += 1
-    return removed
+    """Delete the temp files of index saves whose writer is gone (killed mid-save: each is as
+    large as the index); returns how many."""
+    return sweep_abandoned_temp_files(directory, (INDEX_FILE, HEADER_FILE))
 
 
 def _as_ids(ids: np.ndarray) -> np.ndarray:
